@@ -1,0 +1,59 @@
+"""A run's checkpoint folder: the last K step checkpoints and the best one, written atomically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from training.config import ExperimentConfig
+from translator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from translator.config import to_dict
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointDir:
+    """`out_dir/checkpoints/step_NNNNNNN.pt` (the last `keep_last`) and `out_dir/best.pt`."""
+
+    def __init__(self, out_dir: Path, keep_last: int) -> None:
+        self.dir = out_dir / "checkpoints"
+        self.best = out_dir / "best.pt"
+        self.keep_last = keep_last
+
+    def steps(self) -> list[Path]:
+        """Complete step checkpoints, oldest first (temp files of unfinished writes never match)."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := STEP_FILE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, *, step: int, is_best: bool, **payload) -> Path:
+        path = self.dir / f"step_{step:07d}.pt"
+        save_checkpoint(path, **payload)
+        if is_best:
+            save_checkpoint(self.best, **{**payload, "train_state": None})
+        for old in self.steps()[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_for_resume(self, path: Path, cfg: ExperimentConfig) -> Checkpoint:
+        """The checkpoint to resume from; its model and data sections must match cfg's."""
+        ckpt = load_checkpoint(path)
+        if ckpt.train_state is None:
+            raise CheckpointError(f"checkpoint {path} holds no training state to resume from")
+        new = to_dict(cfg)
+        for section in ("model", "data"):
+            if ckpt.config.get(section) != new[section]:
+                changed = sorted(
+                    k for k in set(new[section]) | set(ckpt.config.get(section, {}))
+                    if new[section].get(k) != ckpt.config.get(section, {}).get(k)
+                )
+                raise CheckpointError(
+                    f"cannot resume from {path}: {section}.{changed[0]} differs from the checkpoint's "
+                    "(start a new output folder to change it)"
+                )
+        return ckpt

@@ -1,0 +1,94 @@
+"""Offline commands: train, evaluate, average, plot. Each is `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from translator.config import ConfigError
+from translator.checkpoint import CheckpointError
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nmt-train", description="Train a Transformer from a YAML config.")
+    p.add_argument("--config", default="cpu", help="preset name (cpu, base, big) or YAML path")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, logs, tokenizer")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget (same as train.max_minutes=)")
+    p.add_argument("--no-test", action="store_true", help="skip scoring the best checkpoint on data.test")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-4")
+    args = p.parse_args(argv)
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.max_minutes is not None:
+        overrides.append(f"train.max_minutes={args.max_minutes}")
+    try:
+        cfg = load_config(args.config, overrides)
+        args.out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(cfg, args.out)
+        trainer.run()
+        if not args.no_test and (args.out / "best.pt").exists():
+            from training.evaluate import evaluate_checkpoint
+
+            evaluate_checkpoint(args.out / "best.pt", cfg.data.test, record=True)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nmt-evaluate", description="Translate a test set and score it with sacreBLEU.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--test", help="corpus spec, e.g. multi30k:test_2016_flickr (default: the config's data.test)")
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--output", type=Path, help="write the translations here, one per line")
+    p.add_argument("--record", action="store_true", help="store the scores in the checkpoint's metrics")
+    args = p.parse_args(argv)
+    from training.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint, args.test, beam_size=args.beam_size, output=args.output, record=args.record
+        )
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nmt-average", description="Average the weights of checkpoints.")
+    p.add_argument("run", type=Path, help="run folder (uses its last N step checkpoints)")
+    p.add_argument("--last", type=int, default=5, help="how many of the latest step checkpoints")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    from training.average import average_run
+
+    try:
+        paths = average_run(args.run, args.last, args.out)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(paths)} checkpoints into {args.out}")
+    return 0
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nmt-plot", description="Plot training/validation curves to a PNG.")
+    p.add_argument("run", type=Path, help="run folder holding metrics.jsonl")
+    p.add_argument("--out", type=Path, help="PNG path (default: RUN/curves.png)")
+    args = p.parse_args(argv)
+    from training.plot import plot_run
+
+    try:
+        out = plot_run(args.run, args.out or args.run / "curves.png")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,106 @@
+"""Tokenized, filtered training data and token-budget batches with length bucketing."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from torch import Tensor
+
+from translator.tokenizer import Tokenizer
+from translator.translate import batch_tensor
+
+
+@dataclass
+class Batch:
+    src: Tensor  # (B, S) source ids + EOS, right-padded
+    tgt_in: Tensor  # (B, T) BOS + target ids
+    tgt_out: Tensor  # (B, T) target ids + EOS
+    n_tokens: int  # real target tokens (EOS included)
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cache_dir: Path | None, name: str) -> datasets.Dataset:
+    """Add `src_ids`/`tgt_ids` columns through `datasets.map`, cached per tokenizer and split."""
+
+    def encode(batch):
+        return {"src_ids": tokenizer.encode(batch["src"]), "tgt_ids": tokenizer.encode(batch["tgt"])}
+
+    cache_file = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256((tokenizer.sha256 + ds._fingerprint).encode()).hexdigest()[:16]
+        cache_file = str(cache_dir / f"{name}-{key}.arrow")
+    return ds.map(encode, batched=True, batch_size=2000, cache_file_name=cache_file, desc=f"tokenize {name}")
+
+
+def length_filter(ds: datasets.Dataset, max_len: int, max_ratio: float) -> datasets.Dataset:
+    """Drop empty pairs, pairs longer than max_len tokens, and pairs whose lengths differ by > max_ratio."""
+
+    def keep(batch):
+        out = []
+        for s, t in zip(batch["src_ids"], batch["tgt_ids"]):
+            ls, lt = len(s), len(t)
+            out.append(0 < ls <= max_len and 0 < lt <= max_len and max(ls, lt) <= max_ratio * min(ls, lt))
+        return out
+
+    return ds.filter(keep, batched=True, batch_size=2000, desc="length filter")
+
+
+def token_batches(
+    src_lens: list[int], tgt_lens: list[int], max_tokens: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """Group indices of similar length into batches of at most max_tokens (padding included).
+
+    Lengths are bucketed by sorting (ties broken at random), and the batch order is shuffled;
+    both depend only on (seed, epoch), so a resumed run sees the same batches.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    noise = [rng.random() for _ in src_lens]
+    order = sorted(range(len(src_lens)), key=lambda i: (max(src_lens[i], tgt_lens[i]) + 1, noise[i]))
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in order:
+        longest = max(src_lens[i], tgt_lens[i]) + 1  # ascending: the newest is the longest
+        if batch and (len(batch) + 1) * longest > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], bos: int, eos: int, pad: int) -> Batch:
+    """Teacher forcing: tgt_in = BOS + y, tgt_out = y + EOS; the source ends with EOS."""
+    src = batch_tensor([s + [eos] for s in src_ids], pad)
+    tgt_in = batch_tensor([[bos] + t for t in tgt_ids], pad)
+    tgt_out = batch_tensor([t + [eos] for t in tgt_ids], pad)
+    return Batch(src, tgt_in, tgt_out, int((tgt_out != pad).sum()))
+
+
+class BatchSource:
+    """The training split held as id lists, served as collated batches by (epoch, index)."""
+
+    def __init__(self, ds: datasets.Dataset, max_tokens: int, seed: int, bos: int, eos: int, pad: int):
+        self.src_ids: list[list[int]] = list(ds["src_ids"])
+        self.tgt_ids: list[list[int]] = list(ds["tgt_ids"])
+        self.src_lens = [len(s) for s in self.src_ids]
+        self.tgt_lens = [len(t) for t in self.tgt_ids]
+        self.max_tokens, self.seed = max_tokens, seed
+        self.bos, self.eos, self.pad = bos, eos, pad
+        if not self.src_ids:
+            raise ValueError("the training split is empty after filtering")
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        return token_batches(self.src_lens, self.tgt_lens, self.max_tokens, self.seed, epoch)
+
+    def collate(self, indices: list[int]) -> Batch:
+        return collate(
+            [self.src_ids[i] for i in indices], [self.tgt_ids[i] for i in indices],
+            self.bos, self.eos, self.pad,
+        )
+

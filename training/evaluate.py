@@ -1,0 +1,49 @@
+"""Score a checkpoint on a test set with sacreBLEU (BLEU and chrF, detokenized, cased)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import sacrebleu
+
+from training.corpus import load_pairs
+from translator.checkpoint import load_checkpoint, save_checkpoint
+from translator.decoding import DecodeOptions
+from translator.translate import Translator
+
+
+def evaluate_checkpoint(
+    path: Path, test: str | None = None, beam_size: int = 1, output: Path | None = None, record: bool = False
+) -> dict:
+    ckpt = load_checkpoint(path)
+    data = ckpt.config["data"]
+    spec = test or data["test"]
+    pairs = load_pairs(spec, data["src_lang"], data["tgt_lang"])
+    translator = Translator(ckpt.build_model(), ckpt.tokenizer, DecodeOptions(beam_size=beam_size))
+    start = time.perf_counter()
+    hyps = [t.text for t in translator.translate(list(pairs["src"]))]
+    seconds = time.perf_counter() - start
+    refs = [list(pairs["tgt"])]
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(hyps, refs), chrf.corpus_score(hyps, refs)
+    result = {
+        "test": spec,
+        "direction": f"{data['src_lang']}-{data['tgt_lang']}",
+        "beam_size": beam_size,
+        "sentences": len(hyps),
+        "bleu": round(b.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf": round(c.score, 2),
+        "chrf_signature": str(chrf.get_signature()),
+        "translate_seconds": round(seconds, 2),
+    }
+    if output:
+        output.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if record:
+        metrics = {**ckpt.metrics, f"test_bleu:{spec}:beam{beam_size}": result["bleu"]}
+        save_checkpoint(path, config=ckpt.config, tokenizer=ckpt.tokenizer, model=ckpt.model_state,
+                        train_state=ckpt.train_state, metrics=metrics)
+        print(f"{spec}: BLEU {result['bleu']} chrF {result['chrf']} ({result['bleu_signature']})")
+    return result

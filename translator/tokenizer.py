@@ -1,0 +1,65 @@
+"""SentencePiece tokenizer held as the bytes of its model, so it can travel inside checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+
+import sentencepiece as spm
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A joint source/target SentencePiece model with ids pad=0, bos=1, eos=2, unk=3."""
+
+    def __init__(self, model_bytes: bytes) -> None:
+        self.model_bytes = model_bytes
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        ids = (self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+        if ids != (PAD, BOS, EOS, UNK):
+            raise ValueError(f"tokenizer ids pad/bos/eos/unk are {ids}, expected {(PAD, BOS, EOS, UNK)}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without BOS/EOS."""
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Detokenized text; special ids are dropped."""
+        return self.sp.decode([[i for i in seq if i > UNK] for seq in ids])
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in ids]
+
+
+def train_tokenizer(
+    sentences: "list[str] | object", vocab_size: int, model_type: str = "unigram", seed_sentences: int = 0
+) -> Tokenizer:
+    """Train a SentencePiece model in memory on an iterable of sentences."""
+    import io
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=1.0,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+        unk_id=UNK,
+        input_sentence_size=seed_sentences,
+        shuffle_input_sentence=True,
+        hard_vocab_limit=False,
+        num_threads=2,
+        minloglevel=2,
+    )
+    return Tokenizer(buf.getvalue())

@@ -1,0 +1,93 @@
+"""Text in, text out: tokenizer + model + search, with length-sorted batching."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from translator.decoding import DecodeOptions, Hypotheses, search
+from translator.model import EncoderDecoder
+from translator.tokenizer import Tokenizer
+
+
+@dataclass
+class Translation:
+    text: str
+    tokens: list[int]
+    score: float
+
+
+class Translator:
+    """Translates lists of sentences with one model, tokenizer and default decoding options."""
+
+    def __init__(
+        self,
+        model: EncoderDecoder,
+        tokenizer: Tokenizer,
+        options: DecodeOptions | None = None,
+        max_batch_tokens: int = 4096,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.options = options or DecodeOptions()
+        self.max_batch_tokens = max_batch_tokens
+
+    @property
+    def max_source_tokens(self) -> int:
+        # Room for EOS at the end of every source.
+        return self.model.cfg.max_positions - 1
+
+    def encode_sources(self, texts: list[str]) -> list[list[int]]:
+        """Source ids with EOS; a sentence longer than the model's positions is a ValueError."""
+        ids = [seq + [self.model.cfg.eos_id] for seq in self.tokenizer.encode(texts)]
+        for i, seq in enumerate(ids):
+            if len(seq) > self.max_source_tokens + 1:
+                raise ValueError(
+                    f"sentence {i} has {len(seq) - 1} tokens; the model takes at most {self.max_source_tokens}"
+                )
+        return ids
+
+    def translate(
+        self,
+        texts: list[str],
+        options: DecodeOptions | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Translation]:
+        """Translate texts in length-sorted batches; results come back in input order."""
+        opts = options or self.options
+        ids = self.encode_sources(texts)
+        out: list[Translation | None] = [None] * len(texts)
+        for batch in self.batches(ids, opts.beam_size):
+            hyps = self.search(batch_tensor([ids[i] for i in batch], self.model.cfg.pad_id), opts)
+            for i, toks, score in zip(batch, hyps.tokens, hyps.scores):
+                out[i] = Translation(self.tokenizer.decode([toks])[0], toks, score)
+            if progress:
+                progress(len(batch))
+        return out  # type: ignore[return-value]
+
+    def search(self, src: torch.Tensor, opts: DecodeOptions) -> Hypotheses:
+        return search(self.model, src, opts)
+
+    def batches(self, ids: list[list[int]], beam_size: int) -> Iterator[list[int]]:
+        """Indices grouped by similar length so that padding stays small."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        batch: list[int] = []
+        for i in order:
+            longest = len(ids[i])  # ascending order: the newest is the longest
+            if batch and (len(batch) + 1) * longest * beam_size > self.max_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+
+def batch_tensor(seqs: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Right-padded (B, L) tensor of token ids."""
+    L = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        out[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
