@@ -1,0 +1,42 @@
+"""Average the weights of a run's last N checkpoints into one checkpoint (no training state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.checkpoints import CheckpointDir
+from translator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def average_checkpoints(paths: list[Path], out: Path) -> None:
+    """Mean of every floating-point tensor; configs and tokenizers must agree."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    sums = {k: v.double().clone() if v.is_floating_point() else v for k, v in first.model_state.items()}
+    for path in paths[1:]:
+        ckpt = load_checkpoint(path)
+        if ckpt.config["model"] != first.config["model"] or ckpt.tokenizer.sha256 != first.tokenizer.sha256:
+            raise CheckpointError(f"{path} has another model config or tokenizer than {paths[0]}")
+        for k, v in ckpt.model_state.items():
+            if v.is_floating_point():
+                sums[k] += v.double()
+    state = {
+        k: (v / len(paths)).to(first.model_state[k].dtype) if v.is_floating_point() else v
+        for k, v in sums.items()
+    }
+    metrics = {"averaged": [p.name for p in paths]}
+    save_checkpoint(out, config=first.config, tokenizer=first.tokenizer, model=state, metrics=metrics)
+
+
+def average_run(run: Path, last: int, out: Path) -> list[Path]:
+    """Average the last `last` step checkpoints of a run folder."""
+    if last < 1:
+        raise ValueError(f"--last must be >= 1, got {last}")
+    paths = CheckpointDir(run, keep_last=last).steps()[-last:]
+    if not paths:
+        raise CheckpointError(f"no step checkpoints under {run / 'checkpoints'}")
+    average_checkpoints(paths, out)
+    return paths
