@@ -72,13 +72,13 @@ class Trainer:
         latest = self.ckpts.latest()
         resumed = self.ckpts.load_for_resume(latest, cfg) if latest else None
         self.tokenizer = resumed.tokenizer if resumed else self.fit_tokenizer()
+        self.seed_everything(cfg.train.seed)
         self.model = build_model(cfg.model)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
             weight_decay=cfg.train.weight_decay,
         )
         self.state = TrainState()
-        self.seed_everything(cfg.train.seed)
         if resumed:
             self.model.load_state_dict(resumed.model_state)
             ts = resumed.train_state
