@@ -69,6 +69,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it spells.
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be float, got str {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):

@@ -1,0 +1,77 @@
+"""Config loading: presets, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import CONFIG_DIR, ExperimentConfig, load_config
+from translator.config import ConfigError
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path: Path):
+    cfg = load_config(str(path))
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.model.n_layers == 6
+    assert cfg.model.vocab_size == cfg.data.vocab_size
+
+
+def test_presets_load_by_name():
+    assert load_config("cpu").model.d_model == 256
+    assert load_config("base").model.d_model == 512
+    assert load_config("big").model.d_model == 1024
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("cpu", ["train.lr=5e-4", "model.norm_first=false", "train.betas=[0.9, 0.99]"])
+    assert cfg.train.lr == 5e-4 and cfg.model.norm_first is False and cfg.train.betas == (0.9, 0.99)
+
+
+def test_data_vocab_size_sizes_the_model():
+    assert load_config("cpu", ["data.vocab_size=1000"]).model.vocab_size == 1000
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key train.lrr"),
+        ("modle.d_model=1", "unknown config key modle"),
+        ("train.lr=fast", "train.lr must be float"),
+        ("train.max_tokens=1.5", "train.max_tokens must be int"),
+        ("model.norm_first=3", "model.norm_first must be true or false"),
+        ("model.n_heads=3", "divisible by model.n_heads"),
+        ("model.d_ff=-4", "model.d_ff must be positive"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("data.tgt_lang=en", "both 'en'"),
+        ("data.spm_model_type=word", "data.spm_model_type must be one of"),
+        ("data.max_len=1000", "data.max_len"),
+        ("train.betas=[0.9]", "train.betas must have 2 items"),
+    ],
+)
+def test_bad_values_fail_with_the_key_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("cpu", [override])
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_malformed_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="cpu"):
+        load_config("tiny-nonexistent")
+
+
+def test_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config("cpu", ["train.lr"])

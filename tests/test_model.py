@@ -1,0 +1,107 @@
+"""Properties of the Transformer: causality, padding invariance, incremental == full decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from translator.config import ConfigError
+from translator.model import ModelConfig, build_model
+
+NORMS = [pytest.param(False, id="post-norm"), pytest.param(True, id="pre-norm")]
+
+
+def model_and_batch(norm_first: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = tiny_model_config(norm_first=norm_first)
+    model = build_model(cfg).eval()
+    src = torch.randint(4, cfg.vocab_size, (3, 7))
+    tgt = torch.randint(4, cfg.vocab_size, (3, 6))
+    tgt[:, 0] = cfg.bos_id
+    return model, src, tgt
+
+
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_future_tokens_do_not_change_past_logits(norm_first):
+    model, src, tgt = model_and_batch(norm_first)
+    logits = model(src, tgt)  # (B, T, V)
+    changed = tgt.clone()
+    changed[:, 4:] = torch.randint(4, model.cfg.vocab_size, (3, 2))
+    logits2 = model(src, changed)
+    torch.testing.assert_close(logits[:, :4], logits2[:, :4])
+    assert not torch.allclose(logits[:, 4:], logits2[:, 4:])
+
+
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_source_padding_does_not_change_outputs(norm_first):
+    model, src, tgt = model_and_batch(norm_first)
+    padded = torch.cat([src, torch.full((3, 5), model.cfg.pad_id)], dim=1)  # (B, S + 5)
+    torch.testing.assert_close(model(src, tgt), model(padded, tgt), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_batched_equals_one_by_one(norm_first):
+    """A short sentence padded inside a batch gives the same logits as alone."""
+    model, src, tgt = model_and_batch(norm_first)
+    src[1, 4:] = model.cfg.pad_id
+    batched = model(src, tgt)
+    alone = model(src[1:2, :4], tgt[1:2])
+    torch.testing.assert_close(batched[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_incremental_decoding_equals_full_recomputation(norm_first):
+    model, src, tgt = model_and_batch(norm_first)
+    with torch.no_grad():
+        full = model(src, tgt)  # (B, T, V)
+        memory, src_mask = model.encode(src)
+        cache = model.init_cache(memory, src_mask)
+        steps = [model.decode_step(tgt[:, t : t + 1], cache)[:, 0] for t in range(tgt.size(1))]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_decoding_in_chunks_equals_full():
+    """A forced prefix fed in one call, then single steps, matches the full pass."""
+    model, src, tgt = model_and_batch(True)
+    with torch.no_grad():
+        full = model(src, tgt)
+        memory, src_mask = model.encode(src)
+        cache = model.init_cache(memory, src_mask)
+        head = model.decode_step(tgt[:, :3], cache)  # (B, 3, V)
+        tail = [model.decode_step(tgt[:, t : t + 1], cache)[:, 0] for t in range(3, tgt.size(1))]
+    torch.testing.assert_close(torch.cat([head, torch.stack(tail, 1)], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_select_reorders_rows():
+    model, src, tgt = model_and_batch(False)
+    with torch.no_grad():
+        memory, src_mask = model.encode(src)
+        cache = model.init_cache(memory, src_mask)
+        model.decode_step(tgt[:, :2], cache)
+        cache.select(torch.tensor([2, 0]))
+        step = model.decode_step(tgt[[2, 0], 2:3], cache)[:, 0]
+        full = model(src[[2, 0]], tgt[[2, 0], :3])[:, 2]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_embeddings_are_shared_by_source_target_and_output():
+    model, _, _ = model_and_batch(False)
+    assert model.generator.embedding.weight is model.embed.tokens.weight
+
+
+def test_sequence_longer_than_positions_is_a_clear_error():
+    cfg = tiny_model_config(max_positions=8)
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="max_positions"):
+        model(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [({"d_model": 30, "n_heads": 4}, "n_heads"), ({"d_ff": -1}, "d_ff"), ({"dropout": 1.5}, "dropout"),
+     ({"vocab_size": 0}, "vocab_size")],
+)
+def test_impossible_model_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig(**overrides)

@@ -1,0 +1,105 @@
+"""The training loop: batching, schedule, overfitting a toy task, exact resume, averaging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+import torch
+
+from tests.conftest import tiny_overrides, toy_pairs
+from training.average import average_run
+from training.config import load_config
+from training.data import collate, token_batches
+from training.trainer import Trainer, inverse_sqrt_lr
+from translator.checkpoint import CheckpointError, load_checkpoint
+from translator.translate import Translator
+
+
+def test_token_batches_cover_each_pair_once_within_budget():
+    lens = [3, 9, 4, 12, 7, 7, 2, 15, 5, 8] * 20
+    batches = token_batches(lens, lens[::-1], max_tokens=60, seed=3, epoch=0)
+    seen = sorted(i for b in batches for i in b)
+    assert seen == list(range(len(lens)))
+    for b in batches:
+        assert len(b) * max(max(lens[i], lens[::-1][i]) + 1 for i in b) <= 60 or len(b) == 1
+
+
+def test_token_batches_depend_only_on_seed_and_epoch():
+    lens = list(range(1, 50))
+    assert token_batches(lens, lens, 40, 1, 2) == token_batches(lens, lens, 40, 1, 2)
+    assert token_batches(lens, lens, 40, 1, 2) != token_batches(lens, lens, 40, 1, 3)
+
+
+def test_teacher_forcing_shifts_target_by_the_start_token():
+    b = collate([[5, 6]], [[7, 8, 9]], bos=1, eos=2, pad=0)
+    assert b.src.tolist() == [[5, 6, 2]]
+    assert b.tgt_in.tolist() == [[1, 7, 8, 9]]
+    assert b.tgt_out.tolist() == [[7, 8, 9, 2]]
+    assert b.n_tokens == 4
+
+
+def test_inverse_sqrt_schedule_peaks_at_warmup():
+    assert inverse_sqrt_lr(1, 1e-3, 100) == pytest.approx(1e-5)
+    assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
+    assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
+
+
+def train(out, corpus, **extra):
+    cfg = load_config("cpu", tiny_overrides(corpus, **extra))
+    trainer = Trainer(cfg, out, log=lambda *_: None)
+    trainer.run()
+    return trainer
+
+
+def test_overfits_a_toy_word_for_word_task(tmp_path, toy_corpus):
+    trainer = train(tmp_path / "run", toy_corpus, **{
+        "train.max_steps": 300, "train.lr": 3e-3, "train.valid_every": 100, "model.dropout": 0.0,
+        "model.d_model": 64, "model.d_ff": 128, "train.label_smoothing": 0.0,
+    })
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_nll"] for r in records if "train_nll" in r]
+    assert losses[-1] < 0.2 < losses[0]
+    pairs = toy_pairs(400, seed=1)[:50]  # the start of the training split
+    hyps = [t.text for t in Translator(trainer.model, trainer.tokenizer).translate([s for s, _ in pairs])]
+    assert sacrebleu.corpus_bleu(hyps, [[t for _, t in pairs]]).score > 80
+
+
+def test_resume_continues_exactly(tmp_path, toy_corpus):
+    """N steps, stop, resume to 2N gives the same weights as 2N steps in one go (dropout on)."""
+    common = {"model.dropout": 0.2, "train.valid_every": 100}
+    straight = train(tmp_path / "straight", toy_corpus, **common, **{"train.max_steps": 24})
+    train(tmp_path / "split", toy_corpus, **common, **{"train.max_steps": 12})
+    resumed = train(tmp_path / "split", toy_corpus, **common, **{"train.max_steps": 24})
+    assert resumed.state.step == 24
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_changed_model(tmp_path, toy_corpus):
+    train(tmp_path / "run", toy_corpus, **{"train.max_steps": 3})
+    with pytest.raises(CheckpointError, match="model.d_ff differs"):
+        train(tmp_path / "run", toy_corpus, **{"train.max_steps": 6, "model.d_ff": 32})
+
+
+def test_keeps_last_k_and_best(tmp_path, toy_corpus):
+    train(tmp_path / "run", toy_corpus, **{"train.max_steps": 25, "train.valid_every": 5, "train.keep_last": 2})
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step_0000020.pt", "step_0000025.pt"]
+    assert load_checkpoint(tmp_path / "run" / "best.pt").train_state is None
+
+
+def test_average_of_checkpoints_is_their_mean(tmp_path, toy_corpus):
+    train(tmp_path / "run", toy_corpus, **{"train.max_steps": 10, "train.valid_every": 5})
+    paths = average_run(tmp_path / "run", 2, tmp_path / "avg.pt")
+    a, b = (load_checkpoint(p).model_state for p in paths)
+    avg = load_checkpoint(tmp_path / "avg.pt").model_state
+    key = "encoder.layers.0.feed_forward.w_1.weight"
+    torch.testing.assert_close(avg[key], (a[key] + b[key]) / 2)
+
+
+def test_missing_corpus_file_fails_at_start_naming_it(tmp_path, toy_corpus):
+    corpus = {**toy_corpus, "train": f"file:{tmp_path / 'missing.tsv'}"}
+    with pytest.raises(Exception, match="missing.tsv"):
+        train(tmp_path / "run", corpus, **{"train.max_steps": 1})
