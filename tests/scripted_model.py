@@ -1,0 +1,67 @@
+"""A scripted stand-in for EncoderDecoder with hand-written next-token probabilities.
+
+The table maps (sentence key, *tokens so far) to {token: probability}; the key is the first
+source token, so one table scripts several sentences of a batch. Prefixes missing from the
+table put all mass on EOS. It records the batch size of every decode step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from translator.model import ModelConfig
+
+PAD, BOS, EOS, A, B, C = range(6)
+VOCAB = 6
+
+Table = dict[tuple[int, ...], dict[int, float]]
+
+
+@dataclass
+class ScriptedCache:
+    history: Tensor  # (rows, 1 + t): the sentence key, then the tokens fed after BOS
+    src_mask: Tensor  # (rows, 1, 1, S)
+    length: int = 0
+    alignments: list[Tensor] = field(default_factory=list)
+
+    def select(self, index: Tensor) -> None:
+        self.history, self.src_mask = self.history[index], self.src_mask[index]
+
+
+class ScriptedModel(nn.Module):
+    def __init__(self, table: Table, max_positions: int = 64) -> None:
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=VOCAB, d_model=4, n_heads=1, n_layers=1, d_ff=4,
+                               max_positions=max_positions, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+        self.table = table
+        self.batch_sizes: list[int] = []
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        return src[:, :, None].float(), (src != PAD)[:, None, None, :]  # (B, S, 1), (B, 1, 1, S)
+
+    def init_cache(self, memory: Tensor, src_mask: Tensor) -> ScriptedCache:
+        return ScriptedCache(memory[:, :1, 0].long(), src_mask)
+
+    def decode_step(self, tgt_new: Tensor, cache: ScriptedCache, record_alignment: bool = False) -> Tensor:
+        self.batch_sizes.append(tgt_new.size(0))
+        if cache.length:  # the first input is BOS, which the table leaves out
+            cache.history = torch.cat([cache.history, tgt_new], dim=1)
+        cache.length += 1
+        rows = []
+        for prefix in cache.history.tolist():
+            probs = self.table.get(tuple(prefix), {EOS: 1.0})
+            rows.append([math.log(probs[v]) if probs.get(v, 0) > 0 else -math.inf for v in range(VOCAB)])
+        if record_alignment:
+            mask = cache.src_mask[:, 0, 0].float()  # (rows, S)
+            cache.alignments.append(mask / mask.sum(dim=1, keepdim=True))
+        return torch.tensor(rows)[:, None, :]  # (rows, 1, V)
+
+
+def sources(*keys: int, length: int = 3) -> Tensor:
+    """One source row per key: the key, filler tokens, EOS; (len(keys), length)."""
+    rows = [[k] + [A] * (length - 2) + [EOS] for k in keys]
+    return torch.tensor(rows)

@@ -1,0 +1,147 @@
+"""Beam and greedy search checked exactly against hand-written per-step probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.scripted_model import EOS, A, B, C, ScriptedModel, sources
+from translator.decoding import DecodeOptions, beam_search, greedy_search
+from translator.length import length_penalty
+import torch
+
+log = math.log
+
+# Sentence 7: greedy takes A (.6), then EOS and C tie at .5 (EOS, the lower id, wins): A = .30.
+# Beam 2 also keeps B (.4), whose EOS (.9) gives B = .36, the better sentence.
+# Sentence 8: EOS right away (.3) against A-EOS (.25): the length penalty decides.
+# Sentence 9: C C EOS (.56) needs three steps; A EOS (.3) finishes first.
+# Sentence 5: A then A again is likely: a repeat to forbid.
+TABLE = {
+    (7,): {A: 0.6, B: 0.4},
+    (7, A): {EOS: 0.5, C: 0.5},
+    (7, B): {EOS: 0.9, C: 0.1},
+    (8,): {A: 0.5, EOS: 0.3, B: 0.2},
+    (8, A): {EOS: 0.5, C: 0.5},
+    (8, B): {EOS: 1.0},
+    (9,): {C: 0.7, A: 0.3},
+    (9, C): {C: 0.8, EOS: 0.2},
+    (9, A): {EOS: 1.0},
+    (5,): {A: 0.9, EOS: 0.1},
+    (5, A): {A: 0.9, EOS: 0.1},
+}
+
+RAW = DecodeOptions(length_penalty=0.0)  # rank by summed log-probability
+
+
+def beam(keys, **opts):
+    model = ScriptedModel(TABLE)
+    return beam_search(model, sources(*keys), RAW.replace(beam_size=2, **opts)), model
+
+
+def test_beam_finds_the_likelier_sentence_greedy_misses():
+    greedy = greedy_search(ScriptedModel(TABLE), sources(7), RAW)
+    assert greedy.tokens == [[A]]
+    assert greedy.scores[0] == pytest.approx(log(0.6 * 0.5))
+    hyps, _ = beam([7])
+    assert hyps.tokens == [[B]]
+    assert hyps.scores[0] == pytest.approx(log(0.4 * 0.9))
+
+
+def test_nbest_lists_finished_hypotheses_best_first_with_token_scores():
+    hyps, _ = beam([7], n_best=2)
+    first, second = hyps.nbest[0]
+    assert (first.tokens, second.tokens) == ([B], [A])  # A-EOS outranks its tie A-C: EOS has the lower id
+    assert first.log_probs == pytest.approx([log(0.4)])
+    assert first.eos_log_prob == pytest.approx(log(0.9))
+    assert second.score == pytest.approx(log(0.6 * 0.5))
+
+
+def expected_scores(alpha: float, form: str, with_eos: bool) -> dict[tuple[int, ...], float]:
+    """Sentence 8's two finished hypotheses, scored with the penalty's own formula."""
+    out = {}
+    for tokens, p in (((), 0.3), ((A,), 0.5 * 0.5)):
+        n = len(tokens) + with_eos
+        out[tokens] = log(p) / float(length_penalty(torch.tensor([n]), alpha, form)[0])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("alpha", "form", "with_eos"),
+    [(0.0, "power", True), (1.0, "power", True), (1.0, "gnmt", True), (1.0, "power", False)],
+)
+def test_length_penalty_decides_between_short_and_long(alpha, form, with_eos):
+    hyps, _ = beam([8], n_best=2, length_penalty=alpha, length_penalty_form=form, length_includes_eos=with_eos)
+    expected = expected_scores(alpha, form, with_eos)
+    ranked = sorted(expected, key=lambda t: -expected[t])
+    assert [tuple(h.tokens) for h in hyps.nbest[0]] == ranked
+    assert [h.score for h in hyps.nbest[0]] == pytest.approx([expected[t] for t in ranked])
+
+
+def test_finished_sentence_leaves_the_batch_and_others_are_unchanged():
+    hyps, model = beam([7, 9])
+    alone = [beam([k])[0] for k in (7, 9)]
+    assert hyps.tokens == [alone[0].tokens[0], alone[1].tokens[0]] == [[B], [C, C]]
+    assert hyps.scores == pytest.approx([log(0.4 * 0.9), log(0.7 * 0.8)])
+    # Step 1 runs two sentences on one beam each, step 2 two beams each, step 3 sentence 9 only.
+    assert model.batch_sizes == [2, 4, 2]
+
+
+def test_budget_ends_hypotheses_without_eos():
+    hyps, _ = beam([9], max_len_a=0.0, max_len_b=2)
+    best = hyps.nbest[0][0]
+    assert best.tokens == [C, C] and best.eos_log_prob is None
+    assert best.score == pytest.approx(log(0.7 * 0.8))
+
+
+def test_min_len_forbids_early_eos():
+    hyps, _ = beam([8], min_len=1)
+    assert hyps.tokens == [[A]]
+    assert hyps.scores[0] == pytest.approx(log(0.5 * 0.5))
+
+
+@pytest.mark.parametrize("search", [greedy_search, beam_search], ids=["greedy", "beam"])
+def test_forced_prefix_is_kept_and_scored(search):
+    opts = RAW.replace(beam_size=1 if search is greedy_search else 2)
+    hyps = search(ScriptedModel(TABLE), sources(7, 7), opts, prefix=[[B], [A, C]])
+    assert hyps.tokens == [[B], [A, C]]
+    assert hyps.scores == pytest.approx([log(0.4 * 0.9), log(0.6 * 0.5 * 1.0)])
+    assert hyps.nbest[1][0].log_probs == pytest.approx([log(0.6), log(0.5)])
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_no_repeat_ngram_forbids_repeats(size):
+    plain = greedy_search(ScriptedModel(TABLE), sources(5), RAW)
+    assert plain.tokens == [[A, A]]
+    hyps = beam([5], beam_size=size, no_repeat_ngram=1)[0] if size == 2 else greedy_search(
+        ScriptedModel(TABLE), sources(5), RAW.replace(no_repeat_ngram=1))
+    assert hyps.tokens == [[A]]
+    assert hyps.scores[0] == pytest.approx(log(0.9 * 0.1))
+
+
+def test_cancelled_sentence_leaves_at_once():
+    polls = []
+
+    def cancelled():
+        polls.append(1)
+        return [False, len(polls) > 1]  # sentence 9 is cancelled before the second step
+
+    model = ScriptedModel(TABLE)
+    hyps = beam_search(model, sources(7, 9), RAW.replace(beam_size=2), cancelled=cancelled)
+    assert hyps.cancelled == [False, True]
+    assert hyps.tokens == [[B], []] and hyps.nbest[1] == []
+    assert model.batch_sizes == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [(greedy_search, [[C], [C, C], [C, C]]), (beam_search, [[], [], [C, C]])],
+    ids=["greedy", "beam"],
+)
+def test_on_step_streams_only_settled_tokens(search, expected):
+    # Beam: after step 2 the live C C and the finished A disagree from the first token on.
+    reports = []
+    opts = RAW.replace(beam_size=1 if search is greedy_search else 2)
+    search(ScriptedModel(TABLE), sources(9), opts, on_step=lambda p: reports.append(p[0]))
+    assert reports == expected

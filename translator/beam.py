@@ -1,0 +1,216 @@
+"""Beam search, batched over sentences, with beams reordered in the decoder cache and never recomputed.
+
+Each step (per sentence, K = beam_size):
+  1. every live beam is extended by every token; the 2K best candidates are kept, best first,
+     ties going to the lower beam, then the lower token id (`beam_candidates`, the step strategy);
+  2. an EOS candidate ranked within the first K finishes (at the sentence's last step, every one
+     of the first K finishes, EOS or not); finite scores only;
+  3. the K best non-EOS candidates become the next beams (short of K, the rest are dead: -inf);
+  4. the sentence stops at its last step, when no beam is alive, or
+       length_penalty == 0: when its n_best-th finished score is at least the best live score
+         (exact: scores only fall as tokens are added);
+       otherwise: when it holds K finished hypotheses (fairseq; CTranslate2 with patience 1).
+  Stopped sentences leave the batch: their rows are dropped from the cache with the reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from translator.decode_options import DecodeOptions
+from translator.hooks import Cancelled, OnStep
+from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
+from translator.model import EncoderDecoder
+from translator.search_setup import SearchSetup, start_search
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Candidates:
+    """The best extensions of each sentence's beams, best first; each (b, n)."""
+
+    scores: Tensor  # summed log-probability of beam + token
+    beams: Tensor  # the beam (0..k-1) extended
+    tokens: Tensor  # the token added
+
+
+def beam_candidates(scores: Tensor, logp: Tensor, n: int) -> Candidates:
+    """The beam step: beams with summed scores (b, k) and next-token logp (b, k, V) -> n best per sentence."""
+    b, k, V = logp.shape
+    total = (scores[:, :, None] + logp).view(b, k * V)  # (b, k*V), flat index = beam * V + token
+    values, flat = top_n_stable(total, n)
+    return Candidates(values, flat // V, flat % V)
+
+
+def top_n_stable(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The n largest of each row of x (b, m), ordered as a stable descending sort would order them."""
+    values, idx = x.topk(n, dim=1)  # (b, n), ties in no set order
+    edge = values[:, -1:]  # (b, 1)
+    # Rare: finite ties straddling the cut; redo those rows with a stable sort.
+    straddle = torch.isfinite(edge[:, 0]) & ((x == edge).sum(dim=1) > (values == edge).sum(dim=1))
+    for r in straddle.nonzero().flatten().tolist():
+        v, i = x[r].sort(descending=True, stable=True)
+        values[r], idx[r] = v[:n], i[:n]
+    idx, by_index = idx.sort(dim=1)
+    values, order = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    return values, idx.gather(1, order)
+
+
+@dataclass
+class Beams:
+    """Live hypotheses of the b active sentences, k each; row r is sentence r // k, beam r % k."""
+
+    sentence: Tensor  # (b,) batch index of each active sentence
+    scores: Tensor  # (b, k) summed log-probabilities, -inf for a dead beam
+    tokens: Tensor  # (b*k, t)
+    log_probs: Tensor  # (b*k, t)
+    alignment: Tensor | None  # (b*k, t, S)
+
+    @classmethod
+    def start(cls, B: int, S: int, alignment: bool) -> Beams:
+        return cls(torch.arange(B), torch.zeros(B, 1), torch.zeros(B, 0, dtype=torch.long),
+                   torch.zeros(B, 0), torch.zeros(B, 0, S) if alignment else None)
+
+    def rows(self, parent: Tensor, tokens: Tensor, log_probs: Tensor, step_align: Tensor | None):
+        """History of rows `parent` (r,) extended by tokens / log_probs (r,) and step_align (b*k, S)."""
+        toks = torch.cat([self.tokens[parent], tokens[:, None]], dim=1)  # (r, t + 1)
+        lps = torch.cat([self.log_probs[parent], log_probs[:, None]], dim=1)
+        align = None
+        if self.alignment is not None and step_align is not None:
+            align = torch.cat([self.alignment[parent], step_align[parent][:, None]], dim=1)  # (r, t + 1, S)
+        return toks, lps, align
+
+
+class Finished:
+    """Finished hypotheses per sentence, best first, and what the stopping rule needs of them."""
+
+    def __init__(self, B: int, opts: DecodeOptions) -> None:
+        self.opts = opts
+        self.hyps: list[list[Hypothesis]] = [[] for _ in range(B)]
+        self.count = torch.zeros(B, dtype=torch.long)
+        self.nth_best = torch.full((B,), NEG_INF)  # score of the n_best-th best, -inf if fewer
+
+    def add(self, sentences: list[int], hyps: list[Hypothesis]) -> None:
+        for s, h in zip(sentences, hyps):
+            self.hyps[s].append(h)
+        n = self.opts.n_best
+        for s in set(sentences):
+            ranked = self.hyps[s] = sorted(self.hyps[s], key=lambda h: -h.score)  # stable: earlier wins ties
+            self.count[s] = len(ranked)
+            if len(ranked) >= n:
+                self.nth_best[s] = ranked[n - 1].score
+
+    def satisfied(self, sentence: Tensor, best_live: Tensor) -> Tensor:
+        """Which sentences (b,) may stop before their budget, given their best live score (b,)."""
+        if self.opts.length_penalty == 0:
+            return self.nth_best[sentence] >= best_live
+        return self.count[sentence] >= self.opts.beam_size
+
+
+@torch.inference_mode()
+def beam_search(
+    model: EncoderDecoder,
+    src: Tensor,
+    opts: DecodeOptions,
+    *,
+    prefix: list[list[int]] | None = None,
+    cancelled: Cancelled | None = None,
+    on_step: OnStep | None = None,
+) -> Hypotheses:
+    """Beam search over src (B, S) with K = opts.beam_size; returns opts.n_best hypotheses each.
+
+    The first step runs on B rows (one beam each), later ones on b*K. See the module docstring
+    for the rules, translator.hooks for `cancelled` and `on_step`, translator.constraints for `prefix`.
+    """
+    B, S = src.shape
+    if B == 0:
+        return Hypotheses([])
+    run = start_search(model, src, opts, prefix, cancelled, on_step)
+    beams = Beams.start(B, S, opts.alignment)
+    finished = Finished(B, opts)
+    last = torch.full((B, 1), model.cfg.bos_id, dtype=torch.long)  # (b*k, 1)
+    for step in range(int(run.budget.max())):
+        stay = run.hooks.poll(beams.sentence)
+        if stay is not None:
+            beams, last = drop_sentences(beams, last, stay, run)
+        if not beams.sentence.numel():
+            break
+        logits = model.decode_step(last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b*k, V)
+        beams = advance(beams, logits, step, run, finished, opts, model.cfg.eos_id)
+        last = beams.tokens[:, -1:]
+        if run.hooks.streaming:
+            run.hooks.report(settled_prefixes(beams, finished, run.hooks.flags))
+    nbest = [[] if gone else hyps[: opts.n_best] for hyps, gone in zip(finished.hyps, run.hooks.flags)]
+    return Hypotheses(nbest, list(run.hooks.flags))
+
+
+def advance(
+    beams: Beams, logits: Tensor, step: int, run: SearchSetup, finished: Finished, opts: DecodeOptions, eos: int
+) -> Beams:
+    """One beam step: register finished candidates, pick the next beams, drop stopped sentences."""
+    b, k = beams.scores.shape
+    K = opts.beam_size
+    logp = logits.float().log_softmax(dim=-1)  # (b*k, V)
+    V = logp.size(-1)
+    run.rules.apply(logp, step, beams.sentence.repeat_interleave(k), beams.tokens)
+    step_align = run.cache.alignments.pop() if opts.alignment else None  # (b*k, S)
+    n = min(2 * K, k * V)
+    cand = beam_candidates(beams.scores, logp.view(b, k, V), n)
+    cand_logp = logp.view(b, k * V).gather(1, cand.beams * V + cand.tokens)  # (b, n)
+    parent = torch.arange(b)[:, None] * k + cand.beams  # (b, n) row each candidate extends
+    is_eos = cand.tokens == eos
+    last_step = run.budget[beams.sentence] <= step + 1  # (b,)
+    top = torch.arange(n) < K
+    finish = torch.isfinite(cand.scores) & top & (is_eos | last_step[:, None])  # (b, n)
+    if finish.any():
+        r, j = finish.nonzero(as_tuple=True)
+        toks, lps, align = beams.rows(parent[r, j], cand.tokens[r, j], cand_logp[r, j], step_align)
+        sentence = beams.sentence[r]
+        hyps = make_hypotheses(toks, lps, torch.full_like(r, step + 1), is_eos[r, j], cand.scores[r, j], opts,
+                               align, run.src_lengths[sentence])
+        finished.add(sentence.tolist(), hyps)
+    # Next beams: the non-EOS candidates in rank order (EOS ones sort last and, if taken, are dead).
+    live = (is_eos.long() * n + torch.arange(n)).argsort(dim=1)[:, :K]  # (b, K)
+    live_scores = cand.scores.gather(1, live).masked_fill(is_eos.gather(1, live), NEG_INF)  # (b, K)
+    stop = last_step | ~torch.isfinite(live_scores[:, 0]) | finished.satisfied(beams.sentence, live_scores[:, 0])
+    keep = (~stop).nonzero().squeeze(1)  # (b',)
+    rows = parent.gather(1, live)[keep].flatten()  # (b'*K,)
+    chosen = live[keep]
+    toks, lps, align = beams.rows(rows, cand.tokens[keep].gather(1, chosen).flatten(),
+                                  cand_logp[keep].gather(1, chosen).flatten(), step_align)
+    run.cache.select(rows)
+    return Beams(beams.sentence[keep], live_scores[keep], toks, lps, align)
+
+
+def drop_sentences(beams: Beams, last: Tensor, stay: Tensor, run: SearchSetup) -> tuple[Beams, Tensor]:
+    """Keep the sentences where stay (b,) is True, with their k beams each, in beams and the cache."""
+    k = beams.scores.size(1)
+    rows = (stay.nonzero() * k + torch.arange(k)).flatten()  # (b'*k,)
+    run.cache.select(rows)
+    align = beams.alignment[rows] if beams.alignment is not None else None
+    kept = Beams(beams.sentence[stay], beams.scores[stay], beams.tokens[rows], beams.log_probs[rows], align)
+    return kept, last[rows]
+
+
+def settled_prefixes(beams: Beams, finished: Finished, cancelled: list[bool]) -> list[list[int]]:
+    """Per sentence, the tokens shared by every hypothesis that can still become its best."""
+    out = [[] if gone else (hyps[0].tokens if hyps else []) for hyps, gone in zip(finished.hyps, cancelled)]
+    b, K = beams.scores.shape
+    if not b:
+        return out
+    toks = beams.tokens.view(b, K, -1)  # (b, K, t)
+    dead = ~torch.isfinite(beams.scores)  # (b, K)
+    agree = ((toks == toks[:, :1]) | dead[:, :, None]).all(dim=1)  # (b, t)
+    shared = agree.long().cumprod(dim=1).sum(dim=1)  # (b,)
+    for s, lead, n in zip(beams.sentence.tolist(), toks[:, 0].tolist(), shared.tolist()):
+        prefix = lead[:n]
+        if finished.hyps[s]:
+            best = finished.hyps[s][0].tokens
+            n = next((i for i, (x, y) in enumerate(zip(prefix, best)) if x != y), min(len(prefix), len(best)))
+            prefix = prefix[:n]
+        out[s] = prefix
+    return out

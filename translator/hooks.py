@@ -1,0 +1,55 @@
+"""Hooks a server passes to a search: cancellation, polled once per step, and streaming of final tokens.
+
+    cancelled() -> Sequence[bool]
+        One flag per sentence of the batch, read once before every decoding step. A sentence
+        flagged True leaves the batch at that step (no further compute is spent on it) and comes
+        back with no hypotheses and Hypotheses.cancelled[i] True.
+    on_step(prefixes: list[list[int]]) -> None
+        Called after every decoding step with, per sentence, the tokens that are now final and
+        will not change: for greedy search all tokens so far; for beam search the longest prefix
+        shared by every hypothesis that can still become the best (the live beams and the best
+        finished hypothesis). A finished sentence reports its whole best output, a cancelled one [].
+        Prefixes only grow from one call to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Cancelled = Callable[[], Sequence[bool]]
+OnStep = Callable[[list[list[int]]], None]
+
+
+class SearchHooks:
+    """The hooks of one search over B sentences, and which sentences they cancelled."""
+
+    def __init__(self, cancelled: Cancelled | None, on_step: OnStep | None, batch_size: int) -> None:
+        self._cancelled = cancelled
+        self._on_step = on_step
+        self.batch_size = batch_size
+        self.flags = [False] * batch_size  # per sentence: cancelled
+
+    @property
+    def streaming(self) -> bool:
+        return self._on_step is not None
+
+    def poll(self, alive: Tensor) -> Tensor | None:
+        """Which of the `alive` sentences (B indices, (b,)) stay, as a (b,) mask; None if all stay."""
+        if self._cancelled is None:
+            return None
+        flags = [bool(f) for f in self._cancelled()]
+        if len(flags) != self.batch_size:
+            raise ValueError(f"cancelled() gave {len(flags)} flags for {self.batch_size} sentences")
+        stop = torch.tensor(flags, dtype=torch.bool)[alive]  # (b,)
+        if not stop.any():
+            return None
+        for i in alive[stop].tolist():
+            self.flags[i] = True
+        return ~stop
+
+    def report(self, prefixes: list[list[int]]) -> None:
+        if self._on_step is not None:
+            self._on_step(prefixes)

@@ -1,0 +1,49 @@
+"""What every search starts with: source lengths, output budgets, step rules, hooks, encoder cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from translator.constraints import StepRules
+from translator.decode_options import DecodeOptionError, DecodeOptions
+from translator.hooks import Cancelled, OnStep, SearchHooks
+from translator.length import output_budgets
+from translator.model import DecoderCache, EncoderDecoder
+
+
+@dataclass
+class SearchSetup:
+    src_lengths: Tensor  # (B,) real source tokens, EOS included
+    budget: Tensor  # (B,) decoding steps allowed, EOS included
+    rules: StepRules
+    hooks: SearchHooks
+    cache: DecoderCache  # encoder output projected for every decoder layer, B rows
+
+
+def start_search(
+    model: EncoderDecoder,
+    src: Tensor,
+    opts: DecodeOptions,
+    prefix: list[list[int]] | None,
+    cancelled: Cancelled | None,
+    on_step: OnStep | None,
+) -> SearchSetup:
+    """Check the per-sentence inputs, then encode src (B, S) once."""
+    cfg = model.cfg
+    B = src.size(0)
+    src_lengths = (src != cfg.pad_id).sum(dim=1)  # (B,)
+    rules = StepRules(opts, cfg.eos_id, cfg.vocab_size, prefix, B)
+    # A forced prefix gets room for itself and EOS, within the hard cap.
+    budget = output_budgets(src_lengths, opts.max_len_a, opts.max_len_b, opts.max_len, cfg.max_positions,
+                            floor=rules.prefix_len + 1)
+    too_long = (rules.prefix_len >= budget).nonzero()
+    if too_long.numel():
+        i = int(too_long[0])
+        raise DecodeOptionError(
+            f"prefix of sentence {i} has {int(rules.prefix_len[i])} tokens; at most {int(budget[i]) - 1} fit"
+        )
+    memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+    cache = model.init_cache(memory, src_mask)
+    return SearchSetup(src_lengths, budget, rules, SearchHooks(cancelled, on_step, B), cache)
