@@ -1,0 +1,195 @@
+"""Dynamic batching: admission, grouping, budgets, cancellation and deadlines, with a scripted decoder.
+
+The scripted decoder stands in for beam search the way a fake model with fixed probabilities does:
+each sentence's output is its source reversed, one token per step, so every result is predictable
+and every step observable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from translator.batcher import (Batcher, BatcherConfig, Cancelled, DeadlineExceeded, DecodeFailed, Job,
+                                QueueFull, ShuttingDown)
+
+
+class ReverseDecoder:
+    """Emits each source reversed, one token per step; honours cancelled() and reports on_step."""
+
+    def __init__(self, step_seconds: float = 0.0) -> None:
+        self.step_seconds = step_seconds
+        self.batches: list[tuple[object, list[list[int]]]] = []
+        self.alive_per_step: list[list[int]] = []
+        self.gate: threading.Event | None = None  # when set, every step waits for it
+        self.started = threading.Event()
+        self.fail = False
+
+    def __call__(self, sources, options, cancelled, on_step):
+        self.batches.append((options, [list(s) for s in sources]))
+        self.started.set()
+        if self.fail:
+            raise RuntimeError("scripted failure")
+        out: list[list[int]] = [[] for _ in sources]
+        alive = set(range(len(sources)))
+        for step in range(max(map(len, sources))):
+            flags = cancelled()
+            alive -= {i for i in alive if flags[i]}
+            if not alive:
+                break
+            if self.gate is not None:
+                self.gate.wait()
+            time.sleep(self.step_seconds)
+            self.alive_per_step.append(sorted(alive))
+            for i in alive:
+                if step < len(sources[i]):
+                    out[i].append(sources[i][::-1][step])
+            on_step([list(o) for o in out])
+        return out
+
+
+def make(decoder: ReverseDecoder, **cfg) -> Batcher:
+    return Batcher(decoder, BatcherConfig(**cfg))
+
+
+def test_every_job_gets_its_own_results_exactly_once():
+    decoder = ReverseDecoder()
+    batcher = make(decoder, max_queue_delay_ms=2.0)
+    jobs = [Job([[i, i + 1, i + 2], [i]], options="greedy") for i in range(0, 300, 10)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: batcher.submit(job).wait(), jobs))
+    assert results == [[[i + 2, i + 1, i], [i]] for i in range(0, 300, 10)]
+    assert sum(len(srcs) for _, srcs in decoder.batches) == 2 * len(jobs)  # nothing decoded twice
+    assert batcher.pending == 0
+    batcher.stop()
+
+
+def test_sentences_arriving_within_the_delay_share_one_batch():
+    decoder = ReverseDecoder()
+    batcher = make(decoder, max_queue_delay_ms=300.0)
+    jobs = [batcher.submit(Job([[1, 2, i]], options="greedy")) for i in range(5)]
+    for job in jobs:
+        job.wait()
+    assert [len(srcs) for _, srcs in decoder.batches] == [5]
+    batcher.stop()
+
+
+def test_requests_with_different_options_are_batched_separately():
+    decoder = ReverseDecoder()
+    batcher = make(decoder, max_queue_delay_ms=200.0)
+    jobs = [batcher.submit(Job([[i]], options=opts)) for i, opts in enumerate(["a", "b", "a", "b", "a"])]
+    assert [job.wait() for job in jobs] == [[[i]] for i in range(5)]
+    assert sorted((opts, len(srcs)) for opts, srcs in decoder.batches) == [("a", 3), ("b", 2)]
+    batcher.stop()
+
+
+def test_batches_stay_within_max_batch_tokens():
+    decoder = ReverseDecoder()
+    batcher = make(decoder, max_batch_tokens=40, max_queue_delay_ms=100.0)
+    jobs = [batcher.submit(Job([list(range(n))], options="beam2", cost=2)) for n in (3, 9, 4, 10, 2, 5)]
+    for job in jobs:
+        job.wait()
+    for _, srcs in decoder.batches:
+        assert len(srcs) == 1 or len(srcs) * max(map(len, srcs)) * 2 <= 40
+    assert len(decoder.batches) > 1
+    batcher.stop()
+
+
+def test_full_queue_refuses_at_once_and_loses_nothing():
+    decoder = ReverseDecoder()
+    decoder.gate = threading.Event()
+    batcher = make(decoder, max_queue_sentences=4, max_queue_delay_ms=0.0)
+    admitted = [batcher.submit(Job([[1, 2, 3]], options="g"))]
+    decoder.started.wait(5)  # the first job is decoding, holding its place
+    admitted += [batcher.submit(Job([[i, 7]], options="g")) for i in range(3)]
+    start = time.monotonic()
+    with pytest.raises(QueueFull, match="queue is full"):
+        batcher.submit(Job([[9]], options="g"))
+    assert time.monotonic() - start < 0.5
+    decoder.gate.set()
+    assert [job.wait() for job in admitted] == [[[3, 2, 1]]] + [[[7, i]] for i in range(3)]
+    assert batcher.pending == 0
+    batcher.submit(Job([[5]], options="g")).wait()  # room again once the queue drained
+    batcher.stop()
+
+
+def test_cancelled_job_leaves_the_batch_within_one_step():
+    decoder = ReverseDecoder(step_seconds=0.02)
+    batcher = make(decoder, max_queue_delay_ms=200.0)
+    long_a, long_b = list(range(20)), list(range(100, 120))
+    a = batcher.submit(Job([long_a], options="g"))
+    b = batcher.submit(Job([long_b], options="g"))
+    while len(decoder.alive_per_step) < 3:
+        time.sleep(0.001)
+    a.cancel()
+    steps_at_cancel = len(decoder.alive_per_step)
+    assert b.wait() == [long_b[::-1]]
+    with pytest.raises(Cancelled):
+        a.wait()
+    # At most the step already under way when cancel() landed still held a's row.
+    assert all(rows == [1] for rows in decoder.alive_per_step[steps_at_cancel + 1:])
+    assert a.stats.steps <= steps_at_cancel + 1 < b.stats.steps
+    batcher.stop()
+
+
+def test_deadline_stops_a_running_job():
+    decoder = ReverseDecoder(step_seconds=0.01)
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    job = batcher.submit(Job([list(range(200))], options="g", deadline=time.monotonic() + 0.1))
+    with pytest.raises(DeadlineExceeded):
+        job.wait()
+    batcher.wait_idle(5)
+    assert len(decoder.alive_per_step) < 200
+    batcher.stop()
+
+
+def test_queued_job_past_its_deadline_is_never_decoded():
+    decoder = ReverseDecoder()
+    decoder.gate = threading.Event()
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    first = batcher.submit(Job([[1, 2]], options="g"))
+    decoder.started.wait(5)
+    late = batcher.submit(Job([[42]], options="g", deadline=time.monotonic() + 0.05))
+    with pytest.raises(DeadlineExceeded):
+        late.wait()
+    decoder.gate.set()
+    first.wait()
+    assert batcher.wait_idle(5)
+    assert all([42] not in srcs for _, srcs in decoder.batches)
+    batcher.stop()
+
+
+def test_decode_error_fails_its_batch_and_the_worker_carries_on():
+    decoder = ReverseDecoder()
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    decoder.fail = True
+    with pytest.raises(DecodeFailed, match="scripted failure"):
+        batcher.submit(Job([[1]], options="g")).wait()
+    decoder.fail = False
+    assert batcher.submit(Job([[1, 2]], options="g")).wait() == [[2, 1]]
+    batcher.stop()
+
+
+def test_stream_reports_growing_prefixes_then_the_result():
+    batcher = make(ReverseDecoder(), max_queue_delay_ms=0.0)
+    job = batcher.submit(Job([[1, 2, 3], [4]], options="g", stream=True))
+    events = list(job.events())
+    prefixes = [value for kind, i, value in events if kind == "prefix" and i == 0]
+    assert prefixes == [[3], [3, 2], [3, 2, 1]]
+    assert sorted((i, value) for kind, i, value in events if kind == "result") == [(0, [3, 2, 1]), (1, [4])]
+    batcher.stop()
+
+
+def test_closed_batcher_refuses_new_jobs_and_finishes_admitted_ones():
+    decoder = ReverseDecoder(step_seconds=0.01)
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    job = batcher.submit(Job([[1, 2, 3]], options="g"))
+    batcher.close()
+    with pytest.raises(ShuttingDown):
+        batcher.submit(Job([[1]], options="g"))
+    assert batcher.wait_idle(5)
+    assert job.wait() == [[3, 2, 1]]
+    batcher.stop()

@@ -1,0 +1,322 @@
+"""Dynamic batching: sentences of concurrent requests decoded together by one worker thread.
+
+Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
+letting latency grow without bound. The worker groups queued sentences that share decoding options
+into batches of at most `max_batch_tokens` (sentences x longest source x beam), waiting at most
+`max_queue_delay_ms` for a batch to fill. Cancellation and deadlines are checked once per decode
+step: a stopped request's sentences leave the running batch at once and its queued ones are dropped.
+
+Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from translator.config import ConfigError
+
+# decode(sources, options, cancelled, on_step) -> one result per source, in order.
+# cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source.
+DecodeFn = Callable[
+    [list[list[int]], Any, Callable[[], Sequence[bool]], Callable[[list[list[int]]], None]], list[Any]
+]
+
+
+class BatcherError(Exception):
+    """Why a job ended without results."""
+
+
+class QueueFull(BatcherError):
+    """The admission queue has no room for the request."""
+
+
+class Cancelled(BatcherError):
+    """The caller cancelled the request."""
+
+
+class DeadlineExceeded(BatcherError):
+    """The request's deadline passed before it was finished."""
+
+
+class ShuttingDown(BatcherError):
+    """The batcher no longer accepts or finishes work."""
+
+
+class DecodeFailed(BatcherError):
+    """The decode function raised; every request in the batch ends with this error."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_queue_sentences: int = 256  # admitted and not yet finished, across all requests
+    max_batch_tokens: int = 4096  # sentences x longest source x beam size, per decode call
+    max_queue_delay_ms: float = 5.0  # how long a sentence may wait for a batch to fill
+
+    def __post_init__(self) -> None:
+        for name in ("max_queue_sentences", "max_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"batching.{name} must be positive, got {getattr(self, name)}")
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError(f"batching.max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+
+
+@dataclass
+class JobStats:
+    """Where a request's time went; read after the job has ended."""
+
+    queue_ms: float = 0.0  # admission until its first sentence started decoding
+    decode_ms: float = 0.0  # summed over the batches its sentences were in
+    steps: int = 0  # decode steps run while any of its sentences was in the batch
+
+
+class Job:
+    """One request: source sentences sharing decoding options, finished once with results or an error.
+
+    With `stream=True`, `events()` yields ("prefix", i, tokens) as sentence i's final tokens grow
+    and ("result", i, value) when it is done.
+    """
+
+    def __init__(
+        self,
+        sources: list[list[int]],
+        options: Hashable,
+        cost: int = 1,
+        deadline: float | None = None,
+        stream: bool = False,
+    ) -> None:
+        self.sources = sources
+        self.options = options
+        self.cost = cost  # token multiplier per source token (the beam size)
+        self.deadline = deadline  # time.monotonic() value
+        self.stats = JobStats()
+        self.results: list[Any] = [None] * len(sources)
+        self.error: BatcherError | None = None
+        self._remaining = len(sources)
+        self._submitted = 0.0
+        self._started = False
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._events: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def stopped(self) -> bool:
+        """Finished, failed, cancelled or past its deadline: no more compute should go to it."""
+        if self._done.is_set():
+            return True
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.fail(DeadlineExceeded("deadline exceeded"))
+            return True
+        return False
+
+    def cancel(self) -> None:
+        self.fail(Cancelled("cancelled by the caller"))
+
+    def fail(self, error: BatcherError) -> None:
+        """End the job with error, unless it has already ended."""
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.error = error
+            self._done.set()
+        self._emit(("end", -1, None))
+
+    def wait(self) -> list[Any]:
+        """Block until the job ends; its results in source order, or its error raised."""
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if not self._done.wait(timeout):
+            self.fail(DeadlineExceeded("deadline exceeded"))
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+    def events(self) -> Iterator[tuple[str, int, Any]]:
+        """Stream of ("prefix" | "result", sentence index, tokens | result) until the job ends."""
+        assert self._events is not None, "job was not created with stream=True"
+        while True:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                kind, i, value = self._events.get(timeout=timeout)
+            except queue.Empty:
+                self.fail(DeadlineExceeded("deadline exceeded"))
+                continue
+            if kind == "end":
+                if self.error is not None:
+                    raise self.error
+                return
+            yield kind, i, value
+
+    def _set_result(self, i: int, value: Any) -> None:
+        with self._lock:
+            if self._done.is_set() or self.results[i] is not None:
+                return
+            self.results[i] = value
+            self._remaining -= 1
+            finished = self._remaining == 0
+        self._emit(("result", i, value))
+        if finished:
+            self._done.set()
+            self._emit(("end", -1, None))
+
+    def _emit(self, event: tuple[str, int, Any]) -> None:
+        if self._events is not None:
+            self._events.put(event)
+
+
+@dataclass(eq=False)
+class _Item:
+    job: Job
+    index: int  # sentence index within the job
+
+    @property
+    def length(self) -> int:
+        return len(self.job.sources[self.index])
+
+
+class Batcher:
+    """Admission queue plus one decode worker thread."""
+
+    def __init__(self, decode: DecodeFn, config: BatcherConfig | None = None) -> None:
+        self.decode = decode
+        self.config = config or BatcherConfig()
+        self._queue: deque[_Item] = deque()
+        self._pending = 0  # admitted sentences not yet finished (queued or decoding)
+        self._closed = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._worker.start()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, job: Job) -> Job:
+        """Admit job or refuse it at once with QueueFull / ShuttingDown."""
+        n = len(job.sources)
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if self._pending + n > self.config.max_queue_sentences:
+                raise QueueFull(
+                    f"the queue is full ({self._pending} of {self.config.max_queue_sentences} sentences "
+                    f"waiting); retry later"
+                )
+            job._submitted = time.monotonic()
+            self._pending += n
+            self._queue.extend(_Item(job, i) for i in range(n))
+            self._cond.notify()
+        return job
+
+    def close(self) -> None:
+        """Refuse new jobs; admitted ones still finish."""
+        with self._cond:
+            self._closed = True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every admitted sentence has finished; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self) -> None:
+        """Refuse new jobs, fail the queued ones, stop the worker after its current step."""
+        with self._cond:
+            self._closed = self._stopping = True
+            for item in self._queue:
+                item.job.fail(ShuttingDown("the server shut down before the request was decoded"))
+            self._cond.notify_all()
+        self._worker.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._decode(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Wait for the oldest sentence's batch to fill or for its delay to pass, then take it."""
+        delay = self.config.max_queue_delay_ms / 1000.0
+        with self._cond:
+            while True:
+                self._drop_stopped()
+                if self._stopping:
+                    return None
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                batch, full = self._gather()
+                wait = self._queue[0].job._submitted + delay - time.monotonic()
+                if full or wait <= 0:
+                    taken = set(map(id, batch))
+                    self._queue = deque(item for item in self._queue if id(item) not in taken)
+                    return batch
+                self._cond.wait(wait)
+
+    def _gather(self) -> tuple[list[_Item], bool]:
+        """Queued sentences with the oldest one's options, oldest first, within the token budget."""
+        key = self._queue[0].job.options
+        batch: list[_Item] = []
+        longest = 0
+        for item in self._queue:
+            if item.job.options != key:
+                continue
+            size = max(longest, item.length)
+            if batch and (len(batch) + 1) * size * item.job.cost > self.config.max_batch_tokens:
+                return batch, True
+            batch.append(item)
+            longest = size
+        return batch, False
+
+    def _drop_stopped(self) -> None:
+        kept = deque(item for item in self._queue if not item.job.stopped())
+        self._finish(len(self._queue) - len(kept))
+        self._queue = kept
+
+    def _finish(self, n: int) -> None:
+        if n:
+            self._pending -= n
+            self._cond.notify_all()
+
+    def _decode(self, batch: list[_Item]) -> None:
+        jobs = list({id(item.job): item.job for item in batch}.values())
+        start = time.monotonic()
+        for job in jobs:
+            if not job._started:
+                job._started = True
+                job.stats.queue_ms = (start - job._submitted) * 1000.0
+
+        def cancelled() -> list[bool]:
+            return [item.job.stopped() for item in batch]
+
+        def on_step(prefixes: list[list[int]]) -> None:
+            for job in jobs:
+                if not job.done:
+                    job.stats.steps += 1
+            for item, prefix in zip(batch, prefixes):
+                if not item.job.done:
+                    item.job._emit(("prefix", item.index, prefix))
+
+        try:
+            results = self.decode([item.job.sources[item.index] for item in batch],
+                                  batch[0].job.options, cancelled, on_step)
+        except Exception as e:  # noqa: BLE001 - the error goes to every caller in the batch
+            for job in jobs:
+                job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))
+            results = [None] * len(batch)
+        elapsed = (time.monotonic() - start) * 1000.0
+        for job in jobs:
+            job.stats.decode_ms += elapsed
+        for item, result in zip(batch, results):
+            if not item.job.stopped():
+                item.job._set_result(item.index, result)
+        with self._cond:
+            self._finish(len(batch))
