@@ -44,15 +44,17 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nmt-evaluate", description="Translate a test set and score it with sacreBLEU.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--test", help="corpus spec, e.g. multi30k:test_2016_flickr (default: the config's data.test)")
-    p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--output", type=Path, help="write the translations here, one per line")
     p.add_argument("--record", action="store_true", help="store the scores in the checkpoint's metrics")
+    from translator.cli import add_decoding_flags, decoding_options
+
+    add_decoding_flags(p)  # beam search, beam 5, unless told otherwise
     args = p.parse_args(argv)
     from training.evaluate import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(
-            args.checkpoint, args.test, beam_size=args.beam_size, output=args.output, record=args.record
+            args.checkpoint, args.test, decoding_options(args), output=args.output, record=args.record
         )
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

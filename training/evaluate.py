@@ -14,13 +14,22 @@ from translator.translate import Translator
 
 
 def evaluate_checkpoint(
-    path: Path, test: str | None = None, beam_size: int = 1, output: Path | None = None, record: bool = False
+    path: Path,
+    test: str | None = None,
+    options: DecodeOptions | None = None,
+    output: Path | None = None,
+    record: bool = False,
 ) -> dict:
+    """Translate the test set with `options` (default: DecodeOptions(), greedy) and score it.
+
+    nmt-evaluate passes beam search (beam 5) unless told otherwise.
+    """
+    opts = options or DecodeOptions()
     ckpt = load_checkpoint(path)
     data = ckpt.config["data"]
     spec = test or data["test"]
     pairs = load_pairs(spec, data["src_lang"], data["tgt_lang"])
-    translator = Translator(ckpt.build_model(), ckpt.tokenizer, DecodeOptions(beam_size=beam_size))
+    translator = Translator(ckpt.build_model(), ckpt.tokenizer, opts)
     start = time.perf_counter()
     hyps = [t.text for t in translator.translate(list(pairs["src"]))]
     seconds = time.perf_counter() - start
@@ -31,7 +40,8 @@ def evaluate_checkpoint(
     result = {
         "test": spec,
         "direction": f"{data['src_lang']}-{data['tgt_lang']}",
-        "beam_size": beam_size,
+        "beam_size": opts.beam_size,
+        "decoding": dict(vars(opts)),
         "sentences": len(hyps),
         "bleu": round(b.score, 2),
         "bleu_signature": str(bleu.get_signature()),
@@ -42,7 +52,7 @@ def evaluate_checkpoint(
     if output:
         output.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if record:
-        metrics = {**ckpt.metrics, f"test_bleu:{spec}:beam{beam_size}": result["bleu"]}
+        metrics = {**ckpt.metrics, f"test_bleu:{spec}:beam{opts.beam_size}": result["bleu"]}
         save_checkpoint(path, config=ckpt.config, tokenizer=ckpt.tokenizer, model=ckpt.model_state,
                         train_state=ckpt.train_state, metrics=metrics)
         print(f"{spec}: BLEU {result['bleu']} chrF {result['chrf']} ({result['bleu_signature']})")

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from translator.decoding import DecodeOptions, Hypotheses, search
+from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search
 from translator.model import EncoderDecoder
 from translator.tokenizer import Tokenizer
 
 
 @dataclass
 class Translation:
+    """One translation: detokenized text, token ids, and the search's score (see Hypothesis)."""
+
     text: str
     tokens: list[int]
     score: float
+    log_probs: list[float] = field(default_factory=list)  # per token
+    alignment: torch.Tensor | None = None  # (len(tokens), source tokens + EOS) when requested
+    nbest: list[Translation] = field(default_factory=list)  # all n_best translations, best first
+
+
+def translations(tokenizer: Tokenizer, hyps: list[Hypothesis]) -> list[Translation]:
+    """Hypotheses of one sentence as translations, best first."""
+    texts = tokenizer.decode([h.tokens for h in hyps])
+    return [Translation(t, h.tokens, h.score, h.log_probs, h.alignment) for t, h in zip(texts, hyps)]
 
 
 class Translator:
@@ -61,8 +72,9 @@ class Translator:
         out: list[Translation | None] = [None] * len(texts)
         for batch in self.batches(ids, opts.beam_size):
             hyps = self.search(batch_tensor([ids[i] for i in batch], self.model.cfg.pad_id), opts)
-            for i, toks, score in zip(batch, hyps.tokens, hyps.scores):
-                out[i] = Translation(self.tokenizer.decode([toks])[0], toks, score)
+            for i, nbest in zip(batch, hyps.nbest):
+                ranked = translations(self.tokenizer, nbest)
+                out[i] = replace(ranked[0], nbest=ranked)
             if progress:
                 progress(len(batch))
         return out  # type: ignore[return-value]

@@ -1,0 +1,199 @@
+"""Search properties on a tiny seeded Transformer: beam 1 == greedy, cached == recomputed, batch invariance."""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from translator.decoding import (
+    DecodeOptionError,
+    DecodeOptions,
+    Hypotheses,
+    beam_search,
+    greedy_search,
+    search,
+)
+from translator.model import EncoderDecoder, build_model
+from translator.translate import batch_tensor
+
+
+def tiny_model(seed: int = 0) -> EncoderDecoder:
+    torch.manual_seed(seed)
+    return build_model(tiny_model_config()).eval()
+
+
+def source_rows(model: EncoderDecoder, lengths=(5, 9, 3, 7), seed: int = 1) -> list[list[int]]:
+    """Random EOS-terminated sources of the given lengths (EOS included)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    return [torch.randint(4, cfg.vocab_size, (n - 1,), generator=g).tolist() + [cfg.eos_id] for n in lengths]
+
+
+def run(model: EncoderDecoder, rows: list[list[int]], opts: DecodeOptions, **hooks) -> Hypotheses:
+    return search(model, batch_tensor(rows, model.cfg.pad_id), opts, **hooks)
+
+
+SEARCHES = [
+    pytest.param(DecodeOptions(), id="greedy"),
+    pytest.param(DecodeOptions(beam_size=3, n_best=3), id="beam3"),
+    pytest.param(DecodeOptions(beam_size=4, n_best=2, length_penalty=0.6, length_penalty_form="gnmt"), id="beam4-gnmt"),
+]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"min_len": 4}, {"no_repeat_ngram": 2}, {"length_penalty": 0.0}, {"max_len_a": 0.5, "max_len_b": 2}],
+    ids=["default", "min_len", "no_repeat", "no_penalty", "short_budget"],
+)
+def test_beam1_equals_greedy(changes):
+    model = tiny_model()
+    src = batch_tensor(source_rows(model), model.cfg.pad_id)
+    opts = DecodeOptions(**changes)
+    greedy = greedy_search(model, src, opts)
+    beam = beam_search(model, src, opts)
+    assert beam.tokens == greedy.tokens
+    assert beam.scores == pytest.approx(greedy.scores, abs=1e-5)
+    for g, b in zip(greedy.nbest, beam.nbest):
+        assert b[0].log_probs == pytest.approx(g[0].log_probs, abs=1e-5)
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_token_scores_equal_full_recomputation(opts):
+    """Cached, reordered decoding scores every token as a full teacher-forced pass over its prefix does."""
+    model = tiny_model()
+    rows = source_rows(model)
+    hyps = run(model, rows, opts)
+    for row, nbest in zip(rows, hyps.nbest):
+        assert len(nbest) == opts.n_best
+        for h in nbest:
+            tgt_in = torch.tensor([[model.cfg.bos_id, *h.tokens]])  # (1, T + 1)
+            logp = model(torch.tensor([row]), tgt_in).log_softmax(dim=-1)[0]  # (T + 1, V)
+            expected = logp[torch.arange(len(h.tokens)), h.tokens].tolist()
+            assert h.log_probs == pytest.approx(expected, abs=1e-4)
+            if h.eos_log_prob is not None:
+                assert h.eos_log_prob == pytest.approx(float(logp[-1, model.cfg.eos_id]), abs=1e-4)
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_batched_equals_one_by_one(opts):
+    model = tiny_model()
+    rows = source_rows(model)
+    alone = [run(model, [row], opts) for row in rows]
+    # Another order, with extra padding columns.
+    order = [2, 0, 3, 1]
+    padded = torch.cat([batch_tensor([rows[i] for i in order], model.cfg.pad_id),
+                        torch.full((4, 3), model.cfg.pad_id)], dim=1)
+    for hyps, index in ((run(model, rows, opts), range(4)), (search(model, padded, opts), order)):
+        for nbest, i in zip(hyps.nbest, index):
+            expected = alone[i].nbest[0]
+            assert [h.tokens for h in nbest] == [h.tokens for h in expected]
+            assert [h.score for h in nbest] == pytest.approx([h.score for h in expected], abs=1e-4)
+
+
+def test_alignment_follows_the_chosen_beam():
+    """The beam's alignment rows equal those of decoding its best output again, forced, alone."""
+    model = tiny_model()
+    rows = source_rows(model)
+    hyps = run(model, rows, DecodeOptions(beam_size=3, alignment=True))
+    for row, nbest in zip(rows, hyps.nbest):
+        best = nbest[0]
+        assert best.alignment.shape == (len(best.tokens), len(row))
+        torch.testing.assert_close(best.alignment.sum(dim=1), torch.ones(len(best.tokens)))
+        forced = greedy_search(model, torch.tensor([row]), DecodeOptions(alignment=True), prefix=[best.tokens])
+        again = forced.nbest[0][0].alignment[: len(best.tokens)]
+        torch.testing.assert_close(best.alignment, again, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_outputs_stay_within_their_budget(opts):
+    model = tiny_model()
+    rows = source_rows(model)
+    opts = opts.replace(max_len_a=0.5, max_len_b=1, max_len=4)
+    for row, nbest in zip(rows, run(model, rows, opts).nbest):
+        budget = min(math.floor(0.5 * len(row) + 1), 4)
+        for h in nbest:
+            assert len(h.tokens) + (h.eos_log_prob is not None) <= budget
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_streamed_prefixes_only_grow_and_end_as_the_output(opts):
+    model = tiny_model()
+    rows = source_rows(model)
+    reports: list[list[list[int]]] = []
+    hyps = run(model, rows, opts, on_step=reports.append)
+    assert reports
+    for i, final in enumerate(hyps.tokens):
+        seen = [r[i] for r in reports]
+        for before, after in pairwise(seen):
+            assert after[: len(before)] == before
+        assert seen[-1] == final
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = tiny_model()
+    rows = source_rows(model)
+    opts = DecodeOptions(sample=True, top_k=10, top_p=0.9, temperature=1.5, seed=3)
+    first, second = run(model, rows, opts), run(model, rows, opts)
+    assert first.tokens == second.tokens
+    assert run(model, rows, opts.replace(seed=4)).tokens != first.tokens
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-6}], ids=["top_k", "top_p"])
+def test_sampling_from_the_likeliest_token_only_is_greedy(cut):
+    model = tiny_model()
+    rows = source_rows(model)
+    sampled = run(model, rows, DecodeOptions(sample=True, seed=0, **cut))
+    greedy = run(model, rows, DecodeOptions())
+    assert sampled.tokens == greedy.tokens
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"beam_size": 0}, "beam_size"),
+        ({"beam_size": 2.5}, "beam_size"),
+        ({"beam_size": 2, "n_best": 3}, "n_best"),
+        ({"max_len": -1}, "max_len"),
+        ({"max_len_b": -5}, "max_len_b"),
+        ({"max_len_a": float("nan")}, "max_len_a"),
+        ({"max_len_a": float("inf")}, "max_len_a"),
+        ({"min_len": 500}, "min_len"),
+        ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"length_penalty_form": "linear"}, "length_penalty_form"),
+        ({"no_repeat_ngram": -1}, "no_repeat_ngram"),
+        ({"sample": True, "top_p": 0.0}, "top_p"),
+        ({"sample": True, "temperature": 0.0}, "temperature"),
+        ({"top_k": 5}, "top_k"),
+        ({"sample": True, "beam_size": 2}, "sample"),
+    ],
+)
+def test_invalid_options_raise_errors_naming_the_option(changes, name):
+    with pytest.raises(DecodeOptionError) as e:
+        DecodeOptions(**changes)
+    assert isinstance(e.value, ValueError)
+    assert str(e.value).startswith(name + " ")
+
+
+def test_prefix_longer_than_the_hard_cap_is_an_error():
+    model = tiny_model()
+    with pytest.raises(DecodeOptionError, match="^prefix"):
+        run(model, source_rows(model)[:1], DecodeOptions(max_len=3), prefix=[[5, 6, 7]])
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_empty_batch_gives_empty_output(opts):
+    hyps = search(tiny_model(), torch.zeros(0, 0, dtype=torch.long), opts)
+    assert hyps.nbest == [] and hyps.tokens == [] and hyps.cancelled == []
+
+
+def test_presets_set_length_conventions_and_take_overrides():
+    ct2 = DecodeOptions.preset("ctranslate2")
+    assert (ct2.beam_size, ct2.length_includes_eos, ct2.max_len) == (2, False, 256)
+    assert DecodeOptions.preset("fairseq", beam_size=2).beam_size == 2
+    assert DecodeOptions.preset("gnmt").length_penalty_form == "gnmt"
+    with pytest.raises(DecodeOptionError, match="^preset"):
+        DecodeOptions.preset("moses")

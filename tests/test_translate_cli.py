@@ -1,0 +1,108 @@
+"""nmt-translate and the decoding flags of nmt-evaluate, on a tiny checkpoint saved in the test."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config, toy_pairs
+from training.cli import evaluate_main
+from translator.checkpoint import save_checkpoint
+from translator.cli import translate_main
+from translator.decoding import DecodeOptions
+from translator.model import build_model
+from translator.translate import Translator
+
+LINES = ["the red dog runs", "a small cat sleeps on the street", "the man sees"]
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path, toy_tokenizer, toy_corpus) -> Path:
+    torch.manual_seed(0)
+    cfg = tiny_model_config()
+    config = {"model": dataclasses.asdict(cfg), "data": {"test": toy_corpus["test"], "src_lang": "en",
+                                                         "tgt_lang": "de"}}
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, config=config, tokenizer=toy_tokenizer, model=build_model(cfg))
+    return path
+
+
+def translator_of(path: Path) -> Translator:
+    from translator.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    return Translator(ckpt.build_model(), ckpt.tokenizer)
+
+
+def test_file_mode_writes_one_translation_per_line(checkpoint, tmp_path):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                           "--beam-size", "3", "--length-penalty", "0.6"]) == 0
+    expected = translator_of(checkpoint).translate(LINES, DecodeOptions(beam_size=3, length_penalty=0.6))
+    assert out.read_text(encoding="utf-8").splitlines() == [t.text for t in expected]
+
+
+def test_stdin_mode_writes_to_stdout(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(LINES) + "\n"))
+    assert translate_main(["--checkpoint", str(checkpoint), "--beam-size", "1", "--scores"]) == 0
+    expected = translator_of(checkpoint).translate(LINES, DecodeOptions())
+    got = capsys.readouterr().out.splitlines()
+    assert [line.split("\t", 1)[1] for line in got] == [t.text for t in expected]
+    assert [float(line.split("\t", 1)[0]) for line in got] == pytest.approx([t.score for t in expected], abs=1e-3)
+
+
+def test_nbest_output_lists_each_sentence_n_times_best_first(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(LINES)))
+    assert translate_main(["--checkpoint", str(checkpoint), "--beam-size", "3", "--n-best", "2"]) == 0
+    rows = [line.split(" ||| ") for line in capsys.readouterr().out.splitlines()]
+    assert [int(r[0]) for r in rows] == [0, 0, 1, 1, 2, 2]
+    for first, second in zip(rows[::2], rows[1::2]):
+        assert float(first[2]) >= float(second[2])
+
+
+def test_attention_picture_is_saved_as_png(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(LINES[0] + "\n"))
+    png = tmp_path / "attention.png"
+    assert translate_main(["--checkpoint", str(checkpoint), "--max-len-b", "4", "--attention-png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "name"),
+    [(["--beam-size", "0"], "beam_size"), (["--beam-size", "2", "--n-best", "3"], "n_best"),
+     (["--length-penalty", "nan"], "length_penalty"), (["--max-len", "-3"], "max_len")],
+)
+def test_bad_decoding_flags_exit_2_naming_the_option(checkpoint, monkeypatch, capsys, flags, name):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(LINES[0]))
+    assert translate_main(["--checkpoint", str(checkpoint), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {name} ")
+
+
+def test_empty_input_gives_empty_output(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert translate_main(["--checkpoint", str(checkpoint)]) == 0
+    assert capsys.readouterr().out == ""
+    assert translator_of(checkpoint).translate([]) == []
+
+
+def test_translator_returns_nbest_lists(checkpoint):
+    results = translator_of(checkpoint).translate(LINES, DecodeOptions(beam_size=3, n_best=3))
+    for r in results:
+        assert len(r.nbest) == 3
+        assert (r.nbest[0].text, r.nbest[0].score) == (r.text, r.score)
+        assert [t.score for t in r.nbest] == sorted((t.score for t in r.nbest), reverse=True)
+
+
+def test_evaluate_uses_beam_search_by_default(checkpoint, capsys):
+    assert evaluate_main([str(checkpoint)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["beam_size"] == 5 and result["sentences"] == len(toy_pairs(20, seed=3))
+    assert evaluate_main([str(checkpoint), "--beam-size", "1", "--min-len", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["decoding"]["min_len"] == 2

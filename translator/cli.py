@@ -1,0 +1,150 @@
+"""nmt-translate: translate lines with a checkpoint, stdin to stdout or a file to a file.
+
+Also the decoding flags shared with nmt-evaluate (`add_decoding_flags`, `decoding_options`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from translator.config import ConfigError
+from translator.decode_options import PRESETS, DecodeOptions
+from translator.length import PENALTY_FORMS
+from translator.translate import Translation
+
+DEFAULT_BEAM_SIZE = 5
+
+# Flags whose values, when given, replace the option of the same name.
+OPTION_FLAGS = (
+    "beam_size", "n_best", "max_len_a", "max_len_b", "max_len", "min_len", "length_penalty",
+    "length_penalty_form", "length_includes_eos", "no_repeat_ngram", "sample", "top_k", "top_p",
+    "temperature", "seed",
+)
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding", f"defaults: beam {DEFAULT_BEAM_SIZE}, else DecodeOptions' own")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="another toolkit's length conventions")
+    g.add_argument("--beam-size", type=int, help=f"1 for greedy search (default {DEFAULT_BEAM_SIZE})")
+    g.add_argument("--n-best", type=int, help="hypotheses per sentence (<= beam size)")
+    g.add_argument("--max-len-a", type=float, help="output budget: a * source length + b ...")
+    g.add_argument("--max-len-b", type=int, help="... in tokens, EOS included")
+    g.add_argument("--max-len", type=int, help="hard cap on the output budget")
+    g.add_argument("--min-len", type=int, help="no EOS before this many tokens")
+    g.add_argument("--length-penalty", type=float, help="alpha; 0 ranks by summed log-probability")
+    g.add_argument("--length-penalty-form", choices=PENALTY_FORMS, help="power: len**a, gnmt: ((5+len)/6)**a")
+    g.add_argument("--length-includes-eos", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--no-repeat-ngram", type=int, help="forbid repeated n-grams of this size")
+    g.add_argument("--sample", action="store_true", default=None, help="sample instead of searching")
+    g.add_argument("--top-k", type=int, help="sampling: among the k likeliest tokens")
+    g.add_argument("--top-p", type=float, help="sampling: among the tokens holding this mass")
+    g.add_argument("--temperature", type=float, help="sampling temperature")
+    g.add_argument("--seed", type=int, help="sampling seed")
+
+
+def decoding_options(args: argparse.Namespace) -> DecodeOptions:
+    """DecodeOptions from the flags of `add_decoding_flags`; bad values raise DecodeOptionError."""
+    base = DecodeOptions.preset(args.preset) if args.preset else DecodeOptions(beam_size=DEFAULT_BEAM_SIZE)
+    given = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    if given.get("sample") and "beam_size" not in given:
+        given["beam_size"] = 1
+    return dataclasses.replace(base, **given)
+
+
+class TranslateBackend(Protocol):
+    """What translates lines: a local Translator, or a client of a running server."""
+
+    def translate(
+        self, texts: list[str], options: DecodeOptions | None = None, progress: Callable[[int], None] | None = None
+    ) -> list[Translation]: ...
+
+
+def translate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nmt-translate", description="Translate lines with a trained checkpoint.")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
+    # A `--server HOST:PORT` mode goes here: it replaces --checkpoint and builds the backend
+    # from the gRPC client in `open_backend`; everything after that is shared.
+    p.add_argument("--input", type=Path, help="file of sentences, one per line (default: stdin)")
+    p.add_argument("--output", type=Path, help="write translations here (default: stdout)")
+    p.add_argument("--scores", action="store_true", help="prefix each translation with its score and a tab")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="sentences x longest source x beam")
+    p.add_argument("--attention-png", type=Path, help="save the first sentence's cross-attention here")
+    add_decoding_flags(p)
+    args = p.parse_args(argv)
+    from translator.checkpoint import CheckpointError
+
+    try:
+        opts = decoding_options(args)
+        backend = open_backend(args)
+        lines = read_lines(args.input)
+        results = translate_lines(backend, lines, opts, show_progress=args.input is not None)
+        write_results(results, args.output, opts.n_best > 1, args.scores)
+        if args.attention_png and lines:
+            save_attention(backend, lines[0], opts, args.attention_png)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def open_backend(args: argparse.Namespace) -> TranslateBackend:
+    from translator.checkpoint import load_checkpoint
+    from translator.translate import Translator
+
+    ckpt = load_checkpoint(args.checkpoint)
+    return Translator(ckpt.build_model(), ckpt.tokenizer, max_batch_tokens=args.max_batch_tokens)
+
+
+def read_lines(path: Path | None) -> list[str]:
+    text = path.read_text(encoding="utf-8") if path else sys.stdin.read()
+    return text.splitlines()
+
+
+def translate_lines(
+    backend: TranslateBackend, lines: list[str], opts: DecodeOptions, show_progress: bool
+) -> list[Translation]:
+    from tqdm import tqdm
+
+    with tqdm(total=len(lines), unit="sent", disable=not show_progress, file=sys.stderr) as bar:
+        return backend.translate(lines, opts, progress=bar.update)
+
+
+def write_results(results: list[Translation], path: Path | None, nbest: bool, scores: bool) -> None:
+    if path is None:
+        emit(results, sys.stdout, nbest, scores)
+        return
+    with path.open("w", encoding="utf-8") as f:
+        emit(results, f, nbest, scores)
+
+
+def emit(results: list[Translation], out: TextIO, nbest: bool, scores: bool) -> None:
+    """One line per sentence, or with n-best the Moses format `index ||| text ||| score` per hypothesis."""
+    for i, result in enumerate(results):
+        if nbest:
+            out.writelines(f"{i} ||| {t.text} ||| {t.score:.4f}\n" for t in result.nbest)
+        elif scores:
+            out.write(f"{result.score:.4f}\t{result.text}\n")
+        else:
+            out.write(result.text + "\n")
+
+
+def save_attention(backend: TranslateBackend, line: str, opts: DecodeOptions, path: Path) -> None:
+    """Translate `line` again, alone, with alignments; search results do not depend on the batch
+    (a sampled translation is drawn afresh)."""
+    from translator.attention_plot import plot_attention
+
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("--attention-png needs a local checkpoint")
+    best = backend.translate([line], opts.replace(alignment=True, n_best=1))[0]
+    if not best.tokens:
+        print("no attention picture: the first translation is empty", file=sys.stderr)
+        return
+    src_pieces = tokenizer.pieces(tokenizer.encode([line])[0]) + ["</s>"]
+    plot_attention(best.alignment, src_pieces, tokenizer.pieces(best.tokens), path)
+    print(f"attention picture: {path}", file=sys.stderr)
