@@ -1,0 +1,43 @@
+"""The offline entry points return 0 on a tiny run and 2 with a named error on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import tiny_overrides
+from training.cli import average_main, evaluate_main, plot_main, train_main
+from translator.checkpoint import load_checkpoint
+
+
+def test_train_evaluate_average_plot_on_a_tiny_run(tmp_path, toy_corpus, capsys):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(toy_corpus, **{"train.max_steps": 20, "train.valid_every": 10})
+    assert train_main(["--config", "cpu", "--out", str(run), *overrides]) == 0
+    assert (run / "best.pt").exists() and (run / "tokenizer.model").exists()
+    assert any(k.startswith("test_bleu:") for k in load_checkpoint(run / "best.pt").metrics)
+
+    capsys.readouterr()
+    assert evaluate_main([str(run / "best.pt"), "--beam-size", "1", "--output", str(tmp_path / "hyp.txt")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sentences"] == 20 and 0.0 <= result["bleu"] <= 100.0
+    assert result["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert len((tmp_path / "hyp.txt").read_text().splitlines()) == 20
+
+    assert average_main([str(run), "--last", "2", "--out", str(tmp_path / "avg.pt")]) == 0
+    assert plot_main([str(run), "--out", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_with_a_bad_override_returns_2_and_names_the_key(tmp_path, capsys):
+    assert train_main(["--out", str(tmp_path / "run"), "model.n_heads=7"]) == 2
+    assert "model.n_heads" in capsys.readouterr().err
+
+
+def test_evaluate_with_a_missing_checkpoint_returns_2(tmp_path, capsys):
+    assert evaluate_main([str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_plot_without_metrics_returns_2(tmp_path, capsys):
+    assert plot_main([str(tmp_path)]) == 2
+    assert "no metrics file" in capsys.readouterr().err
