@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 from torch import Tensor
 
 from translator.tokenizer import Tokenizer
@@ -20,6 +21,9 @@ class Batch:
     tgt_in: Tensor  # (B, T) BOS + target ids
     tgt_out: Tensor  # (B, T) target ids + EOS
     n_tokens: int  # real target tokens (EOS included)
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.n_tokens)
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cache_dir: Path | None, name: str) -> datasets.Dataset:
@@ -40,13 +44,15 @@ def length_filter(ds: datasets.Dataset, max_len: int, max_ratio: float) -> datas
     """Drop empty pairs, pairs longer than max_len tokens, and pairs whose lengths differ by > max_ratio."""
 
     def keep(batch):
-        out = []
-        for s, t in zip(batch["src_ids"], batch["tgt_ids"]):
-            ls, lt = len(s), len(t)
-            out.append(0 < ls <= max_len and 0 < lt <= max_len and max(ls, lt) <= max_ratio * min(ls, lt))
-        return out
+        return [keep_pair(len(s), len(t), max_len, max_ratio) for s, t in zip(batch["src_ids"], batch["tgt_ids"])]
 
     return ds.filter(keep, batched=True, batch_size=2000, desc="length filter")
+
+
+def keep_pair(src_len: int, tgt_len: int, max_len: int, max_ratio: float) -> bool:
+    """Both sides non-empty, at most max_len tokens, lengths within a factor max_ratio."""
+    shorter, longer = sorted((src_len, tgt_len))
+    return 0 < shorter and longer <= max_len and longer <= max_ratio * shorter
 
 
 def token_batches(
@@ -57,7 +63,13 @@ def token_batches(
     Lengths are bucketed by sorting (ties broken at random), and the batch order is shuffled;
     both depend only on (seed, epoch), so a resumed run sees the same batches.
     """
-    rng = random.Random(seed * 100_003 + epoch)
+    return bucket_batches(src_lens, tgt_lens, max_tokens, random.Random(seed * 100_003 + epoch))
+
+
+def bucket_batches(
+    src_lens: list[int], tgt_lens: list[int], max_tokens: int, rng: random.Random
+) -> list[list[int]]:
+    """token_batches with the randomness (tie breaking, batch order) drawn from rng."""
     noise = [rng.random() for _ in src_lens]
     order = sorted(range(len(src_lens)), key=lambda i: (max(src_lens[i], tgt_lens[i]) + 1, noise[i]))
     batches: list[list[int]] = []
