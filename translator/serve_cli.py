@@ -1,0 +1,81 @@
+"""`nmt-serve`: serve a checkpoint over gRPC until SIGTERM / SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+from translator.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+# flag -> ServerConfig key
+FLAGS = {
+    "checkpoint": "checkpoint", "host": "host", "port": "port", "metrics_port": "metrics_port",
+    "auth_token_file": "auth_token_file", "grace_seconds": "grace_seconds", "threads": "threads",
+    "tls_cert": "tls.cert_file", "tls_key": "tls.key_file", "tls_client_ca": "tls.client_ca_file",
+}
+
+
+def parse_config(argv: list[str] | None) -> Any:
+    """ServerConfig from an optional YAML file, then flags, then dotted overrides."""
+    from translator.server import ServerConfig
+
+    p = argparse.ArgumentParser(prog="nmt-serve", description="Serve a translation checkpoint over gRPC.")
+    p.add_argument("--config", help="YAML file with ServerConfig keys (see deploy/serve.yaml)")
+    p.add_argument("--checkpoint", help="checkpoint file (.pt) to serve")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
+    p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+    p.add_argument("--auth-token-file", help="require 'authorization: Bearer <token in file>'")
+    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
+    p.add_argument("--grace-seconds", type=float, help="how long in-flight requests may finish on shutdown")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as limits.max_sentences=32")
+    args = p.parse_args(argv)
+    data = load_yaml(args.config) if args.config else {}
+    flags = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name) is not None]
+    if args.reflection:
+        flags.append("reflection=true")
+    return from_dict(ServerConfig, apply_overrides(data, flags + list(args.overrides)))
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    from translator.checkpoint import CheckpointError
+    from translator.server import create_server
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        server, port = create_server(cfg)
+    except (ConfigError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    logging.getLogger("translator.server").info("draining: up to %.1f s for in-flight requests", cfg.grace_seconds)
+    server.drain(cfg.grace_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

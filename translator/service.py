@@ -1,0 +1,345 @@
+"""The translation service: request limits, tokenization and dynamic batching around one Translator.
+
+Everything a server does except speak gRPC: `translator.server` is a thin adapter over this.
+Requests are checked against the limits before any work is queued; errors are `InvalidArgument`
+(naming the field) or the batcher's `QueueFull`, `Cancelled`, `DeadlineExceeded`, `ShuttingDown`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from translator.batcher import Batcher, BatcherConfig, Job
+from translator.checkpoint import load_checkpoint
+from translator.config import ConfigError
+from translator.decoding import DecodeOptions, search
+from translator.hypotheses import Hypothesis
+from translator.model import ModelConfig
+from translator.translate import Translator, batch_tensor
+
+# C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
+FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+class InvalidArgument(ValueError):
+    """A request field is out of its limits or malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the model's positions cap source and output lengths further."""
+
+    max_sentences: int = 64
+    max_sentence_chars: int = 2000
+    max_beam_size: int = 16
+    max_length: int = 256
+    max_message_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"limits.{f.name} must be positive, got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Decoding options as a client gave them; None takes the server's default."""
+
+    beam_size: int | None = None
+    length_penalty: float | None = None
+    max_length: int | None = None
+    n_best: int | None = None
+    min_length: int | None = None
+    return_scores: bool = False
+    return_alignments: bool = False
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    checkpoint_sha256: str
+    source_language: str
+    target_language: str
+
+
+@dataclass(frozen=True)
+class Alignment:
+    source_tokens: list[str]
+    target_tokens: list[str]
+    weights: list[list[float]]  # (target, source); each row sums to 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    score: float
+    alignment: Alignment | None = None
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """Text newly final for sentence `index`; `result` (n-best, best first) once it is done."""
+
+    index: int
+    text: str
+    result: list[Candidate] | None = None
+
+
+@dataclass
+class CallStats:
+    """Sizes and timings of one call, for the request log and metrics; filled in as far as it got."""
+
+    sentences: int = 0
+    src_tokens: int = 0
+    queue_ms: float = 0.0
+    decode_ms: float = 0.0
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    identity: ModelIdentity
+    vocabulary_size: int
+    preset: str
+    tokenizer_sha256: str
+    architecture: ModelConfig
+    limits: Limits
+    max_source_tokens: int
+    max_length: int
+    defaults: DecodeOptions
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    sources: list[list[int]]
+    options: DecodeOptions
+    request: RequestOptions
+
+
+class TranslationService:
+    """Checks, queues and decodes translation requests with one model; thread-safe."""
+
+    def __init__(
+        self,
+        translator: Translator,
+        identity: ModelIdentity,
+        limits: Limits | None = None,
+        batching: BatcherConfig | None = None,
+        checkpoint_config: dict[str, Any] | None = None,
+        checkpoint_metrics: dict[str, Any] | None = None,
+    ) -> None:
+        self.translator = translator
+        self.tokenizer = translator.tokenizer
+        self.identity = identity
+        self.limits = limits or Limits()
+        batching = batching or BatcherConfig()
+        if batching.max_queue_sentences < self.limits.max_sentences:
+            raise ConfigError(
+                f"batching.max_queue_sentences ({batching.max_queue_sentences}) must be >= "
+                f"limits.max_sentences ({self.limits.max_sentences}) or full requests never fit"
+            )
+        cfg = translator.model.cfg
+        self.max_length = min(self.limits.max_length, cfg.max_positions - 1)
+        self.info = ModelInfo(
+            identity=identity,
+            vocabulary_size=self.tokenizer.vocab_size,
+            preset=str((checkpoint_config or {}).get("preset", "")),
+            tokenizer_sha256=self.tokenizer.sha256,
+            architecture=cfg,
+            limits=self.limits,
+            max_source_tokens=translator.max_source_tokens,
+            max_length=self.max_length,
+            defaults=translator.options,
+            metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        )
+        self.batcher = Batcher(self._decode, batching)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        limits: Limits | None = None,
+        batching: BatcherConfig | None = None,
+        defaults: DecodeOptions | None = None,
+    ) -> TranslationService:
+        """Load the checkpoint once (weights-only unpickling) and build the service around it."""
+        path = Path(path)
+        ckpt = load_checkpoint(path)
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        data = ckpt.config.get("data", {})
+        identity = ModelIdentity(path.name, digest, data.get("src_lang", ""), data.get("tgt_lang", ""))
+        translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
+        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def translate(
+        self,
+        texts: Sequence[str],
+        options: RequestOptions,
+        deadline: float | None = None,
+        on_cancel: Callable[[Callable[[], None]], Any] | None = None,
+        stats: CallStats | None = None,
+    ) -> list[list[Candidate]]:
+        """n-best candidates per text, in order. deadline is a time.monotonic() value;
+        on_cancel(fn) registers fn to be called if the caller goes away."""
+        prepared = self.prepare(texts, options)
+        job = self._submit(prepared, deadline, on_cancel, stats, stream=False)
+        try:
+            raw = job.wait()
+        finally:
+            _record(stats, job)
+        return [self._candidates(prepared, i, r) for i, r in enumerate(raw)]
+
+    def translate_stream(
+        self,
+        texts: Sequence[str],
+        options: RequestOptions,
+        deadline: float | None = None,
+        on_cancel: Callable[[Callable[[], None]], Any] | None = None,
+        stats: CallStats | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Text of each sentence as it becomes final, then its candidates once it is done.
+
+        Checks and queues the request before returning, so errors raise here, not mid-stream.
+        """
+        prepared = self.prepare(texts, options)
+        job = self._submit(prepared, deadline, on_cancel, stats, stream=True)
+        return self._stream(prepared, job, stats)
+
+    def _stream(self, prepared: _Prepared, job: Job, stats: CallStats | None) -> Iterator[StreamEvent]:
+        sent = [""] * len(prepared.sources)  # text streamed so far per sentence
+        seen = [0] * len(prepared.sources)  # prefix length it was decoded from
+        try:
+            for kind, i, value in job.events():
+                if kind == "prefix":
+                    if len(value) <= seen[i]:
+                        continue
+                    seen[i] = len(value)
+                    text = self.tokenizer.decode([value])[0]
+                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
+                        yield StreamEvent(i, text[len(sent[i]):])
+                        sent[i] = text
+                else:
+                    result = self._candidates(prepared, i, value)
+                    best = result[0].text
+                    yield StreamEvent(i, best[len(sent[i]):] if best.startswith(sent[i]) else "", result)
+        finally:
+            job.cancel()  # a no-op once finished; stops decoding if the consumer stopped early
+            _record(stats, job)
+
+    def prepare(self, texts: Sequence[str], options: RequestOptions) -> _Prepared:
+        """Check every limit and tokenize; raises InvalidArgument naming the first bad field."""
+        lim = self.limits
+        if not texts:
+            raise InvalidArgument("texts is empty: send at least one sentence")
+        if len(texts) > lim.max_sentences:
+            raise InvalidArgument(f"texts has {len(texts)} sentences; at most {lim.max_sentences} per request")
+        for i, text in enumerate(texts):
+            if len(text) > lim.max_sentence_chars:
+                raise InvalidArgument(
+                    f"texts[{i}] has {len(text)} characters; at most {lim.max_sentence_chars} per sentence"
+                )
+            if not text.strip():
+                raise InvalidArgument(f"texts[{i}] is empty or only whitespace")
+            bad = FORBIDDEN_CHARS.search(text)
+            if bad:
+                raise InvalidArgument(
+                    f"texts[{i}] holds U+{ord(bad.group()):04X} at offset {bad.start()}: control characters "
+                    f"and unpaired surrogates are not text"
+                )
+        opts = self.decode_options(options)
+        eos, limit = self.translator.model.cfg.eos_id, self.translator.max_source_tokens
+        sources = []
+        for i, ids in enumerate(self.tokenizer.encode(list(texts))):
+            if len(ids) > limit:
+                raise InvalidArgument(f"texts[{i}] has {len(ids)} tokens; the model takes at most {limit}")
+            sources.append(ids + [eos])
+        return _Prepared(sources, opts, options)
+
+    def decode_options(self, req: RequestOptions) -> DecodeOptions:
+        """The server's defaults overridden by the request's fields, each checked against the limits."""
+        defaults = self.translator.options
+        beam = _check_int("options.beam_size", req.beam_size, 1, self.limits.max_beam_size)
+        beam = beam or defaults.beam_size
+        n_best = _check_int("options.n_best", req.n_best, 1, beam, "options.beam_size")
+        max_len = _check_int("options.max_length", req.max_length, 1, self.max_length)
+        changes: dict[str, Any] = {"beam_size": beam, "max_len": min(max_len or defaults.max_len, self.max_length)}
+        if n_best is not None:
+            changes["n_best"] = n_best
+        if req.min_length is not None:
+            changes["min_len"] = _check_int("options.min_length", req.min_length, 0, changes["max_len"] - 1,
+                                            "options.max_length - 1")
+        if req.length_penalty is not None:
+            if not (math.isfinite(req.length_penalty) and 0.0 <= req.length_penalty <= 10.0):
+                raise InvalidArgument(f"options.length_penalty must be in [0, 10], got {req.length_penalty}")
+            changes["length_penalty"] = req.length_penalty
+        if req.return_alignments:
+            changes["alignment"] = True
+        try:
+            return defaults.replace(**changes)
+        except ValueError as e:  # a combination with the server's defaults, e.g. n_best > beam_size
+            raise InvalidArgument(f"options.{e}") from None
+
+    def _submit(self, prepared: _Prepared, deadline: float | None, on_cancel, stats, stream: bool) -> Job:
+        if stats is not None:
+            stats.sentences = len(prepared.sources)
+            stats.src_tokens = sum(len(s) for s in prepared.sources)
+        job = Job(prepared.sources, prepared.options, cost=prepared.options.beam_size,
+                  deadline=deadline, stream=stream)
+        self.batcher.submit(job)
+        if on_cancel is not None:
+            on_cancel(job.cancel)
+        return job
+
+    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step) -> list[Any]:
+        """The batcher's decode function: one search over a padded batch, split per sentence."""
+        src = batch_tensor(sources, self.translator.model.cfg.pad_id)  # (B, S)
+        return search(self.translator.model, src, opts, cancelled=cancelled, on_step=on_step).nbest
+
+    def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
+        """Detokenized n-best of sentence i; alignments over its source pieces (EOS last)."""
+        req = prepared.request
+        texts = self.tokenizer.decode([h.tokens for h in nbest])
+        out = []
+        for text, h in zip(texts, nbest):
+            alignment = None
+            if req.return_alignments and h.alignment is not None:
+                alignment = Alignment(self.tokenizer.pieces(prepared.sources[i]),
+                                      self.tokenizer.pieces(h.tokens), h.alignment.tolist())
+            out.append(Candidate(text, h.score if req.return_scores else 0.0, alignment))
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new requests (ShuttingDown); admitted ones still finish."""
+        self.batcher.close()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self.batcher.wait_idle(timeout)
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+
+def _check_int(name: str, value: int | None, lo: int, hi: int, hi_name: str | None = None) -> int | None:
+    if value is not None and not lo <= value <= hi:
+        bound = f"{hi_name} ({hi})" if hi_name else str(hi)
+        raise InvalidArgument(f"{name} must be between {lo} and {bound}, got {value}")
+    return value
+
+
+def _record(stats: CallStats | None, job: Job) -> None:
+    if stats is not None:
+        stats.queue_ms, stats.decode_ms, stats.steps = job.stats.queue_ms, job.stats.decode_ms, job.stats.steps
