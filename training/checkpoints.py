@@ -45,13 +45,12 @@ class CheckpointDir:
         ckpt = load_checkpoint(path)
         if ckpt.train_state is None:
             raise CheckpointError(f"checkpoint {path} holds no training state to resume from")
-        new = to_dict(cfg)
+        new, defaults = to_dict(cfg), to_dict(ExperimentConfig())
         for section in ("model", "data"):
-            if ckpt.config.get(section) != new[section]:
-                changed = sorted(
-                    k for k in set(new[section]) | set(ckpt.config.get(section, {}))
-                    if new[section].get(k) != ckpt.config.get(section, {}).get(k)
-                )
+            # Keys added to the config since the checkpoint was written hold their defaults there.
+            old = {**defaults[section], **ckpt.config.get(section, {})}
+            if old != new[section]:
+                changed = sorted(k for k in set(new[section]) | set(old) if new[section].get(k) != old.get(k))
                 raise CheckpointError(
                     f"cannot resume from {path}: {section}.{changed[0]} differs from the checkpoint's "
                     "(start a new output folder to change it)"

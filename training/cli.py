@@ -7,12 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from translator.config import ConfigError
 from translator.checkpoint import CheckpointError
+from translator.config import ConfigError
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="nmt-train", description="Train a Transformer from a YAML config.")
+    p = argparse.ArgumentParser(
+        prog="nmt-train",
+        description="Train a Transformer from a YAML config; under torchrun, one data-parallel process per device.",
+    )
     p.add_argument("--config", default="cpu", help="preset name (cpu, base, big) or YAML path")
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, logs, tokenizer")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (same as train.max_minutes=)")
@@ -20,6 +23,7 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-4")
     args = p.parse_args(argv)
     from training.config import load_config
+    from training.distributed import init_distributed, shutdown
     from training.trainer import Trainer
 
     overrides = list(args.overrides)
@@ -28,15 +32,18 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         args.out.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg, args.out)
+        world = init_distributed()  # a world of one unless started by torchrun
+        trainer = Trainer(cfg, args.out, world=world)
         trainer.run()
-        if not args.no_test and (args.out / "best.pt").exists():
+        if world.is_main and not args.no_test and (args.out / "best.pt").exists():
             from training.evaluate import evaluate_checkpoint
 
             evaluate_checkpoint(args.out / "best.pt", cfg.data.test, record=True)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 

@@ -29,11 +29,14 @@ class DataConfig:
     spm_model_type: Literal["unigram", "bpe"] = "unigram"
     max_len: int = 128
     max_len_ratio: float = 3.0
+    # Stream the train split (see training.streaming) instead of loading it into memory.
+    streaming: bool = False
+    stream_buffer: int = 100_000  # pairs held at once: the shuffle buffer and each length-bucketed chunk
 
     def __post_init__(self) -> None:
         if self.src_lang == self.tgt_lang:
             raise ConfigError(f"data.src_lang and data.tgt_lang are both {self.src_lang!r}")
-        for name in ("vocab_size", "max_len"):
+        for name in ("vocab_size", "max_len", "stream_buffer"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.max_len_ratio < 1.0:
@@ -63,6 +66,8 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 1
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # fp32, or mixed precision on a GPU: bf16 autocast, or fp16 autocast with loss scaling.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "accum_steps", "valid_every", "log_every", "keep_last"):
