@@ -378,6 +378,7 @@ class TranslationServer:
 def create_server(cfg: ServerConfig, service: TranslationService | None = None) -> tuple[TranslationServer, int]:
     """Load the model once and bind the port (0 = any free one); returns the unstarted server and
     its port. A port already in use is an OSError, never a silently shared port."""
+    owns_service = service is None
     if service is None:
         service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding)
     # A thread per admitted request (they wait on the batcher) plus headroom for health checks and
@@ -410,7 +411,8 @@ def create_server(cfg: ServerConfig, service: TranslationService | None = None) 
     else:
         reason = "bind failed"
     if port == 0:
-        service.stop()
+        if owns_service:
+            service.stop()
         raise OSError(f"cannot listen on {address}: {reason} (is another server using the port?)")
     metrics_http = serve_metrics(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
     return TranslationServer(server, service, health_servicer, metrics, metrics_http), port
