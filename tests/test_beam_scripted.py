@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from tests.scripted_model import EOS, A, B, C, ScriptedModel, sources
+from translator.beam import beam_candidates
 from translator.decoding import DecodeOptions, beam_search, greedy_search
 from translator.length import length_penalty
-import torch
 
 log = math.log
 
@@ -17,7 +18,7 @@ log = math.log
 # Beam 2 also keeps B (.4), whose EOS (.9) gives B = .36, the better sentence.
 # Sentence 8: EOS right away (.3) against A-EOS (.25): the length penalty decides.
 # Sentence 9: C C EOS (.56) needs three steps; A EOS (.3) finishes first.
-# Sentence 5: A then A again is likely: a repeat to forbid.
+# Sentence 5: A then A again is likely: a repeat to forbid; A-EOS (.095) still beats EOS (.05).
 TABLE = {
     (7,): {A: 0.6, B: 0.4},
     (7, A): {EOS: 0.5, C: 0.5},
@@ -28,7 +29,7 @@ TABLE = {
     (9,): {C: 0.7, A: 0.3},
     (9, C): {C: 0.8, EOS: 0.2},
     (9, A): {EOS: 1.0},
-    (5,): {A: 0.9, EOS: 0.1},
+    (5,): {A: 0.95, EOS: 0.05},
     (5, A): {A: 0.9, EOS: 0.1},
 }
 
@@ -38,6 +39,17 @@ RAW = DecodeOptions(length_penalty=0.0)  # rank by summed log-probability
 def beam(keys, **opts):
     model = ScriptedModel(TABLE)
     return beam_search(model, sources(*keys), RAW.replace(beam_size=2, **opts)), model
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_candidates_break_ties_by_beam_then_token(n):
+    # Two beams over four tokens; scores 0 and -1 with log-probabilities making four ties at -1.
+    scores = torch.tensor([[0.0, -1.0]])
+    logp = torch.tensor([[[-2.0, -1.0, -1.0, -3.0], [-5.0, 0.0, -4.0, 0.0]]])
+    cand = beam_candidates(scores, logp, n)
+    ties = [(0, 1), (0, 2), (1, 1), (1, 3)]  # (beam, token) of the four at -1, in stable order
+    assert list(zip(cand.beams[0].tolist(), cand.tokens[0].tolist())) == ties[:n]
+    assert cand.scores[0].tolist() == [-1.0] * n
 
 
 def test_beam_finds_the_likelier_sentence_greedy_misses():
@@ -110,14 +122,14 @@ def test_forced_prefix_is_kept_and_scored(search):
     assert hyps.nbest[1][0].log_probs == pytest.approx([log(0.6), log(0.5)])
 
 
-@pytest.mark.parametrize("size", [1, 2])
-def test_no_repeat_ngram_forbids_repeats(size):
-    plain = greedy_search(ScriptedModel(TABLE), sources(5), RAW)
-    assert plain.tokens == [[A, A]]
-    hyps = beam([5], beam_size=size, no_repeat_ngram=1)[0] if size == 2 else greedy_search(
-        ScriptedModel(TABLE), sources(5), RAW.replace(no_repeat_ngram=1))
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_no_repeat_ngram_forbids_repeats(beam_size):
+    search = greedy_search if beam_size == 1 else beam_search
+    opts = RAW.replace(beam_size=beam_size)
+    assert search(ScriptedModel(TABLE), sources(5), opts).tokens == [[A, A]]
+    hyps = search(ScriptedModel(TABLE), sources(5), opts.replace(no_repeat_ngram=1))
     assert hyps.tokens == [[A]]
-    assert hyps.scores[0] == pytest.approx(log(0.9 * 0.1))
+    assert hyps.scores[0] == pytest.approx(log(0.95 * 0.1))
 
 
 def test_cancelled_sentence_leaves_at_once():

@@ -71,7 +71,8 @@ def test_token_scores_equal_full_recomputation(opts):
         assert len(nbest) == opts.n_best
         for h in nbest:
             tgt_in = torch.tensor([[model.cfg.bos_id, *h.tokens]])  # (1, T + 1)
-            logp = model(torch.tensor([row]), tgt_in).log_softmax(dim=-1)[0]  # (T + 1, V)
+            with torch.inference_mode():
+                logp = model(torch.tensor([row]), tgt_in).log_softmax(dim=-1)[0]  # (T + 1, V)
             expected = logp[torch.arange(len(h.tokens)), h.tokens].tolist()
             assert h.log_probs == pytest.approx(expected, abs=1e-4)
             if h.eos_log_prob is not None:

@@ -48,13 +48,15 @@ def beam_candidates(scores: Tensor, logp: Tensor, n: int) -> Candidates:
 
 def top_n_stable(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The n largest of each row of x (b, m), ordered as a stable descending sort would order them."""
-    values, idx = x.topk(n, dim=1)  # (b, n), ties in no set order
-    edge = values[:, -1:]  # (b, 1)
-    # Rare: finite ties straddling the cut; redo those rows with a stable sort.
-    straddle = torch.isfinite(edge[:, 0]) & ((x == edge).sum(dim=1) > (values == edge).sum(dim=1))
-    for r in straddle.nonzero().flatten().tolist():
-        v, i = x[r].sort(descending=True, stable=True)
-        values[r], idx[r] = v[:n], i[:n]
+    m = x.size(1)
+    values, idx = x.topk(min(n + 1, m), dim=1)  # (b, n + 1), ties in no set order
+    if m > n:
+        # Rare: the (n+1)-th equals the n-th, a finite tie straddles the cut; sort those rows stably.
+        straddle = torch.isfinite(values[:, n]) & (values[:, n] == values[:, n - 1])
+        for r in straddle.nonzero().flatten().tolist():
+            v, i = x[r].sort(descending=True, stable=True)
+            values[r], idx[r] = v[: n + 1], i[: n + 1]
+        values, idx = values[:, :n], idx[:, :n]
     idx, by_index = idx.sort(dim=1)
     values, order = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
     return values, idx.gather(1, order)
