@@ -37,9 +37,14 @@ def search(
     """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses each.
 
     prefix: per sentence, target tokens the output must start with (scored, and returned as
-    part of the tokens). cancelled / on_step: see translator.hooks. A sentence's result does
-    not depend on the other sentences of the batch or on padding (up to float rounding), except
-    when sampling.
+    part of the tokens).
+    cancelled(): one bool per sentence, read before every step; a True sentence leaves the batch
+    at once and comes back with no hypotheses and Hypotheses.cancelled[i] set.
+    on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
+    far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
+    (Details in translator.hooks.)
+    A sentence's result does not depend on the other sentences of the batch or on padding (up to
+    float rounding), except when sampling.
     """
     if opts.beam_size == 1:
         return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step)
