@@ -13,8 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from translator.batcher import (Batcher, BatcherConfig, Cancelled, DeadlineExceeded, DecodeFailed, Job,
-                                QueueFull, ShuttingDown)
+from translator.batcher import (
+    Batcher,
+    BatcherConfig,
+    Cancelled,
+    DeadlineExceeded,
+    DecodeFailed,
+    Job,
+    QueueFull,
+    ShuttingDown,
+)
 
 
 class ReverseDecoder:

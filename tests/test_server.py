@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -60,8 +61,8 @@ def write_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
 
 
 def server_config(checkpoint: Path, **changes) -> ServerConfig:
-    base = dict(checkpoint=str(checkpoint), port=0, limits=LIMITS, decoding=DEFAULTS,
-                batching=BatcherConfig(max_queue_sentences=64, max_queue_delay_ms=2.0))
+    base = {"checkpoint": str(checkpoint), "port": 0, "limits": LIMITS, "decoding": DEFAULTS,
+            "batching": BatcherConfig(max_queue_sentences=64, max_queue_delay_ms=2.0)}
     return ServerConfig(**{**base, **changes})
 
 
@@ -165,14 +166,16 @@ def test_model_info_reports_the_checkpoint_and_limits(client, checkpoint, toy_to
     assert info.metrics[BLEU_KEY] == 12.5
     assert info.architecture.max_positions == MAX_POSITIONS
     assert info.limits.max_source_tokens == MAX_POSITIONS - 1
-    assert (info.limits.max_sentences, info.limits.max_beam_size) == (LIMITS.max_sentences, LIMITS.max_beam_size)
+    assert info.limits.max_sentences == LIMITS.max_sentences
+    assert info.limits.max_beam_size == LIMITS.max_beam_size
     assert info.defaults.max_length == DEFAULTS.max_len
 
 
 def test_health_serves_and_reflection_lists_the_service(server):
     with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="translator.v1.Translator"))
-        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        request = health_pb2.HealthCheckRequest(service="translator.v1.Translator")
+        status = health_pb2_grpc.HealthStub(channel).Check(request).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
         replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for reply in replies for s in reply.list_services_response.service}
@@ -187,7 +190,8 @@ BAD_REQUESTS = [
     ("empty text", ["red dog", ""], {}, INVALID, "texts[1] is empty"),
     ("whitespace only", [" \t\u3000 "], {}, INVALID, "texts[0] is empty or only whitespace"),
     ("1 MB text", ["a" * 1_000_000], {}, INVALID, "texts[0] has 1000000 characters"),
-    ("10,000-token sentence", ["red dog " * 5000], {}, INVALID, f"the model takes at most {MAX_POSITIONS - 1}"),
+    ("10,000-token sentence", ["red dog " * 5000], {}, INVALID,
+     f"the model takes at most {MAX_POSITIONS - 1}"),
     ("control character", ["red\x07dog"], {}, INVALID, "texts[0] holds U+0007"),
     ("too many sentences", ["red dog"] * 9, {}, INVALID, "texts has 9 sentences"),
     ("beam 0", ["red dog"], {"beam_size": 0}, INVALID, "options.beam_size"),
@@ -230,7 +234,8 @@ def test_bad_request_gets_its_status_and_the_server_carries_on(client, offline, 
     assert_serves_normally(client, offline)
 
 
-@pytest.mark.parametrize("payload, words", [r[1:] for r in RAW_BAD_REQUESTS], ids=[r[0] for r in RAW_BAD_REQUESTS])
+@pytest.mark.parametrize("payload, words", [r[1:] for r in RAW_BAD_REQUESTS],
+                         ids=[r[0] for r in RAW_BAD_REQUESTS])
 def test_malformed_request_gets_invalid_argument(server, client, offline, payload, words):
     with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
         send = channel.unary_unary("/translator.v1.Translator/Translate", request_serializer=None,
@@ -281,12 +286,14 @@ def test_overload_is_refused_at_once_and_no_request_is_lost(checkpoint, offline,
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.TranslatorStub(channel)
-            blocker = stub.Translate.future(pb.TranslateRequest(texts=SENTENCES[:1], options=LONG_OPTIONS), timeout=120)
+            long_request = pb.TranslateRequest(texts=SENTENCES[:1], options=LONG_OPTIONS)
+            blocker = stub.Translate.future(long_request, timeout=120)
             while srv.service.batcher.pending == 0:
                 time.sleep(0.01)
             # The blocker holds one of the queue's two places: one more sentence fits, eleven do not.
-            burst = [stub.Translate.future(pb.TranslateRequest(texts=[SENTENCES[i % 6]], request_id=f"burst-{i}"),
-                                           timeout=120) for i in range(12)]
+            requests = [pb.TranslateRequest(texts=[SENTENCES[i % 6]], request_id=f"burst-{i}")
+                        for i in range(12)]
+            burst = [stub.Translate.future(r, timeout=120) for r in requests]
             while sum(f.done() for f in burst) < 11:
                 time.sleep(0.01)
             assert not blocker.done()  # the refusals did not wait for the decoder
@@ -344,3 +351,11 @@ def test_command_line_client_translates_a_file_through_the_server(server, offlin
     assert translate_main(argv) == 0
     want = [t.text for t in offline(SENTENCES[:2], beam_size=2)]
     assert target.read_text(encoding="utf-8").splitlines() == [want[0], "", want[1]]
+
+
+def test_command_line_client_reports_an_unreachable_server(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert translate_main(["--server", f"127.0.0.1:{port}", "--max-len", "6"]) == 2
+    assert "UNAVAILABLE" in capsys.readouterr().err

@@ -62,7 +62,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, toy_tokenizer):
         port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", read_line(proc, 300)).group(1))
         target = f"127.0.0.1:{port}"
         with TranslatorClient(target, timeout=120, retries=0) as client:
-            request = pb.TranslateRequest(texts=SENTENCES[:1], options=pb.DecodingOptions(max_length=IN_FLIGHT_TOKENS))
+            options = pb.DecodingOptions(max_length=IN_FLIGHT_TOKENS)
+            request = pb.TranslateRequest(texts=SENTENCES[:1], options=options)
             stream = client.stub.TranslateStream(request, timeout=300)
             first = next(stream)  # the request is in flight
             proc.send_signal(signal.SIGTERM)

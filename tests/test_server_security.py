@@ -110,7 +110,8 @@ def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(start, pki):
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(start, pki):
-    srv, target = start(tls=TlsConfig(cert_file=pki["server"], key_file=pki["server_key"], client_ca_file=pki["ca"]))
+    srv, target = start(tls=TlsConfig(cert_file=pki["server"], key_file=pki["server_key"],
+                                      client_ca_file=pki["ca"]))
     try:
         good = ClientTls(ca_file=pki["ca"], cert_file=pki["client"], key_file=pki["client_key"])
         assert translates(target, tls=good) == grpc.StatusCode.OK
@@ -161,7 +162,7 @@ def test_client_gives_up_after_its_retries():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with TranslatorClient(f"127.0.0.1:{port}", timeout=5, retries=2, backoff=0.01) as client:
-        with pytest.raises(grpc.RpcError) as e:
-            client.translate(SENTENCES[:1])
+    client = TranslatorClient(f"127.0.0.1:{port}", timeout=5, retries=2, backoff=0.01)
+    with client, pytest.raises(grpc.RpcError) as e:
+        client.translate(SENTENCES[:1])
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE

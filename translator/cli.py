@@ -66,9 +66,9 @@ class TranslateBackend(Protocol):
 
 def translate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nmt-translate", description="Translate lines with a trained checkpoint.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file (.pt)")
-    # A `--server HOST:PORT` mode goes here: it replaces --checkpoint and builds the backend
-    # from the gRPC client in `open_backend`; everything after that is shared.
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint file (.pt)")
+    source.add_argument("--server", metavar="HOST:PORT", help="translate with a running nmt-serve instead")
     p.add_argument("--input", type=Path, help="file of sentences, one per line (default: stdin)")
     p.add_argument("--output", type=Path, help="write translations here (default: stdout)")
     p.add_argument("--scores", action="store_true", help="prefix each translation with its score and a tab")
@@ -93,6 +93,10 @@ def translate_main(argv: list[str] | None = None) -> int:
 
 
 def open_backend(args: argparse.Namespace) -> TranslateBackend:
+    if args.server:
+        from translator.client import ServerBackend
+
+        return ServerBackend.connect(args.server)
     from translator.checkpoint import load_checkpoint
     from translator.translate import Translator
 

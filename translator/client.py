@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -17,6 +18,9 @@ from translator.decode_options import DecodeOptions
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.translate import Translation
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 T = TypeVar("T")
 
@@ -65,10 +69,10 @@ class TranslatorClient:
             self.channel = grpc.secure_channel(target, creds, options=options)
         self.stub = pb_grpc.TranslatorStub(self.channel)
 
-    def __enter__(self) -> TranslatorClient:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -77,7 +81,8 @@ class TranslatorClient:
     def translate(self, texts: list[str], timeout: float | None = None, request_id: str = "",
                   **options: Any) -> pb.TranslateResponse:
         """Translate texts; options are DecodingOptions fields (beam_size=4, n_best=2, ...)."""
-        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id)
+        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options),
+                                      request_id=request_id)
         return self._retry(lambda: self.stub.Translate(request, timeout=timeout or self.timeout,
                                                        metadata=self.metadata))
 
@@ -132,8 +137,16 @@ class ServerBackend:
         except grpc.RpcError as e:
             raise ConnectionError(f"translation server: {e.code().name}: {e.details()}") from None
 
+    @classmethod
+    def connect(cls, target: str) -> ServerBackend:
+        """A backend for host:port; the bearer token, if the server wants one, comes from $NMT_AUTH_TOKEN."""
+        return cls(TranslatorClient(target, token=os.environ.get("NMT_AUTH_TOKEN") or None))
+
     def translate(
-        self, texts: list[str], options: DecodeOptions | None = None, progress: Callable[[int], None] | None = None
+        self,
+        texts: list[str],
+        options: DecodeOptions | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[Translation]:
         request = self.request_options(options or DecodeOptions())
 
@@ -162,7 +175,8 @@ class ServerBackend:
         default = DecodeOptions()
         for f in dataclasses.fields(DecodeOptions):
             if f.name not in SENT_OPTIONS and getattr(opts, f.name) != getattr(default, f.name):
-                raise ValueError(f"{f.name} cannot be set through the server; the server's own setting applies")
-        return dict(beam_size=opts.beam_size, n_best=opts.n_best, min_length=opts.min_len,
-                    max_length=min(opts.max_len, self.limits.max_length), length_penalty=opts.length_penalty)
+                raise ValueError(f"{f.name} cannot be set through the server; its own setting applies")
+        return {"beam_size": opts.beam_size, "n_best": opts.n_best, "min_length": opts.min_len,
+                "max_length": min(opts.max_len, self.limits.max_length),
+                "length_penalty": opts.length_penalty}
 

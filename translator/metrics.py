@@ -50,7 +50,8 @@ class Gauge:
         self.name, self.help, self.read = name, help, read
 
     def render(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self.read():g}"]
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge",
+                f"{self.name} {self.read():g}"]
 
 
 class Histogram:
@@ -95,7 +96,8 @@ class Metrics:
         self.latency = Histogram("nmt_request_seconds", "RPC latency from arrival to answer.", ("method",))
         self.queue = Histogram("nmt_queue_seconds", "Time requests waited for their first decode step.")
         self.decode = Histogram("nmt_decode_seconds", "Time requests spent in decode batches.")
-        self.queue_depth = Gauge("nmt_queue_sentences", "Sentences admitted and not yet finished.", queue_depth)
+        self.queue_depth = Gauge("nmt_queue_sentences", "Sentences admitted and not yet finished.",
+                                 queue_depth)
 
     def record(self, method: str, code: str, seconds: float, sentences: int, queue_ms: float,
                decode_ms: float) -> None:
@@ -116,7 +118,7 @@ def serve_metrics(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer
     """Serve GET /metrics on host:port (0 picks a free port: see .server_address) in a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404, "only /metrics is served here")
                 return

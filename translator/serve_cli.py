@@ -72,7 +72,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
     while not stop.wait(0.5):
         pass
-    logging.getLogger("translator.server").info("draining: up to %.1f s for in-flight requests", cfg.grace_seconds)
+    log = logging.getLogger("translator.server")
+    log.info("draining: up to %.1f s for in-flight requests", cfg.grace_seconds)
     server.drain(cfg.grace_seconds)
     return 0
 

@@ -19,25 +19,42 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from google.protobuf import message as pb_message
 from google.protobuf import unknown_fields
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from translator.batcher import (BatcherConfig, Cancelled, DeadlineExceeded, DecodeFailed, QueueFull,
-                                ShuttingDown)
+from translator.batcher import (
+    BatcherConfig,
+    Cancelled,
+    DeadlineExceeded,
+    DecodeFailed,
+    QueueFull,
+    ShuttingDown,
+)
 from translator.config import ConfigError
 from translator.decoding import DecodeOptions
 from translator.metrics import Metrics, serve_metrics
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
-from translator.service import (Candidate, CallStats, InvalidArgument, Limits, ModelIdentity, ModelInfo,
-                                RequestOptions, TranslationService)
+from translator.service import (
+    Call,
+    Candidate,
+    InvalidArgument,
+    Limits,
+    ModelIdentity,
+    ModelInfo,
+    RequestOptions,
+    TranslationService,
+)
 
 log = logging.getLogger("translator.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # translator.v1.Translator
 HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+# gRPC core's deadline timer and Python's clock disagree by a little; a cancel this close to the
+# deadline is the deadline.
+DEADLINE_SLACK_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -105,9 +122,9 @@ def status_of(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
 
 
 @dataclass
-class _Call:
+class _Rpc:
     id: str
-    stats: CallStats = field(default_factory=CallStats)
+    call: Call
     code: grpc.StatusCode = grpc.StatusCode.OK
 
 
@@ -215,24 +232,19 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         self.model = _identity(service.identity)
 
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
-        with self._call("Translate", request, context) as call:
+        with self._rpc("Translate", request, context) as rpc:
             check_request(request)
-            results = self.service.translate(
-                list(request.texts), _request_options(request.options), deadline=_deadline(context),
-                on_cancel=context.add_callback, stats=call.stats,
-            )
+            results = self.service.translate(list(request.texts), _request_options(request.options), rpc.call)
             scores = request.options.return_scores
             return pb.TranslateResponse(translations=[_translation(r, scores) for r in results],
                                         model=self.model)
 
     def TranslateStream(self, request: pb.TranslateRequest,
                         context: grpc.ServicerContext) -> Iterator[pb.TranslateStreamResponse]:
-        with self._call("TranslateStream", request, context) as call:
+        with self._rpc("TranslateStream", request, context) as rpc:
             check_request(request)
-            events = self.service.translate_stream(
-                list(request.texts), _request_options(request.options), deadline=_deadline(context),
-                on_cancel=context.add_callback, stats=call.stats,
-            )
+            options = _request_options(request.options)
+            events = self.service.translate_stream(list(request.texts), options, rpc.call)
             model: pb.ModelIdentity | None = self.model
             for ev in events:
                 msg = pb.TranslateStreamResponse(index=ev.index, text=ev.text, model=model)
@@ -243,33 +255,34 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                 yield msg
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        with self._call("GetModelInfo", request, context):
+        with self._rpc("GetModelInfo", request, context):
             check_request(request)
             return _model_info(self.service.info)
 
     @contextlib.contextmanager
-    def _call(self, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[_Call]:
-        call = _Call(getattr(request, "request_id", "") or uuid.uuid4().hex[:16])
+    def _rpc(self, method: str, request: Any, context: grpc.ServicerContext) -> Iterator[_Rpc]:
+        rpc = _Rpc(getattr(request, "request_id", "") or uuid.uuid4().hex[:16],
+                   Call(deadline=_deadline(context), on_cancel=context.add_callback))
         start = time.perf_counter()
         try:
-            yield call
+            yield rpc
         except GeneratorExit:  # the client went away in the middle of a stream
-            call.code = grpc.StatusCode.CANCELLED
+            rpc.code = grpc.StatusCode.CANCELLED
             raise
         except Exception as e:  # noqa: BLE001 - every error leaves through status_of
-            if isinstance(e, Cancelled) and context.time_remaining() == 0:
+            if isinstance(e, Cancelled) and context.time_remaining() < DEADLINE_SLACK_S:
                 # gRPC ends a call at its deadline through the same callback as a client's cancel.
                 e = DeadlineExceeded("deadline exceeded")
-            call.code, message = status_of(e, call.id)
-            context.abort(call.code, message)
+            rpc.code, message = status_of(e, rpc.id)
+            context.abort(rpc.code, message)
         finally:
-            self._log(method, call, time.perf_counter() - start)
+            self._log(method, rpc, time.perf_counter() - start)
 
-    def _log(self, method: str, call: _Call, seconds: float) -> None:
-        s = call.stats
-        self.metrics.record(method, call.code.name, seconds, s.sentences, s.queue_ms, s.decode_ms)
+    def _log(self, method: str, rpc: _Rpc, seconds: float) -> None:
+        s = rpc.call
+        self.metrics.record(method, rpc.code.name, seconds, s.sentences, s.queue_ms, s.decode_ms)
         log.info(json.dumps({
-            "event": "rpc", "id": call.id, "method": method, "status": call.code.name,
+            "event": "rpc", "id": rpc.id, "method": method, "status": rpc.code.name,
             "sentences": s.sentences, "src_tokens": s.src_tokens, "queue_ms": round(s.queue_ms, 2),
             "decode_ms": round(s.decode_ms, 2), "steps": s.steps, "total_ms": round(seconds * 1000.0, 2),
         }))
@@ -334,8 +347,8 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class TranslationServer:
     """A gRPC server with its service, health status and metrics endpoint; see create_server."""
 
-    def __init__(self, server: grpc.Server, service: TranslationService, health_servicer: health.HealthServicer,
-                 metrics: Metrics, metrics_http=None) -> None:
+    def __init__(self, server: grpc.Server, service: TranslationService,
+                 health_servicer: health.HealthServicer, metrics: Metrics, metrics_http=None) -> None:
         self.grpc = server
         self.service = service
         self.health = health_servicer
@@ -375,7 +388,9 @@ class TranslationServer:
         return self.grpc.wait_for_termination(timeout)
 
 
-def create_server(cfg: ServerConfig, service: TranslationService | None = None) -> tuple[TranslationServer, int]:
+def create_server(
+    cfg: ServerConfig, service: TranslationService | None = None
+) -> tuple[TranslationServer, int]:
     """Load the model once and bind the port (0 = any free one); returns the unstarted server and
     its port. A port already in use is an OSError, never a silently shared port."""
     owns_service = service is None
@@ -399,7 +414,8 @@ def create_server(cfg: ServerConfig, service: TranslationService | None = None) 
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if cfg.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
     address = f"{cfg.host}:{cfg.port}"
     try:
         if cfg.tls.enabled:
@@ -414,14 +430,15 @@ def create_server(cfg: ServerConfig, service: TranslationService | None = None) 
         if owns_service:
             service.stop()
         raise OSError(f"cannot listen on {address}: {reason} (is another server using the port?)")
-    metrics_http = serve_metrics(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port is not None else None
+    metrics_http = None if cfg.metrics_port is None else serve_metrics(metrics, cfg.host, cfg.metrics_port)
     return TranslationServer(server, service, health_servicer, metrics, metrics_http), port
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
     ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
 
 
 def _read_token(path: str) -> str:

@@ -93,9 +93,12 @@ class StreamEvent:
 
 
 @dataclass
-class CallStats:
-    """Sizes and timings of one call, for the request log and metrics; filled in as far as it got."""
+class Call:
+    """One request as its caller steers it (deadline, cancellation) and its sizes and timings, filled
+    in as far as it got, for the request log and metrics."""
 
+    deadline: float | None = None  # a time.monotonic() value
+    on_cancel: Callable[[Callable[[], None]], Any] | None = None  # on_cancel(fn): fn() if the caller leaves
     sentences: int = 0
     src_tokens: int = 0
     queue_ms: float = 0.0
@@ -174,50 +177,43 @@ class TranslationService:
         """Load the checkpoint once (weights-only unpickling) and build the service around it."""
         path = Path(path)
         ckpt = load_checkpoint(path)
+        digest = hashlib.sha256()
         with path.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
         data = ckpt.config.get("data", {})
-        identity = ModelIdentity(path.name, digest, data.get("src_lang", ""), data.get("tgt_lang", ""))
+        identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
+                                 data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics)
 
     # -- requests ---------------------------------------------------------------------------
 
     def translate(
-        self,
-        texts: Sequence[str],
-        options: RequestOptions,
-        deadline: float | None = None,
-        on_cancel: Callable[[Callable[[], None]], Any] | None = None,
-        stats: CallStats | None = None,
+        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
     ) -> list[list[Candidate]]:
-        """n-best candidates per text, in order. deadline is a time.monotonic() value;
-        on_cancel(fn) registers fn to be called if the caller goes away."""
+        """n-best candidates per text, in order."""
+        call = call or Call()
         prepared = self.prepare(texts, options)
-        job = self._submit(prepared, deadline, on_cancel, stats, stream=False)
+        job = self._submit(prepared, call, stream=False)
         try:
             raw = job.wait()
         finally:
-            _record(stats, job)
+            _record(call, job)
         return [self._candidates(prepared, i, r) for i, r in enumerate(raw)]
 
     def translate_stream(
-        self,
-        texts: Sequence[str],
-        options: RequestOptions,
-        deadline: float | None = None,
-        on_cancel: Callable[[Callable[[], None]], Any] | None = None,
-        stats: CallStats | None = None,
+        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
     ) -> Iterator[StreamEvent]:
         """Text of each sentence as it becomes final, then its candidates once it is done.
 
         Checks and queues the request before returning, so errors raise here, not mid-stream.
         """
+        call = call or Call()
         prepared = self.prepare(texts, options)
-        job = self._submit(prepared, deadline, on_cancel, stats, stream=True)
-        return self._stream(prepared, job, stats)
+        return self._stream(prepared, self._submit(prepared, call, stream=True), call)
 
-    def _stream(self, prepared: _Prepared, job: Job, stats: CallStats | None) -> Iterator[StreamEvent]:
+    def _stream(self, prepared: _Prepared, job: Job, call: Call) -> Iterator[StreamEvent]:
         sent = [""] * len(prepared.sources)  # text streamed so far per sentence
         seen = [0] * len(prepared.sources)  # prefix length it was decoded from
         try:
@@ -236,7 +232,7 @@ class TranslationService:
                     yield StreamEvent(i, best[len(sent[i]):] if best.startswith(sent[i]) else "", result)
         finally:
             job.cancel()  # a no-op once finished; stops decoding if the consumer stopped early
-            _record(stats, job)
+            _record(call, job)
 
     def prepare(self, texts: Sequence[str], options: RequestOptions) -> _Prepared:
         """Check every limit and tokenize; raises InvalidArgument naming the first bad field."""
@@ -244,7 +240,8 @@ class TranslationService:
         if not texts:
             raise InvalidArgument("texts is empty: send at least one sentence")
         if len(texts) > lim.max_sentences:
-            raise InvalidArgument(f"texts has {len(texts)} sentences; at most {lim.max_sentences} per request")
+            raise InvalidArgument(
+                f"texts has {len(texts)} sentences; at most {lim.max_sentences} per request")
         for i, text in enumerate(texts):
             if len(text) > lim.max_sentence_chars:
                 raise InvalidArgument(
@@ -274,11 +271,12 @@ class TranslationService:
         beam = beam or defaults.beam_size
         n_best = _check_int("options.n_best", req.n_best, 1, beam, "options.beam_size")
         max_len = _check_int("options.max_length", req.max_length, 1, self.max_length)
-        changes: dict[str, Any] = {"beam_size": beam, "max_len": min(max_len or defaults.max_len, self.max_length)}
+        max_len = min(max_len or defaults.max_len, self.max_length)
+        changes: dict[str, Any] = {"beam_size": beam, "max_len": max_len}
         if n_best is not None:
             changes["n_best"] = n_best
         if req.min_length is not None:
-            changes["min_len"] = _check_int("options.min_length", req.min_length, 0, changes["max_len"] - 1,
+            changes["min_len"] = _check_int("options.min_length", req.min_length, 0, max_len - 1,
                                             "options.max_length - 1")
         if req.length_penalty is not None:
             if not (math.isfinite(req.length_penalty) and 0.0 <= req.length_penalty <= 10.0):
@@ -291,15 +289,15 @@ class TranslationService:
         except ValueError as e:  # a combination with the server's defaults, e.g. n_best > beam_size
             raise InvalidArgument(f"options.{e}") from None
 
-    def _submit(self, prepared: _Prepared, deadline: float | None, on_cancel, stats, stream: bool) -> Job:
-        if stats is not None:
-            stats.sentences = len(prepared.sources)
-            stats.src_tokens = sum(len(s) for s in prepared.sources)
+    def _submit(self, prepared: _Prepared, call: Call, stream: bool) -> Job:
+        call.sentences = len(prepared.sources)
+        call.src_tokens = sum(len(s) for s in prepared.sources)
         job = Job(prepared.sources, prepared.options, cost=prepared.options.beam_size,
-                  deadline=deadline, stream=stream)
+                  deadline=call.deadline, stream=stream)
         self.batcher.submit(job)
-        if on_cancel is not None:
-            on_cancel(job.cancel)
+        # gRPC's add_callback says False when the call has already ended.
+        if call.on_cancel is not None and call.on_cancel(job.cancel) is False:
+            job.cancel()
         return job
 
     def _decode(self, sources, opts: DecodeOptions, cancelled, on_step) -> list[Any]:
@@ -340,6 +338,5 @@ def _check_int(name: str, value: int | None, lo: int, hi: int, hi_name: str | No
     return value
 
 
-def _record(stats: CallStats | None, job: Job) -> None:
-    if stats is not None:
-        stats.queue_ms, stats.decode_ms, stats.steps = job.stats.queue_ms, job.stats.decode_ms, job.stats.steps
+def _record(call: Call, job: Job) -> None:
+    call.queue_ms, call.decode_ms, call.steps = job.stats.queue_ms, job.stats.decode_ms, job.stats.steps

@@ -1,0 +1,173 @@
+"""Loopback load test of nmt-serve: single-sentence Translate calls from 1, 8, 32, 128 concurrent clients.
+
+Starts `nmt-serve` on the checkpoint in a subprocess, decodes the same sentences offline in
+length-sorted batches (the throughput ceiling), then for each concurrency level sends every
+sentence once, one per call, and stops. Prints throughput (sentences/s), latency percentiles,
+errors, and served / offline throughput.
+
+    python benchmarks/load.py --checkpoint runs/multi30k-en-de/best.pt \\
+        --corpus /work/shared/data/multi30k/test_2016_flickr.en.gz --json load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+
+from translator.proto.translator.v1 import translator_pb2 as pb
+from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
+
+
+def read_sentences(path: Path, limit: int) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[:limit] if limit else lines
+
+
+def offline_throughput(
+    checkpoint: Path, sentences: list[str], beam_size: int, max_batch_tokens: int
+) -> float:
+    """Sentences per second of Translator.translate over all sentences at once."""
+    from translator.checkpoint import load_checkpoint
+    from translator.decoding import DecodeOptions
+    from translator.translate import Translator
+
+    ckpt = load_checkpoint(checkpoint)
+    translator = Translator(ckpt.build_model(), ckpt.tokenizer, DecodeOptions(beam_size=beam_size),
+                            max_batch_tokens=max_batch_tokens)
+    translator.translate(sentences[:8])  # warm-up
+    start = time.perf_counter()
+    translator.translate(sentences)
+    return len(sentences) / (time.perf_counter() - start)
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(args.checkpoint), "--port", "0",
+           "--threads", str(args.threads), f"batching.max_batch_tokens={args.max_batch_tokens}",
+           f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
+           f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    return proc, match.group(1)
+
+
+def run_level(target: str, sentences: list[str], clients: int, beam_size: int, timeout: float) -> dict:
+    """Every sentence once, `clients` calls in flight; returns throughput, latency percentiles, errors."""
+    channels = [grpc.insecure_channel(target) for _ in range(min(clients, 8))]
+    stubs = [pb_grpc.TranslatorStub(c) for c in channels]
+    todo = iter(range(len(sentences)))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    options = pb.DecodingOptions(beam_size=beam_size)
+    answered: Counter[int] = Counter()
+
+    def client(k: int) -> None:
+        stub = stubs[k % len(stubs)]
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            request = pb.TranslateRequest(texts=[sentences[i]], options=options)
+            start = time.perf_counter()
+            try:
+                stub.Translate(request, timeout=timeout)
+            except grpc.RpcError as e:
+                with lock:
+                    errors[e.code().name] += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                answered[i] += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    for c in channels:
+        c.close()
+    latencies.sort()
+    return {
+        "clients": clients,
+        "sentences": len(sentences),
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "answered_twice": sum(1 for n in answered.values() if n > 1),
+        "seconds": round(seconds, 3),
+        "sentences_per_s": round(len(latencies) / seconds, 2),
+        **{f"p{q}_ms": round(percentile(latencies, q) * 1000, 1) for q in (50, 95, 99)},
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--corpus", type=Path, required=True, help="source sentences, one per line (.gz or plain)")
+    p.add_argument("--sentences", type=int, default=0, help="use the first N sentences (0: all)")
+    p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, server and offline decoding")
+    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline of each call, seconds")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    sentences = read_sentences(args.corpus, args.sentences)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    offline = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens)
+    print(f"offline batched decoding: {offline:.2f} sentences/s "
+          f"({len(sentences)} sentences, beam {args.beam_size})")
+    proc, target = start_server(args)
+    try:
+        run_level(target, sentences[:8], 4, args.beam_size, args.timeout)  # warm-up
+        levels = []
+        header = ("clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio")
+        print(" ".join(f"{h:>8}" for h in header))
+        for clients in args.concurrency:
+            r = run_level(target, sentences, clients, args.beam_size, args.timeout)
+            r["ratio_to_offline"] = round(r["sentences_per_s"] / offline, 3)
+            levels.append(r)
+            print(f"{clients:>8} {r['sentences_per_s']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+                  f"{r['p99_ms']:>8.1f} {sum(r['errors'].values()):>8} {r['ratio_to_offline']:>8.3f}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    if args.json:
+        result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
+                  "threads": args.threads, "offline_sentences_per_s": round(offline, 2), "levels": levels}
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
