@@ -200,11 +200,8 @@ def _identity(ident: ModelIdentity) -> pb.ModelIdentity:
 
 def _model_info(info: ModelInfo) -> pb.ModelInfo:
     arch, lim, d = info.architecture, info.limits, info.defaults
-    defaults = pb.DecodingOptions(beam_size=d.beam_size, max_length=min(d.max_len, info.max_length))
-    for proto_name, name in (("length_penalty", "length_penalty"), ("n_best", "n_best"),
-                             ("min_length", "min_len")):
-        if hasattr(d, name):
-            setattr(defaults, proto_name, getattr(d, name))
+    defaults = pb.DecodingOptions(beam_size=d.beam_size, max_length=min(d.max_len, info.max_length),
+                                  n_best=d.n_best, min_length=d.min_len, length_penalty=d.length_penalty)
     return pb.ModelInfo(
         model=_identity(info.identity),
         vocabulary_size=info.vocabulary_size,
@@ -228,7 +225,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def __init__(self, service: TranslationService, metrics: Metrics | None = None) -> None:
         self.service = service
-        self.metrics = metrics or Metrics(lambda: service.batcher.pending)
+        self.metrics = metrics or Metrics()
         self.model = _identity(service.identity)
 
     def Translate(self, request: pb.TranslateRequest, context: grpc.ServicerContext) -> pb.TranslateResponse:
@@ -369,23 +366,14 @@ class TranslationServer:
         self.health.enter_graceful_shutdown()
         self.service.close()
         self.grpc.stop(grace).wait()
-        self._release()
-
-    def stop(self) -> None:
-        """Stop at once: in-flight calls are cancelled."""
-        self.health.enter_graceful_shutdown()
-        self.service.close()
-        self.grpc.stop(None).wait()
-        self._release()
-
-    def _release(self) -> None:
         self.service.stop()
         if self.metrics_http:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
 
-    def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc.wait_for_termination(timeout)
+    def stop(self) -> None:
+        """Stop at once: in-flight calls are cancelled."""
+        self.drain(0.0)
 
 
 def create_server(
@@ -393,45 +381,57 @@ def create_server(
 ) -> tuple[TranslationServer, int]:
     """Load the model once and bind the port (0 = any free one); returns the unstarted server and
     its port. A port already in use is an OSError, never a silently shared port."""
+    # Files first: a missing certificate or token file fails before the model loads.
+    interceptors = [BearerTokenAuth(_read_token(cfg.auth_token_file))] if cfg.auth_token_file else []
+    credentials = _server_credentials(cfg.tls) if cfg.tls.enabled else None
     owns_service = service is None
     if service is None:
         service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding)
-    # A thread per admitted request (they wait on the batcher) plus headroom for health checks and
-    # refusals, so a full queue never starves them.
-    workers = cfg.batching.max_queue_sentences + 16
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=[BearerTokenAuth(_read_token(cfg.auth_token_file))] if cfg.auth_token_file else [],
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
-        ],
-    )
-    metrics = Metrics(lambda: service.batcher.pending)
-    server.add_generic_rpc_handlers((_generic_handler(TranslatorServicer(service, metrics)),))
-    health_servicer = health.HealthServicer()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if cfg.reflection:
-        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-    address = f"{cfg.host}:{cfg.port}"
     try:
-        if cfg.tls.enabled:
-            port = server.add_secure_port(address, _server_credentials(cfg.tls))
-        else:
+        metrics = Metrics(lambda: service.batcher.pending)
+        # A thread per admitted request (they wait on the batcher) plus headroom for health checks
+        # and refusals, so a full queue never starves them.
+        workers = cfg.batching.max_queue_sentences + 16
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
+            ],
+        )
+        server.add_generic_rpc_handlers((_generic_handler(TranslatorServicer(service, metrics)),))
+        health_servicer = health.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if cfg.reflection:
+            names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        port = _bind(server, f"{cfg.host}:{cfg.port}", credentials)
+        metrics_http = None
+        if cfg.metrics_port is not None:
+            metrics_http = serve_metrics(metrics, cfg.host, cfg.metrics_port)
+    except BaseException:
+        if owns_service:
+            service.stop()
+        raise
+    return TranslationServer(server, service, health_servicer, metrics, metrics_http), port
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
             port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as e:
         port, reason = 0, str(e)
     else:
         reason = "bind failed"
     if port == 0:
-        if owns_service:
-            service.stop()
         raise OSError(f"cannot listen on {address}: {reason} (is another server using the port?)")
-    metrics_http = None if cfg.metrics_port is None else serve_metrics(metrics, cfg.host, cfg.metrics_port)
-    return TranslationServer(server, service, health_servicer, metrics, metrics_http), port
+    return port
 
 
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
