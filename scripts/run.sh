@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up, train the CPU preset on Multi30K en-de within a short
-# wall-clock budget, translate a few sentences, and print the test BLEU.
+# wall-clock budget, translate a few sentences, print the test BLEU, then serve the model over
+# gRPC and translate through the client.
 #   MINUTES   training budget (default 10; the reported results use 115)
 #   RUN       run folder (default runs/quickstart)
+#   PORT      gRPC port for the serving demo (default 50051)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes="${MINUTES:-10}"
 run="${RUN:-runs/quickstart}"
+port="${PORT:-50051}"
 [ -x .venv/bin/nmt-train ] || bash scripts/setup.sh .venv
 export PATH="$PWD/.venv/bin:$PATH"
 
@@ -20,3 +23,15 @@ printf '%s\n' "A man in an orange hat starring at something." \
 
 echo "--- Multi30K test_2016_flickr, greedy"
 nmt-evaluate "$run/best.pt" --test multi30k:test_2016_flickr --beam-size 1
+
+echo "--- serving $run/best.pt on localhost:$port and translating through the gRPC client"
+nmt-serve --checkpoint "$run/best.pt" --host 127.0.0.1 --port "$port" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+for _ in $(seq 120); do
+  python deploy/healthcheck.py "127.0.0.1:$port" --timeout 1 >/dev/null 2>&1 && break
+  kill -0 $server 2>/dev/null || { echo "nmt-serve exited before serving" >&2; exit 1; }
+  sleep 1
+done
+printf '%s\n' "A little girl climbs into a wooden playhouse." \
+  "A black dog and a spotted dog are fighting." | nmt-translate --server "127.0.0.1:$port" --beam-size 5
