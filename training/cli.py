@@ -33,7 +33,7 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         args.out.mkdir(parents=True, exist_ok=True)
         world = init_distributed()  # a world of one unless started by torchrun
-        trainer = Trainer(cfg, args.out, world=world)
+        trainer = Trainer(cfg, args.out, world=world, preset=args.config)
         trainer.run()
         if world.is_main and not args.no_test and (args.out / "best.pt").exists():
             from training.evaluate import evaluate_checkpoint

@@ -81,9 +81,13 @@ class Trainer:
     validates and writes the tokenizer, checkpoints, metrics and logs.
     """
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: Path, log=print, world: World | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, out_dir: Path, log=print, world: World | None = None, preset: str = ""
+    ) -> None:
         self.world = world or World()
         self.cfg, self.out_dir = cfg, out_dir
+        # Written into every checkpoint beside the resolved config; the server reports it.
+        self.config_record = {**to_dict(cfg), "preset": preset}
         self.log = log if self.world.is_main else lambda *_: None
         self.ckpts = CheckpointDir(out_dir, cfg.train.keep_last)
         if cfg.train.threads:
@@ -317,7 +321,7 @@ class Trainer:
             st.bad_validations += 1
         self.record({"step": st.step, "valid_loss": valid_loss, "valid_bleu": bleu, "best_bleu": st.best_bleu})
         self.ckpts.save(
-            step=st.step, config=to_dict(self.cfg), tokenizer=self.tokenizer, model=self.model,
+            step=st.step, config=self.config_record, tokenizer=self.tokenizer, model=self.model,
             train_state=self.train_state(rank_rngs), metrics={"valid_bleu": bleu, "valid_loss": valid_loss},
             is_best=improved,
         )
