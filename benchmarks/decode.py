@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     from translator.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)
-    src_lang, tgt_lang = ckpt.config["data"]["src_lang"], ckpt.config["data"]["tgt_lang"]
+    data = ckpt.config.get("data", {})
+    src_lang, tgt_lang = data.get("src_lang", "en"), data.get("tgt_lang", "de")
     folder = multi30k_dir() or Path("/work/shared/data/multi30k")
     sources = read_lines(args.src or folder / f"test_2016_flickr.{src_lang}.gz")
     refs = read_lines(args.ref or folder / f"test_2016_flickr.{tgt_lang}.gz")
