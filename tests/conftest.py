@@ -44,7 +44,8 @@ def toy_tokenizer() -> Tokenizer:
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=TOY_VOCAB, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0, max_positions=64)
+    base = {"vocab_size": TOY_VOCAB, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64, "dropout": 0.0,
+            "max_positions": 64}
     return ModelConfig(**{**base, **overrides})
 
 

@@ -58,8 +58,9 @@ while True:
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    load_checkpoint(path).build_model  # loads: complete old or complete new file
-    assert load_checkpoint(path).tokenizer.model_bytes == toy_tokenizer.model_bytes
+    ckpt = load_checkpoint(path)  # a complete old or a complete new file, never a torn one
+    assert ckpt.tokenizer.model_bytes == toy_tokenizer.model_bytes
+    assert set(ckpt.model_state) - {"ballast"} == set(build_model(tiny_model_config()).state_dict())
 
 
 def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, toy_tokenizer):

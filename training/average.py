@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from training.checkpoints import CheckpointDir
 from translator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 

@@ -82,7 +82,7 @@ def load_hub(name: str, split: str, src_lang: str, tgt_lang: str) -> datasets.Da
     path, _, config = name.partition("#")
     try:
         ds = datasets.load_dataset(path, config or None, split=split)
-    except Exception as e:  # datasets raises many types for missing datasets and splits
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for missing datasets and splits
         raise CorpusError(f"could not load Hub dataset {name!r} split {split!r}: {e}") from None
     return to_pairs(ds, src_lang, tgt_lang, f"hub:{name}:{split}")
 

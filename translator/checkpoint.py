@@ -95,7 +95,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
+    except Exception as e:  # noqa: BLE001 - torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         version = payload.get("format_version") if isinstance(payload, dict) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import sentencepiece as spm
 
@@ -40,7 +41,7 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    sentences: "list[str] | object", vocab_size: int, model_type: str = "unigram", seed_sentences: int = 0
+    sentences: Iterable[str], vocab_size: int, model_type: str = "unigram", seed_sentences: int = 0
 ) -> Tokenizer:
     """Train a SentencePiece model in memory on an iterable of sentences."""
     import io
