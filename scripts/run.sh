@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 minutes="${MINUTES:-10}"
 run="${RUN:-runs/quickstart}"
 port="${PORT:-50051}"
-[ -x .venv/bin/nmt-train ] || bash scripts/setup.sh .venv
+[ -x .venv/bin/nmt-serve ] && [ -x .venv/bin/nmt-translate ] || bash scripts/setup.sh .venv
 export PATH="$PWD/.venv/bin:$PATH"
 
 nmt-train --config cpu --out "$run" --max-minutes "$minutes" train.valid_every=100
