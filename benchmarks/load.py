@@ -55,7 +55,8 @@ def offline_throughput(
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(args.checkpoint), "--port", "0",
-           "--threads", str(args.threads), f"batching.max_batch_tokens={args.max_batch_tokens}",
+           "--threads", str(args.threads), f"batching.workers={args.workers}",
+           f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
            f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences", type=int, default=0, help="use the first N sentences (0: all)")
     p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
     p.add_argument("--beam-size", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="torch threads, server and offline decoding")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each server decode worker")
+    p.add_argument("--workers", type=int, default=1, help="server decode workers (batching.workers)")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each call, seconds")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads * args.workers)  # offline gets every core the server gets
     offline = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens)
     print(f"offline batched decoding: {offline:.2f} sentences/s "
           f"({len(sentences)} sentences, beam {args.beam_size})")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         proc.wait(timeout=60)
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
-                  "threads": args.threads, "offline_sentences_per_s": round(offline, 2), "levels": levels}
+                  "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2), "levels": levels}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 

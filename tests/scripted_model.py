@@ -28,7 +28,7 @@ class ScriptedCache:
     length: int = 0
     alignments: list[Tensor] = field(default_factory=list)
 
-    def select(self, index: Tensor) -> None:
+    def select(self, index: Tensor, group: int | None = None) -> None:
         self.history, self.src_mask = self.history[index], self.src_mask[index]
 
 
@@ -43,7 +43,7 @@ class ScriptedModel(nn.Module):
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         return src[:, :, None].float(), (src != PAD)[:, None, None, :]  # (B, S, 1), (B, 1, 1, S)
 
-    def init_cache(self, memory: Tensor, src_mask: Tensor) -> ScriptedCache:
+    def init_cache(self, memory: Tensor, src_mask: Tensor, capacity: int = 64) -> ScriptedCache:
         return ScriptedCache(memory[:, :1, 0].long(), src_mask)
 
     def decode_step(self, tgt_new: Tensor, cache: ScriptedCache, record_alignment: bool = False) -> Tensor:

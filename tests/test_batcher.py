@@ -23,6 +23,7 @@ from translator.batcher import (
     QueueFull,
     ShuttingDown,
 )
+from translator.config import ConfigError
 
 
 class ReverseDecoder:
@@ -201,3 +202,26 @@ def test_closed_batcher_refuses_new_jobs_and_finishes_admitted_ones():
     assert batcher.wait_idle(5)
     assert job.wait() == [[3, 2, 1]]
     batcher.stop()
+
+
+def test_two_workers_decode_two_batches_side_by_side():
+    """A second batch starts while the first is still decoding; every worker ran worker_init first."""
+    both_running = threading.Barrier(2, timeout=10)  # one worker alone would break it
+    decoder = ReverseDecoder()
+    inits: list[str] = []
+
+    def decode(sources, options, cancelled, on_step):
+        both_running.wait()
+        return decoder(sources, options, cancelled, on_step)
+
+    batcher = Batcher(decode, BatcherConfig(workers=2, max_queue_delay_ms=0.0),
+                      worker_init=lambda: inits.append(threading.current_thread().name))
+    jobs = [batcher.submit(Job([[1, 2]], options="a")), batcher.submit(Job([[3]], options="b"))]
+    assert [job.wait() for job in jobs] == [[[2, 1]], [[3]]]
+    assert sorted(inits) == ["batcher-0", "batcher-1"]
+    batcher.stop()
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ConfigError, match="batching.workers"):
+        BatcherConfig(workers=0)

@@ -85,6 +85,34 @@ def test_cache_select_reorders_rows():
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+def test_cache_rows_grouped_by_source_match_full_passes():
+    """Beams of one source share its cross-attention keys/values; reordered and grown rows stay exact."""
+    model, src, tgt = model_and_batch(True)
+    with torch.no_grad():
+        memory, src_mask = model.encode(src)
+        cache = model.init_cache(memory, src_mask, capacity=3)  # grows on the fourth position
+        model.decode_step(tgt[:, :2], cache)
+        cache.select(torch.tensor([2, 2, 0, 0]), group=2)  # two beams each for sources 2 and 0
+        assert cache.layers[0].cross_k.size(0) == 2 and cache.src_mask.size(0) == 2
+        second = torch.tensor([[5], [6], [7], [8]])
+        model.decode_step(second, cache)
+        cache.select(torch.tensor([1, 0, 2, 2]))  # swap source 2's beams, duplicate a beam of source 0
+        third = torch.tensor([[9], [10], [11], [12]])
+        step = model.decode_step(third, cache)[:, 0]
+        history = torch.cat([tgt[[2, 2, 0, 0], :2], second[[1, 0, 2, 2]], third], dim=1)  # (4, 4)
+        full = model(src[[2, 2, 0, 0]], history)[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_select_rejects_rows_that_do_not_fill_groups():
+    model, src, tgt = model_and_batch(True)
+    with torch.no_grad():
+        cache = model.init_cache(*model.encode(src))
+        model.decode_step(tgt[:, :1], cache)
+        with pytest.raises(ValueError, match="groups of 2"):
+            cache.select(torch.tensor([0, 0, 1]), group=2)
+
+
 def test_embeddings_are_shared_by_source_target_and_output():
     model, _, _ = model_and_batch(False)
     assert model.generator.embedding.weight is model.embed.tokens.weight

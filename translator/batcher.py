@@ -1,7 +1,7 @@
 """Dynamic batching: sentences of concurrent requests decoded together by one worker thread.
 
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
-letting latency grow without bound. The worker groups queued sentences that share decoding options
+letting latency grow without bound. A worker (one or more, each decoding its own batch) groups queued sentences that share decoding options
 into batches of at most `max_batch_tokens` (sentences x longest source x beam), waiting at most
 `max_queue_delay_ms` for a batch to fill. Cancellation and deadlines are checked once per decode
 step: a stopped request's sentences leave the running batch at once and its queued ones are dropped.
@@ -57,9 +57,10 @@ class BatcherConfig:
     max_queue_sentences: int = 256  # admitted and not yet finished, across all requests
     max_batch_tokens: int = 4096  # sentences x longest source x beam size, per decode call
     max_queue_delay_ms: float = 5.0  # how long a sentence may wait for a batch to fill
+    workers: int = 1  # decode threads taking batches from the one queue
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_sentences", "max_batch_tokens"):
+        for name in ("max_queue_sentences", "max_batch_tokens", "workers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"batching.{name} must be positive, got {getattr(self, name)}")
         if self.max_queue_delay_ms < 0:
@@ -182,9 +183,15 @@ class _Item:
 
 
 class Batcher:
-    """Admission queue plus one decode worker thread."""
+    """Admission queue plus `config.workers` decode worker threads.
 
-    def __init__(self, decode: DecodeFn, config: BatcherConfig | None = None) -> None:
+    worker_init, when given, runs first in every worker thread (per-thread settings such as
+    the number of intra-op threads a decode may use).
+    """
+
+    def __init__(
+        self, decode: DecodeFn, config: BatcherConfig | None = None, worker_init: Callable[[], None] | None = None
+    ) -> None:
         self.decode = decode
         self.config = config or BatcherConfig()
         self._queue: deque[_Item] = deque()
@@ -192,8 +199,11 @@ class Batcher:
         self._closed = False
         self._stopping = False
         self._cond = threading.Condition()
-        self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self._worker.start()
+        self._worker_init = worker_init
+        self._workers = [threading.Thread(target=self._run, name=f"batcher-{i}", daemon=True)
+                         for i in range(self.config.workers)]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def pending(self) -> int:
@@ -227,15 +237,18 @@ class Batcher:
             return self._cond.wait_for(lambda: self._pending == 0, timeout)
 
     def stop(self) -> None:
-        """Refuse new jobs, fail the queued ones, stop the worker after its current step."""
+        """Refuse new jobs, fail the queued ones, stop the workers after their current step."""
         with self._cond:
             self._closed = self._stopping = True
             for item in self._queue:
                 item.job.fail(ShuttingDown("the server shut down before the request was decoded"))
             self._cond.notify_all()
-        self._worker.join()
+        for worker in self._workers:
+            worker.join()
 
     def _run(self) -> None:
+        if self._worker_init is not None:
+            self._worker_init()
         while True:
             batch = self._next_batch()
             if batch is None:

@@ -184,7 +184,7 @@ def advance(
     chosen = live[keep]
     toks, lps, align = beams.rows(rows, cand.tokens[keep].gather(1, chosen).flatten(),
                                   cand_logp[keep].gather(1, chosen).flatten(), step_align)
-    run.cache.select(rows)
+    run.cache.select(rows, group=K)
     return Beams(beams.sentence[keep], live_scores[keep], toks, lps, align)
 
 

@@ -152,30 +152,84 @@ class EncoderLayer(nn.Module):
 
 @dataclass
 class LayerCache:
-    """Keys/values one decoder layer has seen: self-attention grows by a step, cross is fixed."""
+    """Keys/values one decoder layer has seen: self-attention grows by a step, cross is fixed.
 
-    cross_k: Tensor  # (B, H, S, Dh)
-    cross_v: Tensor  # (B, H, S, Dh)
-    self_k: Tensor | None = None  # (B, H, t, Dh)
-    self_v: Tensor | None = None  # (B, H, t, Dh)
+    Cross-attention keys/values have one row per source; the decoder rows reading a source
+    (its beams) sit next to each other, `group` of them, and share it. Self-attention keys and
+    values are stored position-major in a buffer with room to grow, so that a step appends in
+    place and a reorder copies only the positions filled so far.
+    """
+
+    cross_k: Tensor  # (N, H, S, Dh)
+    cross_v: Tensor  # (N, H, S, Dh)
+    self_k: Tensor | None = None  # (capacity, R, H, Dh)
+    self_v: Tensor | None = None  # (capacity, R, H, Dh)
+
+    def append(self, k: Tensor, v: Tensor, past: int, capacity: int) -> tuple[Tensor, Tensor]:
+        """Store new keys/values k, v (R, H, t, Dh) after `past` positions -> all of them, (R, H, past + t, Dh)."""
+        end = past + k.size(2)
+        if self.self_k is None or end > self.self_k.size(0):
+            room = max(end, capacity, 2 * self.self_k.size(0) if self.self_k is not None else 0)
+            self.self_k = grown(self.self_k, k, past, room)
+            self.self_v = grown(self.self_v, v, past, room)
+        self.self_k[past:end] = k.permute(2, 0, 1, 3)
+        self.self_v[past:end] = v.permute(2, 0, 1, 3)
+        return self.self_k[:end].permute(1, 2, 0, 3), self.self_v[:end].permute(1, 2, 0, 3)
+
+
+def grown(buffer: Tensor | None, like: Tensor, filled: int, room: int) -> Tensor:
+    """A (room, R, H, Dh) buffer holding the first `filled` positions of `buffer` (or none)."""
+    R, H, _, Dh = like.shape
+    out = like.new_empty((room, R, H, Dh))
+    if buffer is not None and filled:
+        out[:filled] = buffer[:filled]
+    return out
+
+
+def take_rows(buffer: Tensor, index: Tensor, filled: int) -> Tensor:
+    """Rows `index` of a (capacity, R, H, Dh) buffer, copying its first `filled` positions only."""
+    out = buffer.new_empty((buffer.size(0), index.numel()) + tuple(buffer.shape[2:]))
+    torch.index_select(buffer[:filled], 1, index, out=out[:filled])
+    return out
 
 
 @dataclass
 class DecoderCache:
-    """Incremental decoding state: per-layer keys/values, the source mask and the step count."""
+    """Incremental decoding state: per-layer keys/values, the source mask and the step count.
+
+    Rows: the decoder runs R = N * group rows; rows g*group ... g*group + group - 1 translate
+    source g (a sentence's beams), and read its cross-attention keys/values without copies.
+    """
 
     layers: list[LayerCache]
-    src_mask: Tensor  # (B, 1, 1, S)
+    src_mask: Tensor  # (N, 1, 1, S)
+    group: int = 1
+    capacity: int = 64  # self-attention positions to allocate at first
     length: int = 0
-    alignments: list[Tensor] = field(default_factory=list)  # per step (B, S) when recorded
+    alignments: list[Tensor] = field(default_factory=list)  # per step (R, S) when recorded
 
-    def select(self, index: Tensor) -> None:
-        """Keep or reorder rows of the batch (beam reordering, dropping finished sentences)."""
+    def select(self, index: Tensor, group: int | None = None) -> None:
+        """Keep or reorder decoder rows: new row i is old row index[i]; `group` rows per source after.
+
+        Each run of `group` new rows must come from one source (beams reordered within their
+        sentence, finished sentences dropped); sources no row reads are dropped.
+        """
+        group = group or self.group
+        if index.numel() % group:
+            raise ValueError(f"{index.numel()} rows do not split into groups of {group}")
+        sources = index[::group] // self.group  # (N',)
+        self.group = group
+        same_sources = sources.numel() == self.src_mask.size(0) and bool(
+            (sources == torch.arange(sources.numel(), device=sources.device)).all()
+        )
         for lc in self.layers:
-            lc.cross_k, lc.cross_v = lc.cross_k[index], lc.cross_v[index]
+            if not same_sources:
+                lc.cross_k, lc.cross_v = lc.cross_k[sources], lc.cross_v[sources]
             if lc.self_k is not None:
-                lc.self_k, lc.self_v = lc.self_k[index], lc.self_v[index]
-        self.src_mask = self.src_mask[index]
+                lc.self_k = take_rows(lc.self_k, index, self.length)
+                lc.self_v = take_rows(lc.self_v, index, self.length)
+        if not same_sources:
+            self.src_mask = self.src_mask[sources]
 
 
 class DecoderLayer(nn.Module):
@@ -196,24 +250,24 @@ class DecoderLayer(nn.Module):
         x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, src_mask))
         return self.sublayers[2](x, self.feed_forward)
 
-    def step(self, x: Tensor, cache: LayerCache, src_mask: Tensor, record: list | None) -> Tensor:
-        """Incremental pass over new positions x (B, t, D), attending to all cached ones."""
+    def step(self, x: Tensor, cache: DecoderCache, layer: int, record: list | None) -> Tensor:
+        """Incremental pass over new positions x (R, t, D), attending to all cached ones."""
+        lc = cache.layers[layer]
 
         def self_block(y: Tensor) -> Tensor:
-            k, v = self.self_attn.keys_values(y)  # (B, H, t, Dh)
-            if cache.self_k is not None:
-                k = torch.cat([cache.self_k, k], dim=2)  # (B, H, past + t, Dh)
-                v = torch.cat([cache.self_v, v], dim=2)
-            cache.self_k, cache.self_v = k, v
+            k, v = self.self_attn.keys_values(y)  # (R, H, t, Dh)
+            k, v = lc.append(k, v, cache.length, cache.capacity)  # (R, H, past + t, Dh)
             t, total = y.size(1), k.size(2)
             # New positions see all past ones and, among themselves, only earlier ones.
             mask = torch.ones(t, total, dtype=torch.bool, device=y.device).tril(total - t)
             return self.self_attn.attend(y, k, v, None if t == 1 else mask)
 
         def cross_block(y: Tensor) -> Tensor:
+            R, t, D = y.size()
+            per_source = y.reshape(R // cache.group, cache.group * t, D)  # (N, group * t, D)
             if record is not None:
-                record.append(self.cross_attn.weights(y, cache.cross_k, src_mask))
-            return self.cross_attn.attend(y, cache.cross_k, cache.cross_v, src_mask)
+                record.append(self.cross_attn.weights(per_source, lc.cross_k, cache.src_mask).view(R, t, -1))
+            return self.cross_attn.attend(per_source, lc.cross_k, lc.cross_v, cache.src_mask).view(R, t, D)
 
         x = self.sublayers[0](x, self_block)
         x = self.sublayers[1](x, cross_block)
@@ -276,8 +330,8 @@ class Decoder(nn.Module):
 
     def step(self, x: Tensor, cache: DecoderCache, record: bool) -> Tensor:
         rows: list[Tensor] | None = [] if record else None
-        for layer, lc in zip(self.layers, cache.layers):
-            x = layer.step(x, lc, cache.src_mask, rows)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, cache, i, rows)
         if rows:
             # Alignment of the last new position, averaged over layers: (B, S).
             cache.alignments.append(torch.stack(rows).mean(dim=0)[:, -1])
@@ -331,13 +385,16 @@ class EncoderDecoder(nn.Module):
         memory, src_mask = self.encode(src)
         return self.decode(tgt_in, memory, src_mask)
 
-    def init_cache(self, memory: Tensor, src_mask: Tensor) -> DecoderCache:
-        """Cross-attention keys/values computed once per source, empty self-attention cache."""
+    def init_cache(self, memory: Tensor, src_mask: Tensor, capacity: int = 64) -> DecoderCache:
+        """Cross-attention keys/values computed once per source, empty self-attention cache.
+
+        capacity: target positions to make room for at first (the cache grows past it if needed).
+        """
         layers = []
         for layer in self.decoder.layers:
             k, v = layer.cross_attn.keys_values(memory)  # (B, H, S, Dh) each
             layers.append(LayerCache(cross_k=k, cross_v=v))
-        return DecoderCache(layers=layers, src_mask=src_mask)
+        return DecoderCache(layers=layers, src_mask=src_mask, capacity=capacity)
 
     def decode_step(self, tgt_new: Tensor, cache: DecoderCache, record_alignment: bool = False) -> Tensor:
         """Incremental decode: new tokens (B, t) after cache.length earlier ones -> logits (B, t, V)."""

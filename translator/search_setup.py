@@ -19,7 +19,7 @@ class SearchSetup:
     budget: Tensor  # (B,) decoding steps allowed, EOS included
     rules: StepRules
     hooks: SearchHooks
-    cache: DecoderCache  # encoder output projected for every decoder layer, B rows
+    cache: DecoderCache  # encoder output projected for every decoder layer, B sources
 
 
 def start_search(
@@ -45,5 +45,5 @@ def start_search(
             f"prefix of sentence {i} has {int(rules.prefix_len[i])} tokens; at most {int(budget[i]) - 1} fit"
         )
     memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
-    cache = model.init_cache(memory, src_mask)
+    cache = model.init_cache(memory, src_mask, capacity=min(int(budget.max()), 128))
     return SearchSetup(src_lengths, budget, rules, SearchHooks(cancelled, on_step, B), cache)

@@ -85,7 +85,7 @@ class ServerConfig:
     reflection: bool = False
     auth_token_file: str = ""  # when set, calls need `authorization: Bearer <token>` (health is exempt)
     grace_seconds: float = 10.0  # how long in-flight requests may take to finish on shutdown
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads of each decode worker (batching.workers); 0 = torch's default
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
@@ -386,7 +386,8 @@ def create_server(
     credentials = _server_credentials(cfg.tls) if cfg.tls.enabled else None
     owns_service = service is None
     if service is None:
-        service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding)
+        service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding,
+                                                     cfg.threads)
     try:
         metrics = Metrics(lambda: service.batcher.pending)
         # A thread per admitted request (they wait on the batcher) plus headroom for health checks

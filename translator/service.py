@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from translator.batcher import Batcher, BatcherConfig, Job
 from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
@@ -138,7 +140,11 @@ class TranslationService:
         batching: BatcherConfig | None = None,
         checkpoint_config: dict[str, Any] | None = None,
         checkpoint_metrics: dict[str, Any] | None = None,
+        threads: int = 0,
     ) -> None:
+        """threads: intra-op threads of each decode worker (batching.workers of them); 0 = torch's default."""
+        if threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {threads}")
         self.translator = translator
         self.tokenizer = translator.tokenizer
         self.identity = identity
@@ -164,7 +170,7 @@ class TranslationService:
             metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
         )
-        self.batcher = Batcher(self._decode, batching)
+        self.batcher = Batcher(self._decode, batching, (lambda: torch.set_num_threads(threads)) if threads else None)
 
     @classmethod
     def from_checkpoint(
@@ -173,6 +179,7 @@ class TranslationService:
         limits: Limits | None = None,
         batching: BatcherConfig | None = None,
         defaults: DecodeOptions | None = None,
+        threads: int = 0,
     ) -> TranslationService:
         """Load the checkpoint once (weights-only unpickling) and build the service around it."""
         path = Path(path)
@@ -185,7 +192,7 @@ class TranslationService:
         identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
                                  data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
-        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics)
+        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads)
 
     # -- requests ---------------------------------------------------------------------------
 
