@@ -37,7 +37,7 @@ class ReverseDecoder:
         self.started = threading.Event()
         self.fail = False
 
-    def __call__(self, sources, options, cancelled, on_step):
+    def __call__(self, sources, options, cancelled, on_step, on_result):
         self.batches.append((options, [list(s) for s in sources]))
         self.started.set()
         if self.fail:
@@ -210,9 +210,9 @@ def test_two_workers_decode_two_batches_side_by_side():
     decoder = ReverseDecoder()
     inits: list[str] = []
 
-    def decode(sources, options, cancelled, on_step):
+    def decode(sources, options, cancelled, on_step, on_result):
         both_running.wait()
-        return decoder(sources, options, cancelled, on_step)
+        return decoder(sources, options, cancelled, on_step, on_result)
 
     batcher = Batcher(decode, BatcherConfig(workers=2, max_queue_delay_ms=0.0),
                       worker_init=lambda: inits.append(threading.current_thread().name))
@@ -225,3 +225,22 @@ def test_two_workers_decode_two_batches_side_by_side():
 def test_workers_must_be_positive():
     with pytest.raises(ConfigError, match="batching.workers"):
         BatcherConfig(workers=0)
+
+
+def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends():
+    release = threading.Event()
+
+    def decode(sources, options, cancelled, on_step, on_result):
+        on_result(0, "short")  # the first sentence is final at once
+        assert release.wait(10)  # the rest of the batch is still decoding
+        return ["short", "long"]
+
+    batcher = Batcher(decode, BatcherConfig(max_queue_delay_ms=200.0))
+    short = batcher.submit(Job([[1]], options="g"))
+    long = batcher.submit(Job([[1, 2, 3]], options="g"))
+    assert short.wait() == ["short"]
+    assert not long.done
+    release.set()
+    assert long.wait() == ["long"]
+    assert batcher.pending == 0
+    batcher.stop()

@@ -134,6 +134,31 @@ def test_streamed_prefixes_only_grow_and_end_as_the_output(opts):
         assert seen[-1] == final
 
 
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_each_sentence_is_handed_over_once_as_soon_as_it_is_final(opts):
+    model = tiny_model()
+    rows = source_rows(model)
+    steps = 0
+    done: dict[int, tuple[int, list]] = {}
+
+    def on_step(_):
+        nonlocal steps
+        steps += 1
+
+    def on_done(i, nbest):
+        assert i not in done
+        done[i] = (steps, nbest)
+
+    hyps = run(model, rows, opts, on_step=on_step, on_done=on_done)
+    assert sorted(done) == list(range(len(rows)))
+    for i, nbest in enumerate(hyps.nbest):
+        at_step, early = done[i]
+        assert [(h.tokens, h.score) for h in early] == [(h.tokens, h.score) for h in nbest]
+        if opts.beam_size == 1:  # handed over in the step that ended it
+            assert at_step == len(nbest[0].tokens) + (nbest[0].eos_log_prob is not None)
+    assert len({at for at, _ in done.values()}) > 1  # not all at the end of the search
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny_model()
     rows = source_rows(model)

@@ -21,10 +21,14 @@ from typing import Any
 
 from translator.config import ConfigError
 
-# decode(sources, options, cancelled, on_step) -> one result per source, in order.
-# cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source.
+# decode(sources, options, cancelled, on_step, on_result) -> one result per source, in order.
+# cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source;
+# on_result(i, result) may hand over source i's result early, as soon as it is final, so that
+# its request is answered while the rest of the batch is still decoding.
 DecodeFn = Callable[
-    [list[list[int]], Any, Callable[[], Sequence[bool]], Callable[[list[list[int]]], None]], list[Any]
+    [list[list[int]], Any, Callable[[], Sequence[bool]], Callable[[list[list[int]]], None],
+     Callable[[int, Any], None]],
+    list[Any],
 ]
 
 
@@ -318,9 +322,14 @@ class Batcher:
                 if not item.job.done:
                     item.job._emit(("prefix", item.index, prefix))
 
+        def on_result(i: int, result: Any) -> None:
+            item = batch[i]
+            if not item.job.stopped():
+                item.job._set_result(item.index, result)
+
         try:
             results = self.decode([item.job.sources[item.index] for item in batch],
-                                  batch[0].job.options, cancelled, on_step)
+                                  batch[0].job.options, cancelled, on_step, on_result)
         except Exception as e:  # noqa: BLE001 - the error goes to every caller in the batch
             for job in jobs:
                 job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from translator.decode_options import DecodeOptions
-from translator.hooks import Cancelled, OnStep
+from translator.hooks import Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder
 from translator.search_setup import SearchSetup, start_search
@@ -122,16 +122,17 @@ def beam_search(
     prefix: list[list[int]] | None = None,
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
 ) -> Hypotheses:
     """Beam search over src (B, S) with K = opts.beam_size; returns opts.n_best hypotheses each.
 
     The first step runs on B rows (one beam each), later ones on b*K. See the module docstring
-    for the rules, translator.hooks for `cancelled` and `on_step`, translator.constraints for `prefix`.
+    for the rules, translator.hooks for `cancelled`, `on_step` and `on_done`, translator.constraints for `prefix`.
     """
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
-    run = start_search(model, src, opts, prefix, cancelled, on_step)
+    run = start_search(model, src, opts, prefix, cancelled, on_step, on_done)
     beams = Beams.start(B, S, opts.alignment)
     finished = Finished(B, opts)
     last = torch.full((B, 1), model.cfg.bos_id, dtype=torch.long)  # (b*k, 1)
@@ -179,6 +180,9 @@ def advance(
     live = (is_eos.long() * n + torch.arange(n)).argsort(dim=1)[:, :K]  # (b, K)
     live_scores = cand.scores.gather(1, live).masked_fill(is_eos.gather(1, live), NEG_INF)  # (b, K)
     stop = last_step | ~torch.isfinite(live_scores[:, 0]) | finished.satisfied(beams.sentence, live_scores[:, 0])
+    if run.hooks.wants_done:
+        for s in beams.sentence[stop].tolist():
+            run.hooks.done(s, finished.hyps[s][: opts.n_best])
     keep = (~stop).nonzero().squeeze(1)  # (b',)
     rows = parent.gather(1, live)[keep].flatten()  # (b'*K,)
     chosen = live[keep]

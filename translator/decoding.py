@@ -1,6 +1,6 @@
 """Autoregressive search over the model's incremental decoder: pure functions, tensors in and out.
 
-    search(model, src, opts, *, prefix=None, cancelled=None, on_step=None) -> Hypotheses
+    search(model, src, opts, *, prefix=None, cancelled=None, on_step=None, on_done=None) -> Hypotheses
 
 dispatches on the options: greedy search for beam_size 1 (sampling when opts.sample), beam search
 otherwise. Modules: decode_options (DecodeOptions), length (budgets, length penalty), constraints
@@ -15,7 +15,7 @@ from torch import Tensor
 from translator.beam import beam_search
 from translator.decode_options import PRESETS, DecodeOptionError, DecodeOptions
 from translator.greedy import greedy_search
-from translator.hooks import Cancelled, OnStep
+from translator.hooks import Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis
 from translator.model import EncoderDecoder
 
@@ -33,6 +33,7 @@ def search(
     prefix: list[list[int]] | None = None,
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
 ) -> Hypotheses:
     """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses each.
 
@@ -42,10 +43,11 @@ def search(
     at once and comes back with no hypotheses and Hypotheses.cancelled[i] set.
     on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
     far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
+    on_done(i, nbest): sentence i's final n-best list, as soon as it is known.
     (Details in translator.hooks.)
     A sentence's result does not depend on the other sentences of the batch or on padding (up to
     float rounding), except when sampling.
     """
     if opts.beam_size == 1:
-        return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step)
-    return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step)
+        return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done)
+    return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done)

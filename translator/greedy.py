@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from translator.decode_options import DecodeOptions
-from translator.hooks import Cancelled, OnStep
+from translator.hooks import Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, make_hypotheses
 from translator.model import EncoderDecoder
 from translator.sampling import make_picker
@@ -22,18 +22,19 @@ def greedy_search(
     prefix: list[list[int]] | None = None,
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
 ) -> Hypotheses:
     """Decode src (B, S) one best token at a time (or one sampled token when opts.sample).
 
     Output buffers are preallocated at the longest budget and filled by row index; a sentence
     leaves the batch (and the cache) at the step it emits EOS, reaches its budget or is cancelled.
-    See translator.hooks for `cancelled` and `on_step`, translator.constraints for `prefix`.
+    See translator.hooks for `cancelled`, `on_step` and `on_done`, translator.constraints for `prefix`.
     """
     cfg = model.cfg
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
-    run = start_search(model, src, opts, prefix, cancelled, on_step)
+    run = start_search(model, src, opts, prefix, cancelled, on_step, on_done)
     T = int(run.budget.max())
     tokens = torch.full((B, T), cfg.pad_id, dtype=torch.long)
     log_probs = torch.zeros(B, T)
@@ -74,6 +75,13 @@ def greedy_search(
             run.hooks.report([list(p) for p in streamed])
         done = is_eos | (run.budget[alive] <= step + 1)  # (b,)
         if done.any():
+            if run.hooks.wants_done:
+                rows = alive[done]
+                finished = make_hypotheses(tokens[rows], log_probs[rows], steps[rows], ended[rows], summed[rows],
+                                           opts, alignment[rows] if alignment is not None else None,
+                                           run.src_lengths[rows])
+                for i, h in zip(rows.tolist(), finished):
+                    run.hooks.done(i, [h])
             keep = (~done).nonzero().squeeze(1)
             run.cache.select(keep)
             alive, idx = alive[keep], idx[keep]

@@ -10,6 +10,10 @@
         shared by every hypothesis that can still become the best (the live beams and the best
         finished hypothesis). A finished sentence reports its whole best output, a cancelled one [].
         Prefixes only grow from one call to the next.
+    on_done(i, nbest: list[Hypothesis]) -> None
+        Called once for sentence i as soon as its n-best list is final, before the search returns
+        (a server can answer it while longer sentences of the batch are still decoding); the
+        same list the search returns for it. Cancelled sentences are not reported.
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from translator.hypotheses import Hypothesis
+
 Cancelled = Callable[[], Sequence[bool]]
 OnStep = Callable[[list[list[int]]], None]
+OnDone = Callable[[int, list[Hypothesis]], None]
 
 
 class SearchHooks:
     """The hooks of one search over B sentences, and which sentences they cancelled."""
 
-    def __init__(self, cancelled: Cancelled | None, on_step: OnStep | None, batch_size: int) -> None:
+    def __init__(
+        self, cancelled: Cancelled | None, on_step: OnStep | None, batch_size: int, on_done: OnDone | None = None
+    ) -> None:
         self._cancelled = cancelled
         self._on_step = on_step
+        self._on_done = on_done
         self.batch_size = batch_size
         self.flags = [False] * batch_size  # per sentence: cancelled
 
@@ -53,3 +63,11 @@ class SearchHooks:
     def report(self, prefixes: list[list[int]]) -> None:
         if self._on_step is not None:
             self._on_step(prefixes)
+
+    @property
+    def wants_done(self) -> bool:
+        return self._on_done is not None
+
+    def done(self, i: int, nbest: list[Hypothesis]) -> None:
+        if self._on_done is not None:
+            self._on_done(i, nbest)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from translator.constraints import StepRules
 from translator.decode_options import DecodeOptionError, DecodeOptions
-from translator.hooks import Cancelled, OnStep, SearchHooks
+from translator.hooks import Cancelled, OnDone, OnStep, SearchHooks
 from translator.length import output_budgets
 from translator.model import DecoderCache, EncoderDecoder
 
@@ -29,6 +29,7 @@ def start_search(
     prefix: list[list[int]] | None,
     cancelled: Cancelled | None,
     on_step: OnStep | None,
+    on_done: OnDone | None = None,
 ) -> SearchSetup:
     """Check the per-sentence inputs, then encode src (B, S) once."""
     cfg = model.cfg
@@ -46,4 +47,4 @@ def start_search(
         )
     memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
     cache = model.init_cache(memory, src_mask, capacity=min(int(budget.max()), 128))
-    return SearchSetup(src_lengths, budget, rules, SearchHooks(cancelled, on_step, B), cache)
+    return SearchSetup(src_lengths, budget, rules, SearchHooks(cancelled, on_step, B, on_done), cache)

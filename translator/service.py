@@ -307,10 +307,11 @@ class TranslationService:
             job.cancel()
         return job
 
-    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step) -> list[Any]:
+    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result) -> list[Any]:
         """The batcher's decode function: one search over a padded batch, split per sentence."""
         src = batch_tensor(sources, self.translator.model.cfg.pad_id)  # (B, S)
-        return search(self.translator.model, src, opts, cancelled=cancelled, on_step=on_step).nbest
+        hyps = search(self.translator.model, src, opts, cancelled=cancelled, on_step=on_step, on_done=on_result)
+        return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
         """Detokenized n-best of sentence i; alignments over its source pieces (EOS last)."""
