@@ -258,9 +258,10 @@ class DecoderLayer(nn.Module):
             k, v = self.self_attn.keys_values(y)  # (R, H, t, Dh)
             k, v = lc.append(k, v, cache.length, cache.capacity)  # (R, H, past + t, Dh)
             t, total = y.size(1), k.size(2)
-            # New positions see all past ones and, among themselves, only earlier ones.
-            mask = torch.ones(t, total, dtype=torch.bool, device=y.device).tril(total - t)
-            return self.self_attn.attend(y, k, v, None if t == 1 else mask)
+            mask = None  # one new position sees every cached one
+            if t > 1:  # several: all past ones and, among themselves, only earlier ones
+                mask = torch.ones(t, total, dtype=torch.bool, device=y.device).tril(total - t)
+            return self.self_attn.attend(y, k, v, mask)
 
         def cross_block(y: Tensor) -> Tensor:
             R, t, D = y.size()
