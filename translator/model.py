@@ -2,7 +2,8 @@
 
 Shape letters, used in every comment of the package:
     B batch, S source length, T target length, D d_model, H heads, Dh head dim (D // H),
-    F d_ff, V vocabulary, K beam.
+    F d_ff, V vocabulary, K beam; in incremental decoding, N sources and R decoder rows
+    (R = N * group, e.g. B * K for beam search).
 
 Masks are boolean with True = may attend, the convention of
 `torch.nn.functional.scaled_dot_product_attention`.
