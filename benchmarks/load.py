@@ -3,7 +3,8 @@
 Starts `nmt-serve` on the checkpoint in a subprocess, decodes the same sentences offline in
 length-sorted batches (the throughput ceiling), then for each concurrency level sends every
 sentence once, one per call, and stops. Prints throughput (sentences/s), latency percentiles,
-errors, and served / offline throughput.
+errors, served / offline throughput, and where a request's time went on the server (mean wait
+for a batch, mean time in decode batches; from its Prometheus metrics).
 
     python benchmarks/load.py --checkpoint runs/multi30k-en-de/best.pt \\
         --corpus /work/shared/data/multi30k/test_2016_flickr.en.gz --json load.json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -53,19 +55,39 @@ def offline_throughput(
     return len(sentences) / (time.perf_counter() - start)
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+    """The server in a subprocess; its gRPC target and its metrics URL."""
     cmd = [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(args.checkpoint), "--port", "0",
+           "--metrics-port", "0",
            "--threads", str(args.threads), f"batching.workers={args.workers}",
            f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
            f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
+    match = re.search(r"listening on (\S+), metrics on (\S+)", line)
     if not match:
         proc.kill()
         raise SystemExit(f"server did not start: {line!r}")
-    return proc, match.group(1)
+    return proc, match.group(1), match.group(2)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's Prometheus samples, name (with labels) -> value."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode("utf-8")
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def where_time_went(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean per request, between two scrapes: waiting for a batch, and inside decode batches."""
+    out = {}
+    for part in ("queue", "decode"):
+        n = after.get(f"nmt_{part}_seconds_count", 0) - before.get(f"nmt_{part}_seconds_count", 0)
+        total = after.get(f"nmt_{part}_seconds_sum", 0) - before.get(f"nmt_{part}_seconds_sum", 0)
+        out[f"mean_{part}_ms"] = round(1000 * total / n, 1) if n else float("nan")
+    return out
 
 
 def run_level(target: str, sentences: list[str], clients: int, beam_size: int, timeout: float) -> dict:
@@ -149,18 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     offline = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens)
     print(f"offline batched decoding: {offline:.2f} sentences/s "
           f"({len(sentences)} sentences, beam {args.beam_size})")
-    proc, target = start_server(args)
+    proc, target, metrics_url = start_server(args)
     try:
         run_level(target, sentences[:8], 4, args.beam_size, args.timeout)  # warm-up
         levels = []
-        header = ("clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio")
+        header = ("clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "queue ms", "decode ms")
         print(" ".join(f"{h:>8}" for h in header))
         for clients in args.concurrency:
+            before = scrape(metrics_url)
             r = run_level(target, sentences, clients, args.beam_size, args.timeout)
+            r.update(where_time_went(before, scrape(metrics_url)))
             r["ratio_to_offline"] = round(r["sentences_per_s"] / offline, 3)
             levels.append(r)
             print(f"{clients:>8} {r['sentences_per_s']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                  f"{r['p99_ms']:>8.1f} {sum(r['errors'].values()):>8} {r['ratio_to_offline']:>8.3f}")
+                  f"{r['p99_ms']:>8.1f} {sum(r['errors'].values()):>8} {r['ratio_to_offline']:>8.3f} "
+                  f"{r['mean_queue_ms']:>8.1f} {r['mean_decode_ms']:>8.1f}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

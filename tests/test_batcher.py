@@ -239,6 +239,7 @@ def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends(
     short = batcher.submit(Job([[1]], options="g"))
     long = batcher.submit(Job([[1, 2, 3]], options="g"))
     assert short.wait() == ["short"]
+    assert short.stats.decode_ms > 0  # settled before the answer, not when the batch ends
     assert not long.done
     release.set()
     assert long.wait() == ["long"]

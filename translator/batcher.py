@@ -159,13 +159,16 @@ class Job:
                 return
             yield kind, i, value
 
-    def _set_result(self, i: int, value: Any) -> None:
+    def _set_result(self, i: int, value: Any, decode_ms: float) -> None:
+        """Store sentence i's result; the last one adds decode_ms (its batch's time so far) and ends the job."""
         with self._lock:
             if self._done.is_set() or self.results[i] is not None:
                 return
             self.results[i] = value
             self._remaining -= 1
             finished = self._remaining == 0
+            if finished:  # before waiters wake up and read the stats
+                self.stats.decode_ms += decode_ms
         self._emit(("result", i, value))
         if finished:
             self._done.set()
@@ -325,7 +328,7 @@ class Batcher:
         def on_result(i: int, result: Any) -> None:
             item = batch[i]
             if not item.job.stopped():
-                item.job._set_result(item.index, result)
+                item.job._set_result(item.index, result, (time.monotonic() - start) * 1000.0)
 
         try:
             results = self.decode([item.job.sources[item.index] for item in batch],
@@ -335,10 +338,11 @@ class Batcher:
                 job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))
             results = [None] * len(batch)
         elapsed = (time.monotonic() - start) * 1000.0
-        for job in jobs:
-            job.stats.decode_ms += elapsed
         for item, result in zip(batch, results):
             if not item.job.stopped():
-                item.job._set_result(item.index, result)
+                item.job._set_result(item.index, result, elapsed)
+        for job in jobs:
+            if not job.done:  # more of its sentences are in other batches
+                job.stats.decode_ms += elapsed
         with self._cond:
             self._finish(len(batch))
