@@ -2,7 +2,7 @@
 # The main job on a fresh machine: set up, train the CPU preset on Multi30K en-de within a short
 # wall-clock budget, translate a few sentences, print the test BLEU, then serve the model over
 # gRPC and translate through the client.
-#   MINUTES   training budget (default 10; the reported results use 115)
+#   MINUTES   training budget (default 10; the reported results use 116)
 #   RUN       run folder (default runs/quickstart)
 #   PORT      gRPC port for the serving demo (default 50051)
 set -euo pipefail
