@@ -1,10 +1,11 @@
-"""Dynamic batching: sentences of concurrent requests decoded together by one worker thread.
+"""Dynamic batching: sentences of concurrent requests decoded together by worker threads.
 
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
-letting latency grow without bound. A worker (one or more, each decoding its own batch) groups queued sentences that share decoding options
-into batches of at most `max_batch_tokens` (sentences x longest source x beam), waiting at most
-`max_queue_delay_ms` for a batch to fill. Cancellation and deadlines are checked once per decode
-step: a stopped request's sentences leave the running batch at once and its queued ones are dropped.
+letting latency grow without bound. A worker (`workers` of them, each decoding its own batch)
+groups queued sentences that share decoding options into batches of at most `max_batch_tokens`
+(sentences x longest source x beam), waiting at most `max_queue_delay_ms` for a batch to fill.
+Cancellation and deadlines are checked once per decode step: a stopped request's sentences leave
+the running batch at once and its queued ones are dropped.
 
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
 """
