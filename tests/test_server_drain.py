@@ -35,6 +35,9 @@ def test_unknown_config_key_is_an_error_naming_it():
     with pytest.raises(ConfigError, match="limits.max_sentense"):
         parse_config(["--checkpoint", "model.pt", "limits.max_sentense=8"])
     assert serve_main(["--checkpoint", "model.pt", "batching.max_batch_tokens=0"]) == 2
+    assert serve_main(["--checkpoint", "model.pt", "batching.workers=0"]) == 2
+    with pytest.raises(ConfigError, match="threads must be >= 0"):
+        parse_config(["--checkpoint", "model.pt", "--threads", "-1"])
 
 
 def test_missing_checkpoint_fails_before_listening(tmp_path):

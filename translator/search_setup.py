@@ -46,5 +46,6 @@ def start_search(
             f"prefix of sentence {i} has {int(rules.prefix_len[i])} tokens; at most {int(budget[i]) - 1} fit"
         )
     memory, src_mask = model.encode(src)  # (B, S, D), (B, 1, 1, S)
+    # Room for the longest budget up front, within reason: a larger one grows by doubling.
     cache = model.init_cache(memory, src_mask, capacity=min(int(budget.max()), 128))
     return SearchSetup(src_lengths, budget, rules, SearchHooks(cancelled, on_step, B, on_done), cache)
