@@ -27,37 +27,49 @@ from translator.config import ConfigError
 
 
 class ReverseDecoder:
-    """Emits each source reversed, one token per step; honours cancelled() and reports on_step."""
+    """Emits each source reversed, one token per step; honours cancelled(), reports on_step, hands
+    each sentence over with on_result the step it is done, and with `joins` takes queued
+    sentences before every step, as greedy search does."""
 
-    def __init__(self, step_seconds: float = 0.0) -> None:
+    def __init__(self, step_seconds: float = 0.0, joins: bool = False) -> None:
         self.step_seconds = step_seconds
-        self.batches: list[tuple[object, list[list[int]]]] = []
+        self.joins = joins
+        self.batches: list[tuple[object, list[list[int]]]] = []  # sources of each call, joined ones too
         self.alive_per_step: list[list[int]] = []
+        self.tokens_per_step: list[int] = []  # sentences decoding x their longest source
         self.gate: threading.Event | None = None  # when set, every step waits for it
         self.started = threading.Event()
         self.fail = False
 
-    def __call__(self, sources, options, cancelled, on_step, on_result):
-        self.batches.append((options, [list(s) for s in sources]))
+    def __call__(self, sources, options, cancelled, on_step, on_result, admit):
+        sources = [list(s) for s in sources]
+        self.batches.append((options, sources))
         self.started.set()
         if self.fail:
             raise RuntimeError("scripted failure")
         out: list[list[int]] = [[] for _ in sources]
         alive = set(range(len(sources)))
-        for step in range(max(map(len, sources))):
+        while True:
+            new = admit(len(alive)) if self.joins else []
+            alive |= set(range(len(sources), len(sources) + len(new)))
+            sources += [list(s) for s in new]
+            out += [[] for _ in new]
             flags = cancelled()
             alive -= {i for i in alive if flags[i]}
             if not alive:
-                break
+                return out
             if self.gate is not None:
                 self.gate.wait()
             time.sleep(self.step_seconds)
             self.alive_per_step.append(sorted(alive))
+            self.tokens_per_step.append(len(alive) * max(len(sources[i]) for i in alive))
             for i in alive:
-                if step < len(sources[i]):
-                    out[i].append(sources[i][::-1][step])
+                out[i].append(sources[i][-1 - len(out[i])])
             on_step([list(o) for o in out])
-        return out
+            for i in sorted(alive):
+                if len(out[i]) == len(sources[i]):
+                    alive.remove(i)
+                    on_result(i, out[i])
 
 
 def make(decoder: ReverseDecoder, **cfg) -> Batcher:
@@ -210,9 +222,9 @@ def test_two_workers_decode_two_batches_side_by_side():
     decoder = ReverseDecoder()
     inits: list[str] = []
 
-    def decode(sources, options, cancelled, on_step, on_result):
+    def decode(sources, options, cancelled, on_step, on_result, admit):
         both_running.wait()
-        return decoder(sources, options, cancelled, on_step, on_result)
+        return decoder(sources, options, cancelled, on_step, on_result, admit)
 
     batcher = Batcher(decode, BatcherConfig(workers=2, max_queue_delay_ms=0.0),
                       worker_init=lambda: inits.append(threading.current_thread().name))
@@ -230,7 +242,7 @@ def test_workers_must_be_positive():
 def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends():
     release = threading.Event()
 
-    def decode(sources, options, cancelled, on_step, on_result):
+    def decode(sources, options, cancelled, on_step, on_result, admit):
         on_result(0, "short")  # the first sentence is final at once
         assert release.wait(10)  # the rest of the batch is still decoding
         return ["short", "long"]
@@ -244,4 +256,49 @@ def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends(
     release.set()
     assert long.wait() == ["long"]
     assert batcher.pending == 0
+    batcher.stop()
+
+
+def test_queued_sentences_join_a_running_batch_between_steps():
+    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    first = batcher.submit(Job([list(range(30))], options="g"))
+    while len(decoder.alive_per_step) < 3:
+        time.sleep(0.001)
+    joining = batcher.submit(Job([[7, 8, 9], [5]], options="g"))
+    other = batcher.submit(Job([[4, 2]], options="beam"))  # other options: a batch of its own
+    assert joining.wait() == [[9, 8, 7], [5]]
+    assert not first.done  # answered while the batch it joined is still decoding
+    assert first.wait() == [list(range(30))[::-1]]
+    assert other.wait() == [[2, 4]]
+    assert [srcs for _, srcs in decoder.batches] == [[list(range(30)), [7, 8, 9], [5]], [[4, 2]]]
+    assert joining.stats.queue_ms < first.stats.decode_ms and joining.stats.steps == 3
+    assert batcher.pending == 0
+    batcher.stop()
+
+
+def test_joining_sentences_stay_within_max_batch_tokens_and_the_per_decode_cap():
+    decoder = ReverseDecoder(joins=True)
+    decoder.gate = threading.Event()
+    batcher = make(decoder, max_batch_tokens=40, max_queue_delay_ms=0.0, max_sentences_per_decode=6)
+    jobs = [batcher.submit(Job([list(range(8))], options="g"))]
+    decoder.started.wait(5)
+    jobs += [batcher.submit(Job([list(range(n))], options="g")) for n in (3, 9, 4, 2, 5, 1, 6, 2)]
+    decoder.gate.set()
+    for job in jobs:
+        job.wait()
+    assert max(decoder.tokens_per_step) <= 40
+    assert len(decoder.batches) > 1 and all(len(srcs) <= 6 for _, srcs in decoder.batches)
+    assert sum(len(srcs) for _, srcs in decoder.batches) == len(jobs)
+    batcher.stop()
+
+
+def test_without_continuous_batching_a_running_batch_takes_no_one():
+    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
+    batcher = make(decoder, max_queue_delay_ms=0.0, continuous=False)
+    first = batcher.submit(Job([list(range(10))], options="g"))
+    decoder.started.wait(5)
+    second = batcher.submit(Job([[1, 2]], options="g"))
+    assert second.wait() == [[2, 1]] and first.wait() == [list(range(10))[::-1]]
+    assert [len(srcs) for _, srcs in decoder.batches] == [1, 1]
     batcher.stop()

@@ -159,6 +159,71 @@ def test_each_sentence_is_handed_over_once_as_soon_as_it_is_final(opts):
     assert len({at for at, _ in done.values()}) > 1  # not all at the end of the search
 
 
+def join_schedule(model: EncoderDecoder, rows: list[list[int]], at: list[int]):
+    """An admit hook handing over rows[i] before step at[i] (rows[0] starts the search), and the
+    order in which it did."""
+    calls, order = 0, [0]
+
+    def admit(alive: int):
+        nonlocal calls
+        new = [i for i in range(1, len(rows)) if at[i] == calls]
+        calls += 1
+        order.extend(new)
+        return batch_tensor([rows[i] for i in new], model.cfg.pad_id) if new else None
+
+    return admit, order
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"min_len": 4}, {"no_repeat_ngram": 2}, {"alignment": True}, {"max_len_a": 0.5, "max_len_b": 2}],
+    ids=["default", "min_len", "no_repeat", "alignment", "short_budget"],
+)
+def test_sentences_joining_a_running_greedy_search_decode_as_if_alone(changes):
+    model = tiny_model()
+    rows = source_rows(model, lengths=(5, 9, 3, 12, 4))  # the fourth is the longest source yet
+    opts = DecodeOptions(**changes)
+    admit, order = join_schedule(model, rows, at=[0, 0, 2, 3, 3])
+    hyps = run(model, rows[:1], opts, admit=admit)
+    assert order == [0, 1, 2, 3, 4] and len(hyps.nbest) == 5
+    for i, nbest in zip(order, hyps.nbest):
+        alone = run(model, [rows[i]], opts).nbest[0][0]
+        assert nbest[0].tokens == alone.tokens
+        assert nbest[0].score == pytest.approx(alone.score, abs=1e-4)
+        assert nbest[0].log_probs == pytest.approx(alone.log_probs, abs=1e-4)
+        if opts.alignment:
+            torch.testing.assert_close(nbest[0].alignment, alone.alignment, atol=1e-5, rtol=1e-4)
+
+
+def test_joining_sentences_are_handed_over_cancelled_and_streamed_like_the_first():
+    model = tiny_model()
+    rows = source_rows(model)
+    admit, order = join_schedule(model, rows, at=[0, 1, 1, 2])
+    steps, done, reports = 0, {}, []
+
+    def cancelled():  # sentence 2 (joined before step 1) is cancelled before step 3
+        return [steps >= 3 and i == 2 for i in range(len(order))]
+
+    def on_step(prefixes):
+        nonlocal steps
+        steps += 1
+        reports.append(prefixes)
+
+    hyps = run(model, rows[:1], DecodeOptions(), admit=admit, cancelled=cancelled, on_step=on_step,
+               on_done=lambda i, nbest: done.setdefault(i, nbest))
+    assert hyps.cancelled == [False, False, True, False] and hyps.nbest[2] == []
+    assert sorted(done) == [0, 1, 3]
+    for i in (0, 1, 3):
+        assert done[i] == hyps.nbest[i] and reports[-1][i] == hyps.tokens[i]
+    assert [len(r) for r in reports[:3]] == [1, 3, 4]  # each report covers the sentences so far
+
+
+def test_only_greedy_search_takes_joining_sentences():
+    model = tiny_model()
+    with pytest.raises(DecodeOptionError, match="beam_size 1"):
+        run(model, source_rows(model)[:1], DecodeOptions(beam_size=2), admit=lambda alive: None)
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = tiny_model()
     rows = source_rows(model)

@@ -104,6 +104,48 @@ def test_cache_rows_grouped_by_source_match_full_passes():
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_rows_joining_a_running_cache_decode_as_if_alone(norm_first):
+    """Sources joining after 2 and 3 steps (one longer than the rest) start at their own position 0;
+    when the earliest row leaves, the slots no one else reads go, and every row stays exact."""
+    model, src, tgt = model_and_batch(norm_first)
+    cfg = model.cfg
+    longer = torch.randint(4, cfg.vocab_size, (1, 10))
+    sources = [src[0:1], src[1:2], longer]  # row r decodes sources[r] with tgt[r]
+    joins_at = [0, 2, 3]
+    with torch.no_grad():
+        cache = model.init_cache(*model.encode(src[0:1]), capacity=2)
+        logits: list[list[torch.Tensor]] = [[], [], []]
+        rows = [0]  # which sentence each cache row decodes
+        for slot in range(6):
+            for r in (1, 2):
+                if joins_at[r] == slot:
+                    cache.extend(model.init_cache(*model.encode(sources[r])))
+                    rows.append(r)
+            if slot == 5:  # sentence 0 is done; slots 0 and 1, before anyone else's start, go
+                cache.select(torch.tensor([1, 2]))
+                rows = rows[1:]
+                assert cache.length == 3 and cache.start.tolist() == [0, 1]
+            step_in = torch.stack([tgt[r, slot - joins_at[r]] for r in rows])[:, None]  # (R, 1)
+            out = model.decode_step(step_in, cache)[:, 0]  # (R, V)
+            for row, r in enumerate(rows):
+                logits[r].append(out[row])
+        for r in range(3):
+            T = len(logits[r])
+            full = model(sources[r], tgt[r : r + 1, :T])[0]  # (T, V)
+            torch.testing.assert_close(torch.stack(logits[r]), full, atol=1e-5, rtol=1e-5)
+
+
+def test_only_single_row_caches_take_joining_rows():
+    model, src, tgt = model_and_batch(True)
+    with torch.no_grad():
+        cache = model.init_cache(*model.encode(src))
+        model.decode_step(tgt[:, :1], cache)
+        cache.select(torch.tensor([0, 0, 1, 1]), group=2)
+        with pytest.raises(ValueError, match="one-row-per-source"):
+            cache.extend(model.init_cache(*model.encode(src[:1])))
+
+
 def test_cache_select_rejects_rows_that_do_not_fill_groups():
     model, src, tgt = model_and_batch(True)
     with torch.no_grad():

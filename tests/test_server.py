@@ -8,12 +8,14 @@ the same checkpoint, never from hard-coded strings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import socket
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -275,6 +277,29 @@ def test_cancelled_stream_stops_decoding(client, offline, caplog):
     line = log_line(caplog, "cancel-1")
     assert line["status"] == "CANCELLED" and line["steps"] < LONG
     assert_serves_normally(client, offline)
+
+
+def test_greedy_requests_join_the_running_batch_and_match_offline(checkpoint, offline):
+    """With the one decode worker busy on a long sentence (output budget: twice its source),
+    short greedy requests are answered before it ends: they joined its batch between steps,
+    and decode exactly as offline."""
+    decoding = DecodeOptions(beam_size=1, max_len_a=2.0, max_len_b=0, max_len=LONG)
+    srv, port = create_server(server_config(checkpoint, decoding=decoding))
+    srv.start()
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}", timeout=120) as client:
+            long_text = " ".join(SENTENCES * 3)  # ~140 source tokens: ~280 steps, the others <= 30
+            blocker = client.stub.Translate.future(pb.TranslateRequest(texts=[long_text]), timeout=120)
+            while srv.service.batcher.pending == 0:
+                time.sleep(0.01)
+            with ThreadPoolExecutor(len(SENTENCES)) as pool:
+                replies = list(pool.map(lambda text: client.translate([text]), SENTENCES))
+            assert not blocker.done()
+            want = offline(SENTENCES + [long_text], **dataclasses.asdict(decoding))
+            assert [r.translations[0].hypotheses[0].text for r in replies] == [t.text for t in want[:-1]]
+            assert blocker.result().translations[0].hypotheses[0].text == want[-1].text
+    finally:
+        srv.stop()
 
 
 def test_overload_is_refused_at_once_and_no_request_is_lost(checkpoint, offline, caplog):

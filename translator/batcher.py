@@ -7,6 +7,11 @@ groups queued sentences that share decoding options into batches of at most `max
 Cancellation and deadlines are checked once per decode step: a stopped request's sentences leave
 the running batch at once and its queued ones are dropped.
 
+With `continuous` on, a running batch also takes queued sentences with its options between steps
+(iteration-level batching), as far as its token budget allows, if the decode function asks
+(`admit`; greedy search does): under steady load the batch stays full instead of running down to
+its longest sentence while new requests wait.
+
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
 """
 
@@ -22,13 +27,16 @@ from typing import Any
 
 from translator.config import ConfigError
 
-# decode(sources, options, cancelled, on_step, on_result) -> one result per source, in order.
+# decode(sources, options, cancelled, on_step, on_result, admit) -> one result per source, in order.
 # cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source;
 # on_result(i, result) may hand over source i's result early, as soon as it is final, so that
-# its request is answered while the rest of the batch is still decoding.
+# its request is answered while the rest of the batch is still decoding. admit(alive) gives
+# queued sources that join the batch now (alive: sources still decoding), as sources
+# len(sources), len(sources) + 1, ... of this call; a decode function that cannot take them in
+# never calls it.
 DecodeFn = Callable[
     [list[list[int]], Any, Callable[[], Sequence[bool]], Callable[[list[list[int]]], None],
-     Callable[[int, Any], None]],
+     Callable[[int, Any], None], Callable[[int], list[list[int]]]],
     list[Any],
 ]
 
@@ -63,9 +71,13 @@ class BatcherConfig:
     max_batch_tokens: int = 4096  # sentences x longest source x beam size, per decode call
     max_queue_delay_ms: float = 5.0  # how long a sentence may wait for a batch to fill
     workers: int = 1  # decode threads taking batches from the one queue
+    continuous: bool = True  # queued sentences join a running batch between steps (greedy)
+    # Joins stop past this many sentences in one decode call, which then runs down and ends: its
+    # per-step bookkeeping grows with every sentence it has taken.
+    max_sentences_per_decode: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_sentences", "max_batch_tokens", "workers"):
+        for name in ("max_queue_sentences", "max_batch_tokens", "workers", "max_sentences_per_decode"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"batching.{name} must be positive, got {getattr(self, name)}")
         if self.max_queue_delay_ms < 0:
@@ -77,8 +89,8 @@ class JobStats:
     """Where a request's time went; read after the job has ended."""
 
     queue_ms: float = 0.0  # admission until its first sentence started decoding
-    decode_ms: float = 0.0  # summed over the batches its sentences were in
-    steps: int = 0  # decode steps run while any of its sentences was in the batch
+    decode_ms: float = 0.0  # its first sentence starting to decode until its last finished
+    steps: int = 0  # decode steps run while any of its sentences was in a batch
 
 
 class Job:
@@ -105,7 +117,7 @@ class Job:
         self.error: BatcherError | None = None
         self._remaining = len(sources)
         self._submitted = 0.0
-        self._started = False
+        self._started: float | None = None  # when its first sentence started decoding
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._events: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
@@ -160,8 +172,14 @@ class Job:
                 return
             yield kind, i, value
 
-    def _set_result(self, i: int, value: Any, decode_ms: float) -> None:
-        """Store sentence i's result; the last one adds decode_ms (its batch's time so far) and ends the job."""
+    def _start(self, now: float) -> None:
+        """One of its sentences starts decoding (called under the batcher's lock)."""
+        if self._started is None:
+            self._started = now
+            self.stats.queue_ms = (now - self._submitted) * 1000.0
+
+    def _set_result(self, i: int, value: Any) -> None:
+        """Store sentence i's result; the last one settles the decode time and ends the job."""
         with self._lock:
             if self._done.is_set() or self.results[i] is not None:
                 return
@@ -169,7 +187,7 @@ class Job:
             self._remaining -= 1
             finished = self._remaining == 0
             if finished:  # before waiters wake up and read the stats
-                self.stats.decode_ms += decode_ms
+                self.stats.decode_ms = (time.monotonic() - (self._started or self._submitted)) * 1000.0
         self._emit(("result", i, value))
         if finished:
             self._done.set()
@@ -277,25 +295,34 @@ class Batcher:
                 batch, full = self._gather()
                 wait = self._queue[0].job._submitted + delay - time.monotonic()
                 if full or wait <= 0:
-                    taken = set(map(id, batch))
-                    self._queue = deque(item for item in self._queue if id(item) not in taken)
+                    self._take(batch)
                     return batch
                 self._cond.wait(wait)
 
-    def _gather(self) -> tuple[list[_Item], bool]:
-        """Queued sentences with the oldest one's options, oldest first, within the token budget."""
-        key = self._queue[0].job.options
+    def _gather(self, key: Hashable | None = None, rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
+        """Queued sentences with options `key` (the oldest one's when None), oldest first, that fit
+        the token budget beside `rows` sentences of up to `longest` tokens already decoding; and
+        whether one more would not have fit."""
+        if key is None:
+            key = self._queue[0].job.options
         batch: list[_Item] = []
-        longest = 0
         for item in self._queue:
             if item.job.options != key:
                 continue
             size = max(longest, item.length)
-            if batch and (len(batch) + 1) * size * item.job.cost > self.config.max_batch_tokens:
+            if (batch or rows) and (rows + len(batch) + 1) * size * item.job.cost > self.config.max_batch_tokens:
                 return batch, True
             batch.append(item)
             longest = size
         return batch, False
+
+    def _take(self, batch: list[_Item]) -> None:
+        """Remove batch from the queue; its jobs start decoding now (called under the lock)."""
+        taken = set(map(id, batch))
+        self._queue = deque(item for item in self._queue if id(item) not in taken)
+        now = time.monotonic()
+        for item in batch:
+            item.job._start(now)
 
     def _drop_stopped(self) -> None:
         kept = deque(item for item in self._queue if not item.job.stopped())
@@ -307,19 +334,28 @@ class Batcher:
             self._pending -= n
             self._cond.notify_all()
 
-    def _decode(self, batch: list[_Item]) -> None:
-        jobs = list({id(item.job): item.job for item in batch}.values())
-        start = time.monotonic()
-        for job in jobs:
-            if not job._started:
-                job._started = True
-                job.stats.queue_ms = (start - job._submitted) * 1000.0
+    def _admit(self, batch: list[_Item], alive: int) -> list[list[int]]:
+        """Queued sentences with the batch's options that join it now; appended to batch."""
+        if not self.config.continuous or len(batch) >= self.config.max_sentences_per_decode:
+            return []
+        with self._cond:
+            if self._stopping or not self._queue:
+                return []
+            self._drop_stopped()
+            # The batch's longest source bounds the padded width of the cross-attention keys.
+            longest = max(item.length for item in batch)
+            joining, _ = self._gather(batch[0].job.options, alive, longest)
+            joining = joining[: self.config.max_sentences_per_decode - len(batch)]
+            self._take(joining)
+        batch.extend(joining)
+        return [item.job.sources[item.index] for item in joining]
 
+    def _decode(self, batch: list[_Item]) -> None:
         def cancelled() -> list[bool]:
             return [item.job.stopped() for item in batch]
 
         def on_step(prefixes: list[list[int]]) -> None:
-            for job in jobs:
+            for job in {id(item.job): item.job for item in batch}.values():
                 if not job.done:
                     job.stats.steps += 1
             for item, prefix in zip(batch, prefixes):
@@ -329,21 +365,17 @@ class Batcher:
         def on_result(i: int, result: Any) -> None:
             item = batch[i]
             if not item.job.stopped():
-                item.job._set_result(item.index, result, (time.monotonic() - start) * 1000.0)
+                item.job._set_result(item.index, result)
 
         try:
-            results = self.decode([item.job.sources[item.index] for item in batch],
-                                  batch[0].job.options, cancelled, on_step, on_result)
+            results = self.decode([item.job.sources[item.index] for item in batch], batch[0].job.options,
+                                  cancelled, on_step, on_result, lambda alive: self._admit(batch, alive))
         except Exception as e:  # noqa: BLE001 - the error goes to every caller in the batch
-            for job in jobs:
+            for job in {id(item.job): item.job for item in batch}.values():
                 job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))
             results = [None] * len(batch)
-        elapsed = (time.monotonic() - start) * 1000.0
         for item, result in zip(batch, results):
             if not item.job.stopped():
-                item.job._set_result(item.index, result, elapsed)
-        for job in jobs:
-            if not job.done:  # more of its sentences are in other batches
-                job.stats.decode_ms += elapsed
+                item.job._set_result(item.index, result)
         with self._cond:
             self._finish(len(batch))

@@ -26,22 +26,34 @@ class StepRules:
     def needs_history(self) -> bool:
         return self.ngram > 0
 
-    def apply(self, logp: Tensor, step: int, sentence: Tensor, history: Tensor | None) -> None:
+    def extend(self, n: int) -> None:
+        """Make room for n more sentences, joining the search without a forced prefix."""
+        self.prefix = torch.cat([self.prefix, self.prefix.new_zeros(n, self.prefix.size(1))])
+        self.prefix_len = torch.cat([self.prefix_len, self.prefix_len.new_zeros(n)])
+
+    def apply(self, logp: Tensor, step: int | Tensor, sentence: Tensor, history: Tensor | None) -> None:
         """Mask logp (n, V) for decoding step `step` (0-based) in place.
 
-        sentence (n,): the batch index of each row's sentence; history (n, step): the tokens each
-        row emitted so far, needed only when `needs_history`.
+        step: shared by all rows, or per row (n,) when rows are at different steps.
+        sentence (n,): the batch index of each row's sentence; history (n, t): the tokens each row
+        emitted so far, left-aligned (row i's are history[i, :step[i]]), needed only when `needs_history`.
         """
+        n = logp.size(0)
+        steps = torch.full((n,), step, dtype=torch.long) if isinstance(step, int) else step  # (n,)
         forced = None
-        if step < self.prefix.size(1):
-            rows = (self.prefix_len[sentence] > step).nonzero().squeeze(1)  # rows still inside their prefix
+        if self.prefix.size(1):
+            rows = (self.prefix_len[sentence] > steps).nonzero().squeeze(1)  # rows still inside their prefix
             if rows.numel():
-                tok = self.prefix[sentence[rows], step]  # (r,)
+                tok = self.prefix[sentence[rows], steps[rows]]  # (r,)
                 forced = (rows, tok, logp[rows, tok].clone())
-        if step < self.min_len:
-            logp[:, self.eos_id] = float("-inf")
-        if self.ngram and history is not None and step >= self.ngram:
-            ban_repeated_ngrams(logp, history, self.ngram)
+        if self.min_len:
+            logp[steps < self.min_len, self.eos_id] = float("-inf")
+        if self.ngram and history is not None:
+            rows = (steps >= self.ngram).nonzero().squeeze(1)
+            if rows.numel() == n and isinstance(step, int):
+                ban_repeated_ngrams(logp, history[:, :step], self.ngram)
+            elif rows.numel():
+                ban_repeated_ngrams(logp, right_aligned(history, steps), self.ngram, rows)
         if forced is not None:
             # The prefix wins over every other rule: only its token stays, with its log-probability.
             rows, tok, kept = forced
@@ -49,13 +61,27 @@ class StepRules:
             logp[rows, tok] = kept
 
 
-def ban_repeated_ngrams(logp: Tensor, history: Tensor, n: int) -> None:
-    """Forbid, per row, every token that would complete an n-gram already in history (rows, t)."""
+def right_aligned(history: Tensor, steps: Tensor) -> Tensor:
+    """Left-aligned rows of history (n, t), row i holding steps[i] tokens, moved to end at the last
+    column, -1 before them (an id no n-gram holds): (n, max(steps))."""
+    width = int(steps.max())
+    at = steps[:, None] - width + torch.arange(width)  # (n, width) column in history
+    return history.gather(1, at.clamp(min=0)).masked_fill(at < 0, -1)
+
+
+def ban_repeated_ngrams(logp: Tensor, history: Tensor, n: int, rows: Tensor | None = None) -> None:
+    """Forbid, per row, every token that would complete an n-gram already in history (rows, t).
+
+    rows: the rows of logp and history to look at (each with at least n tokens); all when None.
+    """
+    if rows is not None:
+        history = history[rows]
     windows = history.unfold(1, n, 1)  # (rows, t - n + 1, n)
     context = history[:, history.size(1) - n + 1 :]  # (rows, n - 1): the n-gram now being started
     match = (windows[:, :, : n - 1] == context[:, None, :]).all(dim=-1)  # (rows, t - n + 1)
-    rows, at = match.nonzero(as_tuple=True)
-    logp[rows, windows[rows, at, n - 1]] = float("-inf")
+    at_row, at = match.nonzero(as_tuple=True)
+    tokens = windows[at_row, at, n - 1]
+    logp[at_row if rows is None else rows[at_row], tokens] = float("-inf")
 
 
 def forced_prefix_table(

@@ -1,6 +1,7 @@
 """Autoregressive search over the model's incremental decoder: pure functions, tensors in and out.
 
-    search(model, src, opts, *, prefix=None, cancelled=None, on_step=None, on_done=None) -> Hypotheses
+    search(model, src, opts, *, prefix=None, cancelled=None, on_step=None, on_done=None,
+           admit=None) -> Hypotheses
 
 dispatches on the options: greedy search for beam_size 1 (sampling when opts.sample), beam search
 otherwise. Modules: decode_options (DecodeOptions), length (budgets, length penalty), constraints
@@ -15,7 +16,7 @@ from torch import Tensor
 from translator.beam import beam_search
 from translator.decode_options import PRESETS, DecodeOptionError, DecodeOptions
 from translator.greedy import greedy_search
-from translator.hooks import Cancelled, OnDone, OnStep
+from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis
 from translator.model import EncoderDecoder
 
@@ -34,6 +35,7 @@ def search(
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
     on_done: OnDone | None = None,
+    admit: Admit | None = None,
 ) -> Hypotheses:
     """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses each.
 
@@ -44,10 +46,14 @@ def search(
     on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
     far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
     on_done(i, nbest): sentence i's final n-best list, as soon as it is known.
+    admit(alive): greedy search only; more sources joining the running batch before a step.
     (Details in translator.hooks.)
     A sentence's result does not depend on the other sentences of the batch or on padding (up to
     float rounding), except when sampling.
     """
     if opts.beam_size == 1:
-        return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done)
+        return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
+                             admit=admit)
+    if admit is not None:
+        raise DecodeOptionError("sentences can join a running search only with beam_size 1 (greedy)")
     return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done)

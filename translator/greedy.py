@@ -1,16 +1,94 @@
-"""Greedy search (and sampling), batched: finished sentences leave the batch at once."""
+"""Greedy search (and sampling), batched: finished sentences leave the batch at once, and new
+ones may join it between steps (iteration-level batching)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from translator.decode_options import DecodeOptions
-from translator.hooks import Cancelled, OnDone, OnStep
-from translator.hypotheses import Hypotheses, make_hypotheses
-from translator.model import EncoderDecoder
+from translator.hooks import Admit, Cancelled, OnDone, OnStep
+from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
+from translator.model import EncoderDecoder, padded
 from translator.sampling import make_picker
 from translator.search_setup import start_search
+
+
+@dataclass
+class Rows:
+    """The sentences being decoded, one row each, in the decoder cache's row order.
+
+    Outputs are left-aligned: row i has emitted tokens[i, :steps[i]]. Rows that joined later are
+    at fewer steps than the others.
+    """
+
+    sentence: Tensor  # (b,) batch index of each row's sentence
+    tokens: Tensor  # (b, W) W: the longest budget among them
+    log_probs: Tensor  # (b, W)
+    steps: Tensor  # (b,) tokens emitted so far, EOS included
+    summed: Tensor  # (b,) log-probabilities summed step by step, in the order beam search does
+    last: Tensor  # (b, 1) input of the next step
+    alignment: Tensor | None  # (b, W, S) cross-attention per emitted token, when recorded
+
+    @classmethod
+    def new(cls, sentence: Tensor, width: int, bos_id: int, pad_id: int, src_len: int | None) -> Rows:
+        b = sentence.numel()
+        return cls(
+            sentence=sentence,
+            tokens=torch.full((b, width), pad_id, dtype=torch.long),
+            log_probs=torch.zeros(b, width),
+            steps=torch.zeros(b, dtype=torch.long),
+            summed=torch.zeros(b),
+            last=torch.full((b, 1), bos_id, dtype=torch.long),
+            alignment=None if src_len is None else torch.zeros(b, width, src_len),
+        )
+
+    @property
+    def count(self) -> int:
+        return self.sentence.numel()
+
+    def step(self) -> int | Tensor:
+        """The step every row is at, or each row's (b,) when they differ."""
+        first = int(self.steps[0])
+        return first if bool((self.steps == first).all()) else self.steps
+
+    def keep(self, index: Tensor) -> None:
+        """Keep rows index (k,), in that order."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, value[index])
+
+    def join(self, new: Rows) -> None:
+        """Append the rows of `new`, widening both to the longer budget and the longer source."""
+        width = max(self.tokens.size(1), new.tokens.size(1))
+        self.tokens = torch.cat([padded(self.tokens, 1, width), padded(new.tokens, 1, width)])
+        self.log_probs = torch.cat([padded(self.log_probs, 1, width), padded(new.log_probs, 1, width)])
+        if self.alignment is not None and new.alignment is not None:
+            S = max(self.alignment.size(2), new.alignment.size(2))
+            self.alignment = torch.cat([padded(padded(a, 1, width), 2, S) for a in (self.alignment, new.alignment)])
+        for name in ("sentence", "steps", "summed", "last"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)]))
+
+    def push(self, idx: Tensor, lp: Tensor, alignment: Tensor | None) -> None:
+        """Record each row's next token idx (b,), its log-probability lp (b,) and cross-attention (b, S)."""
+        rows = torch.arange(self.count)
+        self.tokens[rows, self.steps] = idx
+        self.log_probs[rows, self.steps] = lp
+        if self.alignment is not None and alignment is not None:
+            self.alignment[rows, self.steps, : alignment.size(1)] = alignment
+        self.steps += 1
+        self.summed += lp
+        self.last = idx[:, None]
+
+    def hypotheses(self, done: Tensor, ended: Tensor, opts: DecodeOptions, src_lengths: Tensor) -> list[Hypothesis]:
+        """Hypotheses of the rows flagged done (b,); ended (b,): whose last token was EOS."""
+        return make_hypotheses(
+            self.tokens[done], self.log_probs[done], self.steps[done], ended[done], self.summed[done], opts,
+            self.alignment[done] if self.alignment is not None else None, src_lengths[self.sentence[done]],
+        )
 
 
 @torch.inference_mode()
@@ -23,69 +101,60 @@ def greedy_search(
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
     on_done: OnDone | None = None,
+    admit: Admit | None = None,
 ) -> Hypotheses:
     """Decode src (B, S) one best token at a time (or one sampled token when opts.sample).
 
-    Output buffers are preallocated at the longest budget and filled by row index; a sentence
-    leaves the batch (and the cache) at the step it emits EOS, reaches its budget or is cancelled.
-    See translator.hooks for `cancelled`, `on_step` and `on_done`, translator.constraints for `prefix`.
+    A sentence leaves the batch (and the cache) at the step it emits EOS, reaches its budget or
+    is cancelled; sentences `admit` hands over join it before a step, at their own position 0.
+    See translator.hooks for the hooks, translator.constraints for `prefix`.
     """
     cfg = model.cfg
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
     run = start_search(model, src, opts, prefix, cancelled, on_step, on_done)
-    T = int(run.budget.max())
-    tokens = torch.full((B, T), cfg.pad_id, dtype=torch.long)
-    log_probs = torch.zeros(B, T)
-    summed = torch.zeros(B)  # accumulated step by step, in the order beam search does
-    alignment = torch.zeros(B, T, S) if opts.alignment else None
-    steps = torch.zeros(B, dtype=torch.long)
-    ended = torch.zeros(B, dtype=torch.bool)
-    alive = torch.arange(B)  # (b,) batch index of each active row
-    last = torch.full((B, 1), cfg.bos_id, dtype=torch.long)  # (b, 1)
-    pick = make_picker(opts)
+    rows = Rows.new(torch.arange(B), int(run.budget.max()), cfg.bos_id, cfg.pad_id, S if opts.alignment else None)
+    nbest: list[list[Hypothesis]] = [[] for _ in range(B)]
     streamed: list[list[int]] = [[] for _ in range(B)]
-    for step in range(T):
-        stay = run.hooks.poll(alive)
+    pick = make_picker(opts)
+    while True:
+        new = admit(rows.count) if admit is not None else None
+        if new is not None and new.size(0):
+            first, n = run.hooks.batch_size, new.size(0)
+            run.admit(model, new, opts)
+            src_len = run.cache.src_mask.size(-1) if opts.alignment else None
+            rows.join(Rows.new(torch.arange(first, first + n), int(run.budget[first:].max()), cfg.bos_id,
+                               cfg.pad_id, src_len))
+            nbest += [[] for _ in range(n)]
+            streamed += [[] for _ in range(n)]
+        stay = run.hooks.poll(rows.sentence)
         if stay is not None:
-            for i in alive[~stay].tolist():
+            for i in rows.sentence[~stay].tolist():
                 streamed[i] = []
-            alive, last = alive[stay], last[stay]
-            run.cache.select(stay.nonzero().squeeze(1))
-        if not alive.numel():
+            index = stay.nonzero().squeeze(1)
+            rows.keep(index)
+            run.cache.select(index)
+        if not rows.count:
             break
-        logits = model.decode_step(last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b, V)
+        logits = model.decode_step(rows.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b, V)
         logp = logits.float().log_softmax(dim=-1)
-        run.rules.apply(logp, step, alive, tokens[alive, :step] if run.rules.needs_history else None)
+        run.rules.apply(logp, rows.step(), rows.sentence, rows.tokens if run.rules.needs_history else None)
         idx = pick(logp)  # (b,)
-        tokens[alive, step] = idx
         lp = logp.gather(1, idx[:, None]).squeeze(1)  # (b,)
-        log_probs[alive, step] = lp
-        summed[alive] += lp
-        if alignment is not None:
-            alignment[alive, step] = run.cache.alignments.pop()  # (b, S)
+        rows.push(idx, lp, run.cache.alignments.pop() if opts.alignment else None)
         is_eos = idx == cfg.eos_id
-        steps[alive] = step + 1
-        ended[alive] = is_eos
         if run.hooks.streaming:
-            for i, tok, eos in zip(alive.tolist(), idx.tolist(), is_eos.tolist()):
+            for i, tok, eos in zip(rows.sentence.tolist(), idx.tolist(), is_eos.tolist()):
                 if not eos:
                     streamed[i].append(tok)
             run.hooks.report([list(p) for p in streamed])
-        done = is_eos | (run.budget[alive] <= step + 1)  # (b,)
+        done = is_eos | (run.budget[rows.sentence] <= rows.steps)  # (b,)
         if done.any():
-            if run.hooks.wants_done:
-                rows = alive[done]
-                finished = make_hypotheses(tokens[rows], log_probs[rows], steps[rows], ended[rows], summed[rows],
-                                           opts, alignment[rows] if alignment is not None else None,
-                                           run.src_lengths[rows])
-                for i, h in zip(rows.tolist(), finished):
-                    run.hooks.done(i, [h])
+            for i, h in zip(rows.sentence[done].tolist(), rows.hypotheses(done, is_eos, opts, run.src_lengths)):
+                nbest[i] = [h]
+                run.hooks.done(i, [h])
             keep = (~done).nonzero().squeeze(1)
+            rows.keep(keep)
             run.cache.select(keep)
-            alive, idx = alive[keep], idx[keep]
-        last = idx[:, None]
-    hyps = make_hypotheses(tokens, log_probs, steps, ended, summed, opts, alignment, run.src_lengths)
-    nbest = [[] if gone else [h] for h, gone in zip(hyps, run.hooks.flags)]
     return Hypotheses(nbest, list(run.hooks.flags))

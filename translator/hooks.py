@@ -14,6 +14,12 @@
         Called once for sentence i as soon as its n-best list is final, before the search returns
         (a server can answer it while longer sentences of the batch are still decoding); the
         same list the search returns for it. Cancelled sentences are not reported.
+    admit(alive: int) -> Tensor | None
+        Greedy search only. Called before every step with the number of sentences still
+        decoding; it may return more sources (b, S') (EOS-terminated, right-padded, any S') that
+        join the running batch at that step as sentences B, B + 1, ... in the order given, each
+        from its own first position, so that a server keeps one batch full while requests come
+        and go. The other hooks then cover them too; their results are as if decoded alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from translator.hypotheses import Hypothesis
 Cancelled = Callable[[], Sequence[bool]]
 OnStep = Callable[[list[list[int]]], None]
 OnDone = Callable[[int, list[Hypothesis]], None]
+Admit = Callable[[int], Tensor | None]
 
 
 class SearchHooks:
@@ -41,6 +48,11 @@ class SearchHooks:
         self._on_done = on_done
         self.batch_size = batch_size
         self.flags = [False] * batch_size  # per sentence: cancelled
+
+    def extend(self, n: int) -> None:
+        """n more sentences joined the search."""
+        self.batch_size += n
+        self.flags.extend([False] * n)
 
     @property
     def streaming(self) -> bool:

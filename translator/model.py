@@ -187,11 +187,20 @@ def grown(buffer: Tensor | None, like: Tensor, filled: int, room: int) -> Tensor
     return out
 
 
-def take_rows(buffer: Tensor, index: Tensor, filled: int) -> Tensor:
-    """Rows `index` of a (capacity, R, H, Dh) buffer, copying its first `filled` positions only."""
+def take_rows(buffer: Tensor, index: Tensor, first: int, filled: int) -> Tensor:
+    """Rows `index` of a (capacity, R, H, Dh) buffer; its positions first..filled-1 move to the front."""
     out = buffer.new_empty((buffer.size(0), index.numel()) + tuple(buffer.shape[2:]))
-    torch.index_select(buffer[:filled], 1, index, out=out[:filled])
+    torch.index_select(buffer[first:filled], 1, index, out=out[: filled - first])
     return out
+
+
+def padded(x: Tensor, dim: int, size: int, value: float | bool = 0) -> Tensor:
+    """x with dimension `dim` padded at the end to `size` with `value`."""
+    if x.size(dim) >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.size(dim)
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
 @dataclass
@@ -200,6 +209,10 @@ class DecoderCache:
 
     Rows: the decoder runs R = N * group rows; rows g*group ... g*group + group - 1 translate
     source g (a sentence's beams), and read its cross-attention keys/values without copies.
+
+    Self-attention keys/values sit in `length` slots, one per step run. Rows that joined a
+    running batch (`extend`) start at a later slot: `start` (R,) holds each row's first slot,
+    so a row's position is `length - start`, and it attends only to slots from its own start.
     """
 
     layers: list[LayerCache]
@@ -208,12 +221,54 @@ class DecoderCache:
     capacity: int = 64  # self-attention positions to allocate at first
     length: int = 0
     alignments: list[Tensor] = field(default_factory=list)  # per step (R, S) when recorded
+    start: Tensor | None = None  # (R,) first slot of each row; None: every row starts at slot 0
+
+    def positions(self, t: int) -> int | Tensor:
+        """Positions of the next t tokens: an offset shared by all rows, or per row (R, t)."""
+        if self.start is None:
+            return self.length
+        return self.length - self.start[:, None] + torch.arange(t, device=self.start.device)  # (R, t)
+
+    def self_attention_mask(self, t: int) -> Tensor | None:
+        """Which of the length + t slots each of t new positions may attend to: None (all of
+        them, t == 1), (t, length + t) causal, or (R, 1, t, length + t) with rows' own starts."""
+        total = self.length + t
+        causal = None
+        if t > 1:  # new positions see all past slots and, among themselves, only earlier ones
+            causal = torch.ones(t, total, dtype=torch.bool, device=self.src_mask.device).tril(total - t)
+        if self.start is None:
+            return causal
+        slots = torch.arange(total, device=self.start.device)
+        own = (slots >= self.start[:, None])[:, None, None, :]  # (R, 1, 1, total)
+        return own if causal is None else own & causal
+
+    def extend(self, new: DecoderCache) -> None:
+        """Append the rows of `new` (a fresh cache of other sources, one row each), which start
+        at the next slot. Source lengths are padded to the longer of the two (masked)."""
+        if self.group != 1 or new.group != 1 or new.length:
+            raise ValueError("only one-row-per-source caches extend, by caches that have not decoded yet")
+        R, added = self.src_mask.size(0), new.src_mask.size(0)
+        S = max(self.src_mask.size(-1), new.src_mask.size(-1))
+        self.src_mask = torch.cat([padded(self.src_mask, 3, S, False), padded(new.src_mask, 3, S, False)])
+        for lc, lnew in zip(self.layers, new.layers):
+            lc.cross_k = torch.cat([padded(lc.cross_k, 2, S), padded(lnew.cross_k, 2, S)])  # (N, H, S, Dh)
+            lc.cross_v = torch.cat([padded(lc.cross_v, 2, S), padded(lnew.cross_v, 2, S)])
+            if lc.self_k is not None:
+                # Zeros, not garbage, in the slots the new rows never attend to: 0 * NaN would leak.
+                rows = lc.self_k.new_zeros((lc.self_k.size(0), added) + tuple(lc.self_k.shape[2:]))
+                lc.self_k, lc.self_v = torch.cat([lc.self_k, rows], 1), torch.cat([lc.self_v, rows], 1)
+        if self.length:
+            start = self.start if self.start is not None else self.src_mask.new_zeros(R, dtype=torch.long)
+            self.start = torch.cat([start, start.new_full((added,), self.length)])
+        elif self.start is not None:
+            self.start = torch.cat([self.start, self.start.new_zeros(added)])
 
     def select(self, index: Tensor, group: int | None = None) -> None:
         """Keep or reorder decoder rows: new row i is old row index[i]; `group` rows per source after.
 
         Each run of `group` new rows must come from one source (beams reordered within their
-        sentence, finished sentences dropped); sources no row reads are dropped.
+        sentence, finished sentences dropped); sources no row reads are dropped. Slots before
+        the earliest start of the rows kept are dropped too.
         """
         group = group or self.group
         if index.numel() % group:
@@ -223,12 +278,19 @@ class DecoderCache:
         same_sources = sources.numel() == self.src_mask.size(0) and bool(
             (sources == torch.arange(sources.numel(), device=sources.device)).all()
         )
+        first = 0
+        if self.start is not None:
+            start = self.start[index]
+            first = int(start.min()) if start.numel() else 0
+            start = start - first
+            self.start = start if bool(start.any()) else None
         for lc in self.layers:
             if not same_sources:
                 lc.cross_k, lc.cross_v = lc.cross_k[sources], lc.cross_v[sources]
             if lc.self_k is not None:
-                lc.self_k = take_rows(lc.self_k, index, self.length)
-                lc.self_v = take_rows(lc.self_v, index, self.length)
+                lc.self_k = take_rows(lc.self_k, index, first, self.length)
+                lc.self_v = take_rows(lc.self_v, index, first, self.length)
+        self.length -= first
         if not same_sources:
             self.src_mask = self.src_mask[sources]
 
@@ -251,18 +313,16 @@ class DecoderLayer(nn.Module):
         x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, src_mask))
         return self.sublayers[2](x, self.feed_forward)
 
-    def step(self, x: Tensor, cache: DecoderCache, layer: int, record: list | None) -> Tensor:
-        """Incremental pass over new positions x (R, t, D), attending to all cached ones."""
+    def step(
+        self, x: Tensor, cache: DecoderCache, layer: int, self_mask: Tensor | None, record: list | None
+    ) -> Tensor:
+        """Incremental pass over new positions x (R, t, D), attending to the cached ones self_mask allows."""
         lc = cache.layers[layer]
 
         def self_block(y: Tensor) -> Tensor:
             k, v = self.self_attn.keys_values(y)  # (R, H, t, Dh)
             k, v = lc.append(k, v, cache.length, cache.capacity)  # (R, H, past + t, Dh)
-            t, total = y.size(1), k.size(2)
-            mask = None  # one new position sees every cached one
-            if t > 1:  # several: all past ones and, among themselves, only earlier ones
-                mask = torch.ones(t, total, dtype=torch.bool, device=y.device).tril(total - t)
-            return self.self_attn.attend(y, k, v, mask)
+            return self.self_attn.attend(y, k, v, self_mask)
 
         def cross_block(y: Tensor) -> Tensor:
             R, t, D = y.size()
@@ -286,15 +346,15 @@ class Embeddings(nn.Module):
         self.register_buffer("positions", sinusoids(cfg.max_positions, cfg.d_model), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
-        """ids (B, L) -> (B, L, D); offset is the position of ids[:, 0]."""
+    def forward(self, ids: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """ids (B, L) -> (B, L, D); offset is the position of ids[:, 0], or each token's position (B, L)."""
         L = ids.size(1)
-        if offset + L > self.positions.size(0):
-            raise ValueError(
-                f"sequence of {offset + L} tokens exceeds max_positions {self.positions.size(0)}"
-            )
+        last = offset + L if isinstance(offset, int) else int(offset.max()) + 1
+        if last > self.positions.size(0):
+            raise ValueError(f"sequence of {last} tokens exceeds max_positions {self.positions.size(0)}")
         x = self.tokens(ids) * math.sqrt(self.d_model)
-        return self.dropout(x + self.positions[offset : offset + L])
+        positions = self.positions[offset : offset + L] if isinstance(offset, int) else self.positions[offset]
+        return self.dropout(x + positions)
 
 
 def sinusoids(n_positions: int, d_model: int) -> Tensor:
@@ -332,8 +392,9 @@ class Decoder(nn.Module):
 
     def step(self, x: Tensor, cache: DecoderCache, record: bool) -> Tensor:
         rows: list[Tensor] | None = [] if record else None
+        self_mask = cache.self_attention_mask(x.size(1))
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, cache, i, rows)
+            x = layer.step(x, cache, i, self_mask, rows)
         if rows:
             # Alignment of the last new position, averaged over layers: (B, S).
             cache.alignments.append(torch.stack(rows).mean(dim=0)[:, -1])
@@ -400,7 +461,7 @@ class EncoderDecoder(nn.Module):
 
     def decode_step(self, tgt_new: Tensor, cache: DecoderCache, record_alignment: bool = False) -> Tensor:
         """Incremental decode: new tokens (B, t) after cache.length earlier ones -> logits (B, t, V)."""
-        x = self.embed(tgt_new, offset=cache.length)  # (B, t, D)
+        x = self.embed(tgt_new, offset=cache.positions(tgt_new.size(1)))  # (B, t, D)
         x = self.decoder.step(x, cache, record_alignment)
         cache.length += tgt_new.size(1)
         return self.generator(x)

@@ -1,9 +1,11 @@
-"""What every search starts with: source lengths, output budgets, step rules, hooks, encoder cache."""
+"""What every search starts with: source lengths, output budgets, step rules, hooks, encoder cache;
+and what sentences joining a running search bring to it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from translator.constraints import StepRules
@@ -20,6 +22,18 @@ class SearchSetup:
     rules: StepRules
     hooks: SearchHooks
     cache: DecoderCache  # encoder output projected for every decoder layer, B sources
+
+    def admit(self, model: EncoderDecoder, src: Tensor, opts: DecodeOptions) -> None:
+        """Sentences src (b, S') join the search (greedy only): encoded, budgeted, and appended to
+        the cache as rows that start at its next slot. They take batch indices B, B + 1, ..."""
+        src_lengths = (src != model.cfg.pad_id).sum(dim=1)  # (b,)
+        budget = output_budgets(src_lengths, opts.max_len_a, opts.max_len_b, opts.max_len, model.cfg.max_positions)
+        memory, src_mask = model.encode(src)  # (b, S', D), (b, 1, 1, S')
+        self.cache.extend(model.init_cache(memory, src_mask))
+        self.src_lengths = torch.cat([self.src_lengths, src_lengths])
+        self.budget = torch.cat([self.budget, budget])
+        self.rules.extend(src.size(0))
+        self.hooks.extend(src.size(0))
 
 
 def start_search(

@@ -307,10 +307,17 @@ class TranslationService:
             job.cancel()
         return job
 
-    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result) -> list[Any]:
-        """The batcher's decode function: one search over a padded batch, split per sentence."""
-        src = batch_tensor(sources, self.translator.model.cfg.pad_id)  # (B, S)
-        hyps = search(self.translator.model, src, opts, cancelled=cancelled, on_step=on_step, on_done=on_result)
+    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result, admit) -> list[Any]:
+        """The batcher's decode function: one search over a padded batch, split per sentence.
+        Greedy search takes queued sentences in between its steps."""
+        pad = self.translator.model.cfg.pad_id
+
+        def joining(alive: int) -> torch.Tensor | None:
+            new = admit(alive)
+            return batch_tensor(new, pad) if new else None  # (b, S')
+
+        hyps = search(self.translator.model, batch_tensor(sources, pad), opts, cancelled=cancelled,
+                      on_step=on_step, on_done=on_result, admit=joining if opts.beam_size == 1 else None)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
