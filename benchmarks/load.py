@@ -4,7 +4,9 @@ Starts `nmt-serve` on the checkpoint in a subprocess, decodes the same sentences
 length-sorted batches (the throughput ceiling), then for each concurrency level sends every
 sentence once, one per call, and stops. Prints throughput (sentences/s), latency percentiles,
 errors, served / offline throughput, and where a request's time went on the server (mean wait
-for a batch, mean time in decode batches; from its Prometheus metrics).
+for a batch, mean time in decode batches; from its Prometheus metrics). `--batching
+continuous,static` runs the levels against a server of each kind in turn (sentences joining a
+running greedy batch, or batches decoded whole), against the same offline figure.
 
     python benchmarks/load.py --checkpoint runs/multi30k-en-de/best.pt \\
         --corpus /work/shared/data/multi30k/test_2016_flickr.en.gz --json load.json
@@ -55,11 +57,12 @@ def offline_throughput(
     return len(sentences) / (time.perf_counter() - start)
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+def start_server(args: argparse.Namespace, batching: str) -> tuple[subprocess.Popen, str, str]:
     """The server in a subprocess; its gRPC target and its metrics URL."""
     cmd = [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(args.checkpoint), "--port", "0",
            "--metrics-port", "0",
            "--threads", str(args.threads), f"batching.workers={args.workers}",
+           f"batching.continuous={str(batching == 'continuous').lower()}",
            f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
            f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
@@ -159,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="server decode workers (batching.workers)")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--batching", default="continuous",
+                   help="comma-separated server kinds to run in turn: continuous, static")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each call, seconds")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    kinds = args.batching.split(",")
+    if not set(kinds) <= {"continuous", "static"}:
+        p.error(f"--batching takes continuous and/or static, got {args.batching!r}")
     sentences = read_sentences(args.corpus, args.sentences)
 
     import torch
@@ -171,27 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     offline = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens)
     print(f"offline batched decoding: {offline:.2f} sentences/s "
           f"({len(sentences)} sentences, beam {args.beam_size})")
-    proc, target, metrics_url = start_server(args)
-    try:
-        run_level(target, sentences[:8], 4, args.beam_size, args.timeout)  # warm-up
-        levels = []
-        header = ("clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "queue ms", "decode ms")
-        print(" ".join(f"{h:>8}" for h in header))
-        for clients in args.concurrency:
-            before = scrape(metrics_url)
-            r = run_level(target, sentences, clients, args.beam_size, args.timeout)
-            r.update(where_time_went(before, scrape(metrics_url)))
-            r["ratio_to_offline"] = round(r["sentences_per_s"] / offline, 3)
-            levels.append(r)
-            print(f"{clients:>8} {r['sentences_per_s']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                  f"{r['p99_ms']:>8.1f} {sum(r['errors'].values()):>8} {r['ratio_to_offline']:>8.3f} "
-                  f"{r['mean_queue_ms']:>8.1f} {r['mean_decode_ms']:>8.1f}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    header = ("batching", "clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "queue ms",
+              "decode ms")
+    print(" ".join(f"{h:>10}" for h in header))
+    levels = []
+    for kind in kinds:
+        proc, target, metrics_url = start_server(args, kind)
+        try:
+            run_level(target, sentences[:8], 4, args.beam_size, args.timeout)  # warm-up
+            for clients in args.concurrency:
+                before = scrape(metrics_url)
+                r = {"batching": kind, **run_level(target, sentences, clients, args.beam_size, args.timeout)}
+                r.update(where_time_went(before, scrape(metrics_url)))
+                r["ratio_to_offline"] = round(r["sentences_per_s"] / offline, 3)
+                levels.append(r)
+                row = (kind, clients, r["sentences_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
+                       sum(r["errors"].values()), r["ratio_to_offline"], r["mean_queue_ms"], r["mean_decode_ms"])
+                print(" ".join(f"{v:>10.3f}" if isinstance(v, float) else f"{v:>10}" for v in row))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
-                  "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2), "levels": levels}
+                  "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2),
+                  "levels": levels}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
