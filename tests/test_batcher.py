@@ -302,3 +302,16 @@ def test_without_continuous_batching_a_running_batch_takes_no_one():
     assert second.wait() == [[2, 1]] and first.wait() == [list(range(10))[::-1]]
     assert [len(srcs) for _, srcs in decoder.batches] == [1, 1]
     batcher.stop()
+
+
+def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on():
+    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
+    batcher = make(decoder, max_queue_sentences=2, max_queue_delay_ms=0.0)
+    long = batcher.submit(Job([list(range(40))], options="g"))
+    decoder.started.wait(5)
+    assert batcher.submit(Job([[1, 2]], options="g")).wait() == [[2, 1]]
+    assert not long.done and batcher.pending == 1
+    assert batcher.submit(Job([[3]], options="g")).wait() == [[3]]  # refused if the first still counted
+    long.wait()
+    assert batcher.pending == 0
+    batcher.stop()

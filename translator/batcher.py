@@ -351,21 +351,47 @@ class Batcher:
         return [item.job.sources[item.index] for item in joining]
 
     def _decode(self, batch: list[_Item]) -> None:
+        # The batch's sentences still decoding, by index: per-step work stays with them rather than
+        # with every sentence a long-running batch has taken.
+        # A sentence leaves it, and gives its place in the admission queue back, when it finishes
+        # or stops, not when the whole decode call ends.
+        active: dict[int, _Item] = {}
+        seen = 0
+
+        def take_joined() -> None:
+            nonlocal seen
+            active.update((k, batch[k]) for k in range(seen, len(batch)))
+            seen = len(batch)
+
+        def release(k: int) -> _Item:
+            item = active.pop(k)
+            with self._cond:
+                self._finish(1)
+            return item
+
         def cancelled() -> list[bool]:
-            return [item.job.stopped() for item in batch]
+            take_joined()
+            flags = [False] * len(batch)
+            for k in [k for k, item in active.items() if item.job.stopped()]:
+                flags[k] = True
+                release(k)
+            return flags
 
         def on_step(prefixes: list[list[int]]) -> None:
-            for job in {id(item.job): item.job for item in batch}.values():
+            take_joined()
+            for job in {id(item.job): item.job for item in active.values()}.values():
                 if not job.done:
                     job.stats.steps += 1
-            for item, prefix in zip(batch, prefixes):
+            for k, item in active.items():
                 if not item.job.done:
-                    item.job._emit(("prefix", item.index, prefix))
+                    item.job._emit(("prefix", item.index, prefixes[k]))
 
         def on_result(i: int, result: Any) -> None:
-            item = batch[i]
-            if not item.job.stopped():
-                item.job._set_result(item.index, result)
+            take_joined()
+            if i in active:
+                item = release(i)
+                if not item.job.stopped():
+                    item.job._set_result(item.index, result)
 
         try:
             results = self.decode([item.job.sources[item.index] for item in batch], batch[0].job.options,
@@ -374,8 +400,9 @@ class Batcher:
             for job in {id(item.job): item.job for item in batch}.values():
                 job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))
             results = [None] * len(batch)
-        for item, result in zip(batch, results):
-            if not item.job.stopped():
-                item.job._set_result(item.index, result)
-        with self._cond:
-            self._finish(len(batch))
+        take_joined()
+        for k, result in enumerate(results):
+            if k in active:
+                on_result(k, result)
+        for k in list(active):  # results the decode function did not give
+            release(k)

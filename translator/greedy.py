@@ -147,8 +147,8 @@ def greedy_search(
         if run.hooks.streaming:
             for i, tok, eos in zip(rows.sentence.tolist(), idx.tolist(), is_eos.tolist()):
                 if not eos:
-                    streamed[i].append(tok)
-            run.hooks.report([list(p) for p in streamed])
+                    streamed[i] = streamed[i] + [tok]  # a new list: one already reported never changes
+            run.hooks.report(list(streamed))
         done = is_eos | (run.budget[rows.sentence] <= rows.steps)  # (b,)
         if done.any():
             for i, h in zip(rows.sentence[done].tolist(), rows.hypotheses(done, is_eos, opts, run.src_lengths)):
