@@ -315,3 +315,16 @@ def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on(
     long.wait()
     assert batcher.pending == 0
     batcher.stop()
+
+
+def test_a_request_with_other_options_stops_the_joining_once_it_has_waited_its_delay():
+    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
+    batcher = make(decoder, max_queue_delay_ms=10.0)
+    first = batcher.submit(Job([list(range(30))], options="greedy"))
+    decoder.started.wait(5)
+    other = batcher.submit(Job([[1, 2]], options="beam"))
+    time.sleep(0.05)
+    late = batcher.submit(Job([[3, 4]], options="greedy"))  # would join, but the beam request is older
+    assert [job.wait() for job in (first, other, late)] == [[list(range(30))[::-1]], [[2, 1]], [[4, 3]]]
+    assert [srcs for _, srcs in decoder.batches] == [[list(range(30))], [[1, 2]], [[3, 4]]]
+    batcher.stop()

@@ -10,7 +10,8 @@ the running batch at once and its queued ones are dropped.
 With `continuous` on, a running batch also takes queued sentences with its options between steps
 (iteration-level batching), as far as its token budget allows, if the decode function asks
 (`admit`; greedy search does): under steady load the batch stays full instead of running down to
-its longest sentence while new requests wait.
+its longest sentence while new requests wait. Joining stops once the oldest queued request wants
+other options and has waited `max_queue_delay_ms`, so that its batch goes next.
 
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
 """
@@ -338,13 +339,17 @@ class Batcher:
         """Queued sentences with the batch's options that join it now; appended to batch."""
         if not self.config.continuous or len(batch) >= self.config.max_sentences_per_decode:
             return []
+        key = batch[0].job.options
         with self._cond:
+            self._drop_stopped()
             if self._stopping or not self._queue:
                 return []
-            self._drop_stopped()
+            head = self._queue[0].job
+            if head.options != key and time.monotonic() - head._submitted > self.config.max_queue_delay_ms / 1000.0:
+                return []  # the oldest request wants other options: run down, so that its batch goes next
             # The batch's longest source bounds the padded width of the cross-attention keys.
             longest = max(item.length for item in batch)
-            joining, _ = self._gather(batch[0].job.options, alive, longest)
+            joining, _ = self._gather(key, alive, longest)
             joining = joining[: self.config.max_sentences_per_decode - len(batch)]
             self._take(joining)
         batch.extend(joining)
