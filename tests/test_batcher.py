@@ -293,11 +293,17 @@ def test_joining_sentences_stay_within_max_batch_tokens_and_the_per_decode_cap()
     batcher.stop()
 
 
-def test_without_continuous_batching_a_running_batch_takes_no_one():
+def running(tokens: int, options: str = "g", **cfg) -> tuple[ReverseDecoder, Batcher, Job]:
+    """A batcher whose joining decoder is busy with one job of `tokens` steps, 10 ms each."""
     decoder = ReverseDecoder(step_seconds=0.01, joins=True)
-    batcher = make(decoder, max_queue_delay_ms=0.0, continuous=False)
-    first = batcher.submit(Job([list(range(10))], options="g"))
-    decoder.started.wait(5)
+    batcher = make(decoder, **cfg)
+    first = batcher.submit(Job([list(range(tokens))], options=options))
+    assert decoder.started.wait(5)
+    return decoder, batcher, first
+
+
+def test_without_continuous_batching_a_running_batch_takes_no_one():
+    decoder, batcher, first = running(10, max_queue_delay_ms=0.0, continuous=False)
     second = batcher.submit(Job([[1, 2]], options="g"))
     assert second.wait() == [[2, 1]] and first.wait() == [list(range(10))[::-1]]
     assert [len(srcs) for _, srcs in decoder.batches] == [1, 1]
@@ -305,10 +311,7 @@ def test_without_continuous_batching_a_running_batch_takes_no_one():
 
 
 def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on():
-    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
-    batcher = make(decoder, max_queue_sentences=2, max_queue_delay_ms=0.0)
-    long = batcher.submit(Job([list(range(40))], options="g"))
-    decoder.started.wait(5)
+    _, batcher, long = running(40, max_queue_sentences=2, max_queue_delay_ms=0.0)
     assert batcher.submit(Job([[1, 2]], options="g")).wait() == [[2, 1]]
     assert not long.done and batcher.pending == 1
     assert batcher.submit(Job([[3]], options="g")).wait() == [[3]]  # refused if the first still counted
@@ -318,10 +321,7 @@ def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on(
 
 
 def test_a_request_with_other_options_stops_the_joining_once_it_has_waited_its_delay():
-    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
-    batcher = make(decoder, max_queue_delay_ms=10.0)
-    first = batcher.submit(Job([list(range(30))], options="greedy"))
-    decoder.started.wait(5)
+    decoder, batcher, first = running(30, options="greedy", max_queue_delay_ms=10.0)
     other = batcher.submit(Job([[1, 2]], options="beam"))
     time.sleep(0.05)
     late = batcher.submit(Job([[3, 4]], options="greedy"))  # would join, but the beam request is older
