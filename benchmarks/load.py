@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import signal
 import subprocess
@@ -66,7 +67,8 @@ def start_server(args: argparse.Namespace, batching: str) -> tuple[subprocess.Po
            f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
            f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {**os.environ, **dict(kv.split("=", 1) for kv in args.server_env)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()
     match = re.search(r"listening on (\S+), metrics on (\S+)", line)
     if not match:
@@ -164,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     p.add_argument("--batching", default="continuous",
                    help="comma-separated server kinds to run in turn: continuous, static")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the server process only (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each call, seconds")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if any("=" not in kv for kv in args.server_env):
+        p.error(f"--server-env takes KEY=VALUE, got {args.server_env}")
     kinds = args.batching.split(",")
     if not set(kinds) <= {"continuous", "static"}:
         p.error(f"--batching takes continuous and/or static, got {args.batching!r}")
