@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
                   "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2),
-                  "levels": levels}
+                  "server_env": args.server_env, "levels": levels}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
