@@ -31,6 +31,11 @@ class ScriptedCache:
     def select(self, index: Tensor, group: int | None = None) -> None:
         self.history, self.src_mask = self.history[index], self.src_mask[index]
 
+    def drop(self, keep: Tensor) -> Tensor:
+        order = keep.nonzero().squeeze(1)
+        self.select(order)
+        return order
+
 
 class ScriptedModel(nn.Module):
     def __init__(self, table: Table, max_positions: int = 64) -> None:

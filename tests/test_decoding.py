@@ -195,6 +195,16 @@ def test_sentences_joining_a_running_greedy_search_decode_as_if_alone(changes):
             torch.testing.assert_close(nbest[0].alignment, alone.alignment, atol=1e-5, rtol=1e-4)
 
 
+def test_a_sentence_joining_the_step_after_the_batch_emptied_decodes_as_if_alone():
+    model = tiny_model()
+    rows = source_rows(model)[:2]
+    opts = DecodeOptions(max_len_a=0.0, max_len_b=3)  # every sentence takes 3 steps
+    admit, order = join_schedule(model, rows, at=[0, 3])
+    hyps = run(model, rows[:1], opts, admit=admit)
+    assert order == [0, 1]
+    assert hyps.tokens == [run(model, [row], opts).tokens[0] for row in rows]
+
+
 def test_joining_sentences_are_handed_over_cancelled_and_streamed_like_the_first():
     model = tiny_model()
     rows = source_rows(model)

@@ -104,8 +104,9 @@ def test_cache_rows_grouped_by_source_match_full_passes():
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("remove", ["select", "drop"])
 @pytest.mark.parametrize("norm_first", NORMS)
-def test_rows_joining_a_running_cache_decode_as_if_alone(norm_first):
+def test_rows_joining_a_running_cache_decode_as_if_alone(norm_first, remove):
     """Sources joining after 2 and 3 steps (one longer than the rest) start at their own position 0;
     when the earliest row leaves, the slots no one else reads go, and every row stays exact."""
     model, src, tgt = model_and_batch(norm_first)
@@ -123,9 +124,14 @@ def test_rows_joining_a_running_cache_decode_as_if_alone(norm_first):
                     cache.extend(model.init_cache(*model.encode(sources[r])))
                     rows.append(r)
             if slot == 5:  # sentence 0 is done; slots 0 and 1, before anyone else's start, go
-                cache.select(torch.tensor([1, 2]))
-                rows = rows[1:]
-                assert cache.length == 3 and cache.start.tolist() == [0, 1]
+                if remove == "select":
+                    order = torch.tensor([1, 2])
+                    cache.select(order)
+                else:  # the last row moves into the hole
+                    order = cache.drop(torch.tensor([False, True, True]))
+                    assert order.tolist() == [2, 1]
+                rows = [rows[i] for i in order.tolist()]
+                assert cache.length == 3 and sorted(cache.start.tolist()) == [0, 1]
             step_in = torch.stack([tgt[r, slot - joins_at[r]] for r in rows])[:, None]  # (R, 1)
             out = model.decode_step(step_in, cache)[:, 0]  # (R, V)
             for row, r in enumerate(rows):

@@ -132,9 +132,7 @@ def greedy_search(
         if stay is not None:
             for i in rows.sentence[~stay].tolist():
                 streamed[i] = []
-            index = stay.nonzero().squeeze(1)
-            rows.keep(index)
-            run.cache.select(index)
+            rows.keep(run.cache.drop(stay))
         if not rows.count:
             break
         logits = model.decode_step(rows.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b, V)
@@ -154,7 +152,5 @@ def greedy_search(
             for i, h in zip(rows.sentence[done].tolist(), rows.hypotheses(done, is_eos, opts, run.src_lengths)):
                 nbest[i] = [h]
                 run.hooks.done(i, [h])
-            keep = (~done).nonzero().squeeze(1)
-            rows.keep(keep)
-            run.cache.select(keep)
+            rows.keep(run.cache.drop(~done))
     return Hypotheses(nbest, list(run.hooks.flags))

@@ -263,6 +263,40 @@ class DecoderCache:
         elif self.start is not None:
             self.start = torch.cat([self.start, self.start.new_zeros(added)])
 
+    def drop(self, keep: Tensor) -> Tensor:
+        """Drop the rows not flagged in keep (R,) bool, one row per source, in place: the last kept
+        rows move into the holes, so only they are copied, not every row that stays; slots before
+        the earliest start of the rows kept are dropped too (a view, not a copy).
+
+        Returns the new order (k,): new row i is old row order[i]; per-row state follows it.
+        """
+        if self.group != 1:
+            raise ValueError("drop() keeps one row per source; reorder beams with select()")
+        kept = int(keep.sum())
+        holes = (~keep[:kept]).nonzero().squeeze(1)  # dropped rows among the first `kept`
+        movers = keep[kept:].nonzero().squeeze(1) + kept  # kept rows after them, as many
+        order = torch.arange(kept, device=keep.device)
+        order[holes] = movers
+        first = 0 if kept else self.length  # no row left: every slot goes
+        if self.start is not None:
+            start = self.start[order]
+            first = int(start.min()) if kept else first
+            start = start - first
+            self.start = start if bool(start.any()) else None
+        for lc in self.layers:
+            for name in ("cross_k", "cross_v"):
+                x = getattr(lc, name)
+                x[holes] = x[movers]
+                setattr(lc, name, x[:kept])
+            if lc.self_k is not None:
+                for name in ("self_k", "self_v"):
+                    x = getattr(lc, name)
+                    x[: self.length, holes] = x[: self.length, movers]
+                    setattr(lc, name, x[first:, :kept])
+        self.src_mask = self.src_mask[order]
+        self.length -= first
+        return order
+
     def select(self, index: Tensor, group: int | None = None) -> None:
         """Keep or reorder decoder rows: new row i is old row index[i]; `group` rows per source after.
 
