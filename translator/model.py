@@ -194,6 +194,47 @@ def take_rows(buffer: Tensor, index: Tensor, first: int, filled: int) -> Tensor:
     return out
 
 
+def room_view(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
+    """A view of x's buffer with x's strides and the larger `shape`, if the buffer holds it without
+    its dimensions overlapping (x a leading slice of a larger buffer); None otherwise."""
+    for i in range(1, x.dim()):
+        if shape[i] * x.stride(i) > x.stride(i - 1):
+            return None
+    end = x.storage_offset() + sum((n - 1) * st for n, st in zip(shape, x.stride())) + 1
+    if end > x.untyped_storage().nbytes() // x.element_size():
+        return None
+    return x.as_strided(shape, x.stride(), x.storage_offset())
+
+
+def with_sources(x: Tensor, new: Tensor) -> Tensor:
+    """Cross-attention keys or values x (N, H, S, Dh) followed by new (n, H, S', Dh), padded with
+    zeros to the longer source: in x's buffer when it has room, else in one with room to spare,
+    so that sentences joining a running batch do not copy every other sentence's keys each time."""
+    N, H, S, Dh = x.shape
+    n, S2 = new.size(0), new.size(2)
+    shape = (N + n, H, max(S, S2), Dh)
+    out = room_view(x, shape)
+    if out is None:
+        out = x.new_empty((2 * shape[0], H, shape[2] + 16, Dh))[: shape[0], :, : shape[2]]
+        out[:N, :, :S] = x
+    out[:N, :, S:] = 0  # padding: masked, but must not be NaN garbage (0 * NaN is NaN)
+    out[N:, :, :S2] = new
+    out[N:, :, S2:] = 0
+    return out
+
+
+def with_rows(buffer: Tensor, added: int, filled: int) -> Tensor:
+    """A self-attention buffer (capacity, R, H, Dh) with `added` more rows, zero in the `filled`
+    slots they never attend to; in place when the buffer has room, else in one with room to spare."""
+    P, R, H, Dh = buffer.shape
+    out = room_view(buffer, (P, R + added, H, Dh))
+    if out is None:
+        out = buffer.new_empty((P, 2 * (R + added), H, Dh))[:, : R + added]
+        out[:filled, :R] = buffer[:filled]
+    out[:filled, R:] = 0
+    return out
+
+
 def padded(x: Tensor, dim: int, size: int, value: float | bool = 0) -> Tensor:
     """x with dimension `dim` padded at the end to `size` with `value`."""
     if x.size(dim) >= size:
@@ -251,12 +292,11 @@ class DecoderCache:
         S = max(self.src_mask.size(-1), new.src_mask.size(-1))
         self.src_mask = torch.cat([padded(self.src_mask, 3, S, False), padded(new.src_mask, 3, S, False)])
         for lc, lnew in zip(self.layers, new.layers):
-            lc.cross_k = torch.cat([padded(lc.cross_k, 2, S), padded(lnew.cross_k, 2, S)])  # (N, H, S, Dh)
-            lc.cross_v = torch.cat([padded(lc.cross_v, 2, S), padded(lnew.cross_v, 2, S)])
+            lc.cross_k = with_sources(lc.cross_k, lnew.cross_k)  # (N + added, H, S, Dh)
+            lc.cross_v = with_sources(lc.cross_v, lnew.cross_v)
             if lc.self_k is not None:
-                # Zeros, not garbage, in the slots the new rows never attend to: 0 * NaN would leak.
-                rows = lc.self_k.new_zeros((lc.self_k.size(0), added) + tuple(lc.self_k.shape[2:]))
-                lc.self_k, lc.self_v = torch.cat([lc.self_k, rows], 1), torch.cat([lc.self_v, rows], 1)
+                lc.self_k = with_rows(lc.self_k, added, self.length)  # (capacity, R + added, H, Dh)
+                lc.self_v = with_rows(lc.self_v, added, self.length)
         if self.length:
             start = self.start if self.start is not None else self.src_mask.new_zeros(R, dtype=torch.long)
             self.start = torch.cat([start, start.new_full((added,), self.length)])
