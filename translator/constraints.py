@@ -26,6 +26,11 @@ class StepRules:
     def needs_history(self) -> bool:
         return self.ngram > 0
 
+    @property
+    def active(self) -> bool:
+        """Whether any rule can mask anything; when not, `apply` need not be called."""
+        return bool(self.prefix.size(1) or self.min_len or self.ngram)
+
     def extend(self, n: int) -> None:
         """Make room for n more sentences, joining the search without a forced prefix."""
         self.prefix = torch.cat([self.prefix, self.prefix.new_zeros(n, self.prefix.size(1))])

@@ -137,7 +137,8 @@ def greedy_search(
             break
         logits = model.decode_step(rows.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b, V)
         logp = logits.float().log_softmax(dim=-1)
-        run.rules.apply(logp, rows.step(), rows.sentence, rows.tokens if run.rules.needs_history else None)
+        if run.rules.active:
+            run.rules.apply(logp, rows.step(), rows.sentence, rows.tokens if run.rules.needs_history else None)
         idx = pick(logp)  # (b,)
         lp = logp.gather(1, idx[:, None]).squeeze(1)  # (b,)
         rows.push(idx, lp, run.cache.alignments.pop() if opts.alignment else None)
