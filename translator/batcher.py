@@ -335,8 +335,9 @@ class Batcher:
             self._pending -= n
             self._cond.notify_all()
 
-    def _admit(self, batch: list[_Item], alive: int) -> list[list[int]]:
-        """Queued sentences with the batch's options that join it now; appended to batch."""
+    def _admit(self, batch: list[_Item], alive: int, longest: int) -> list[list[int]]:
+        """Queued sentences with the batch's options that join it now; appended to batch.
+        longest: the longest source the batch has taken (the width its cross-attention keys pad to)."""
         if not self.config.continuous or len(batch) >= self.config.max_sentences_per_decode:
             return []
         key = batch[0].job.options
@@ -347,8 +348,6 @@ class Batcher:
             head = self._queue[0].job
             if head.options != key and time.monotonic() - head._submitted > self.config.max_queue_delay_ms / 1000.0:
                 return []  # the oldest request wants other options: run down, so that its batch goes next
-            # The batch's longest source bounds the padded width of the cross-attention keys.
-            longest = max(item.length for item in batch)
             joining, _ = self._gather(key, alive, longest)
             joining = joining[: self.config.max_sentences_per_decode - len(batch)]
             self._take(joining)
@@ -357,11 +356,17 @@ class Batcher:
 
     def _decode(self, batch: list[_Item]) -> None:
         # The batch's sentences still decoding, by index: per-step work stays with them rather than
-        # with every sentence a long-running batch has taken.
-        # A sentence leaves it, and gives its place in the admission queue back, when it finishes
-        # or stops, not when the whole decode call ends.
+        # with every sentence a long-running batch has taken. A sentence leaves it, and gives its
+        # place in the admission queue back, when it finishes or stops, not when the call ends.
         active: dict[int, _Item] = {}
         seen = 0
+        longest = max(item.length for item in batch)
+
+        def admit(alive: int) -> list[list[int]]:
+            nonlocal longest
+            joining = self._admit(batch, alive, longest)
+            longest = max([longest, *map(len, joining)])
+            return joining
 
         def take_joined() -> None:
             nonlocal seen
@@ -400,7 +405,7 @@ class Batcher:
 
         try:
             results = self.decode([item.job.sources[item.index] for item in batch], batch[0].job.options,
-                                  cancelled, on_step, on_result, lambda alive: self._admit(batch, alive))
+                                  cancelled, on_step, on_result, admit)
         except Exception as e:  # noqa: BLE001 - the error goes to every caller in the batch
             for job in {id(item.job): item.job for item in batch}.values():
                 job.fail(DecodeFailed(f"decoding failed: {type(e).__name__}: {e}"))
