@@ -51,8 +51,10 @@ def ours(spec: dict) -> BatchFn:
 
     from translator.checkpoint import load_checkpoint
     from translator.decoding import DecodeOptions
+    from translator.runtime import keep_freed_memory
     from translator.translate import Translator
 
+    keep_freed_memory()  # as nmt-translate, nmt-evaluate and nmt-serve do
     torch.set_num_threads(spec["threads"])
     ckpt = load_checkpoint(spec["checkpoint"])
     model = ckpt.build_model()

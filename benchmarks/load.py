@@ -47,8 +47,10 @@ def offline_throughput(
     """Sentences per second of Translator.translate over all sentences at once."""
     from translator.checkpoint import load_checkpoint
     from translator.decoding import DecodeOptions
+    from translator.runtime import keep_freed_memory
     from translator.translate import Translator
 
+    keep_freed_memory()  # as nmt-translate and nmt-serve do
     ckpt = load_checkpoint(checkpoint)
     translator = Translator(ckpt.build_model(), ckpt.tokenizer, DecodeOptions(beam_size=beam_size),
                             max_batch_tokens=max_batch_tokens)
@@ -66,7 +68,7 @@ def start_server(args: argparse.Namespace, batching: str) -> tuple[subprocess.Po
            f"batching.continuous={str(batching == 'continuous').lower()}",
            f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
-           f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}"]
+           f"batching.max_queue_sentences={max(256, 2 * max(args.concurrency))}", *args.server_set]
     env = {**os.environ, **dict(kv.split("=", 1) for kv in args.server_env)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()
@@ -168,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated server kinds to run in turn: continuous, static")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the server process only (repeatable)")
+    p.add_argument("--server-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="server config override, e.g. batching.max_join_delay_ms=20 (repeatable)")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline of each call, seconds")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if any("=" not in kv for kv in args.server_env):
-        p.error(f"--server-env takes KEY=VALUE, got {args.server_env}")
+    for flag, values in (("--server-env", args.server_env), ("--server-set", args.server_set)):
+        if any("=" not in kv for kv in values):
+            p.error(f"{flag} takes KEY=VALUE, got {values}")
     kinds = args.batching.split(",")
     if not set(kinds) <= {"continuous", "static"}:
         p.error(f"--batching takes continuous and/or static, got {args.batching!r}")
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
                   "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2),
-                  "server_env": args.server_env, "levels": levels}
+                  "server_env": args.server_env, "server_set": args.server_set, "levels": levels}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -36,6 +36,7 @@ class ReverseDecoder:
         self.joins = joins
         self.batches: list[tuple[object, list[list[int]]]] = []  # sources of each call, joined ones too
         self.alive_per_step: list[list[int]] = []
+        self.joined: list[int] = []  # sentences taken in by each admit() call that took some
         self.tokens_per_step: list[int] = []  # sentences decoding x their longest source
         self.gate: threading.Event | None = None  # when set, every step waits for it
         self.started = threading.Event()
@@ -51,6 +52,8 @@ class ReverseDecoder:
         alive = set(range(len(sources)))
         while True:
             new = admit(len(alive)) if self.joins else []
+            if new:
+                self.joined.append(len(new))
             alive |= set(range(len(sources), len(sources) + len(new)))
             sources += [list(s) for s in new]
             out += [[] for _ in new]
@@ -261,7 +264,7 @@ def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends(
 
 def test_queued_sentences_join_a_running_batch_between_steps():
     decoder = ReverseDecoder(step_seconds=0.01, joins=True)
-    batcher = make(decoder, max_queue_delay_ms=0.0)
+    batcher = make(decoder, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
     first = batcher.submit(Job([list(range(30))], options="g"))
     while len(decoder.alive_per_step) < 3:
         time.sleep(0.001)
@@ -280,7 +283,8 @@ def test_queued_sentences_join_a_running_batch_between_steps():
 def test_joining_sentences_stay_within_max_batch_tokens_and_the_per_decode_cap():
     decoder = ReverseDecoder(joins=True)
     decoder.gate = threading.Event()
-    batcher = make(decoder, max_batch_tokens=40, max_queue_delay_ms=0.0, max_sentences_per_decode=6)
+    batcher = make(decoder, max_batch_tokens=40, max_queue_delay_ms=0.0, max_join_delay_ms=0.0,
+                   max_sentences_per_decode=6)
     jobs = [batcher.submit(Job([list(range(8))], options="g"))]
     decoder.started.wait(5)
     jobs += [batcher.submit(Job([list(range(n))], options="g")) for n in (3, 9, 4, 2, 5, 1, 6, 2)]
@@ -311,7 +315,7 @@ def test_without_continuous_batching_a_running_batch_takes_no_one():
 
 
 def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on():
-    _, batcher, long = running(40, max_queue_sentences=2, max_queue_delay_ms=0.0)
+    _, batcher, long = running(40, max_queue_sentences=2, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
     assert batcher.submit(Job([[1, 2]], options="g")).wait() == [[2, 1]]
     assert not long.done and batcher.pending == 1
     assert batcher.submit(Job([[3]], options="g")).wait() == [[3]]  # refused if the first still counted
@@ -321,10 +325,39 @@ def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on(
 
 
 def test_a_request_with_other_options_stops_the_joining_once_it_has_waited_its_delay():
-    decoder, batcher, first = running(30, options="greedy", max_queue_delay_ms=10.0)
+    decoder, batcher, first = running(30, options="greedy", max_queue_delay_ms=10.0, max_join_delay_ms=0.0)
     other = batcher.submit(Job([[1, 2]], options="beam"))
     time.sleep(0.05)
     late = batcher.submit(Job([[3, 4]], options="greedy"))  # would join, but the beam request is older
     assert [job.wait() for job in (first, other, late)] == [[list(range(30))[::-1]], [[2, 1]], [[4, 3]]]
     assert [srcs for _, srcs in decoder.batches] == [[list(range(30))], [[1, 2]], [[3, 4]]]
     batcher.stop()
+
+
+def test_sentences_arriving_within_the_join_delay_join_a_running_batch_together():
+    decoder, batcher, first = running(40, max_queue_delay_ms=0.0, max_join_delay_ms=80.0)
+    early = batcher.submit(Job([[1, 2]], options="g"))
+    time.sleep(0.03)
+    late = batcher.submit(Job([[3, 4, 5]], options="g"))
+    assert early.wait() == [[2, 1]] and late.wait() == [[5, 4, 3]]
+    assert decoder.joined == [2]  # one encoder pass for both
+    assert early.stats.queue_ms >= 80.0 > late.stats.queue_ms
+    assert not first.done
+    first.wait()
+    batcher.stop()
+
+
+def test_sentences_join_at_once_when_the_batch_has_no_room_to_wait_for():
+    # The budget fits the running sentence and one more: the first to come joins without waiting.
+    decoder, batcher, first = running(10, max_batch_tokens=20, max_queue_delay_ms=0.0, max_join_delay_ms=10_000.0)
+    joining = batcher.submit(Job([[1, 2]], options="g"))
+    after = batcher.submit(Job([[3]], options="g"))
+    assert joining.wait() == [[2, 1]] and after.wait() == [[3]]
+    assert joining.stats.queue_ms < 1_000.0 and decoder.joined[0] == 1
+    assert first.wait() == [list(range(10))[::-1]]
+    batcher.stop()
+
+
+def test_join_delay_must_not_be_negative():
+    with pytest.raises(ConfigError, match="batching.max_join_delay_ms"):
+        BatcherConfig(max_join_delay_ms=-1.0)

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import tiny_model_config
 from translator.config import ConfigError
-from translator.model import ModelConfig, build_model
+from translator.model import FEW_ROWS, ModelConfig, build_model
 
 NORMS = [pytest.param(False, id="post-norm"), pytest.param(True, id="pre-norm")]
 
@@ -164,6 +164,18 @@ def test_cache_select_rejects_rows_that_do_not_fill_groups():
 def test_embeddings_are_shared_by_source_target_and_output():
     model, _, _ = model_and_batch(False)
     assert model.generator.embedding.weight is model.embed.tokens.weight
+
+
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1])
+def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
+    model, _, _ = model_and_batch(norm_first=True)
+    x = torch.randn(rows, 1, model.cfg.d_model)
+    expected = x @ model.embed.tokens.weight.t()  # (rows, 1, V)
+    with torch.inference_mode():  # the decoding path: few rows take the transposed product
+        logits = model.generator(x)
+    assert logits.shape == expected.shape and logits.is_contiguous()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.generator(x), expected, atol=1e-5, rtol=1e-5)  # training path
 
 
 def test_sequence_longer_than_positions_is_a_clear_error():

@@ -58,7 +58,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     add_decoding_flags(p)  # beam search, beam 5, unless told otherwise
     args = p.parse_args(argv)
     from training.evaluate import evaluate_checkpoint
+    from translator.runtime import keep_freed_memory
 
+    keep_freed_memory()
     try:
         result = evaluate_checkpoint(
             args.checkpoint, args.test, decoding_options(args), output=args.output, record=args.record

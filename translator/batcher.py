@@ -10,7 +10,9 @@ the running batch at once and its queued ones are dropped.
 With `continuous` on, a running batch also takes queued sentences with its options between steps
 (iteration-level batching), as far as its token budget allows, if the decode function asks
 (`admit`; greedy search does): under steady load the batch stays full instead of running down to
-its longest sentence while new requests wait. Joining stops once the oldest queued request wants
+its longest sentence while new requests wait. Sentences join together once the first of them has
+waited `max_join_delay_ms` (at once when the batch is full or has run out): each join costs an
+encoder pass, and one pass over several sentences costs little more than over one. Joining stops once the oldest queued request wants
 other options and has waited `max_queue_delay_ms`, so that its batch goes next.
 
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
@@ -76,13 +78,17 @@ class BatcherConfig:
     # Joins stop past this many sentences in one decode call, which then runs down and ends: its
     # per-step bookkeeping grows with every sentence it has taken.
     max_sentences_per_decode: int = 1024
+    # How long queued sentences may wait to join a running batch. Each join runs the encoder
+    # once for the sentences joining; waiting a little lets several share that pass.
+    max_join_delay_ms: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_queue_sentences", "max_batch_tokens", "workers", "max_sentences_per_decode"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"batching.{name} must be positive, got {getattr(self, name)}")
-        if self.max_queue_delay_ms < 0:
-            raise ConfigError(f"batching.max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        for name in ("max_queue_delay_ms", "max_join_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"batching.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -348,8 +354,11 @@ class Batcher:
             head = self._queue[0].job
             if head.options != key and time.monotonic() - head._submitted > self.config.max_queue_delay_ms / 1000.0:
                 return []  # the oldest request wants other options: run down, so that its batch goes next
-            joining, _ = self._gather(key, alive, longest)
+            joining, full = self._gather(key, alive, longest)
             joining = joining[: self.config.max_sentences_per_decode - len(batch)]
+            wait = self.config.max_join_delay_ms / 1000.0
+            if alive and joining and not full and time.monotonic() - joining[0].job._submitted < wait:
+                return []  # let more arrive: sentences joining together share one encoder pass
             self._take(joining)
         batch.extend(joining)
         return [item.job.sources[item.index] for item in joining]

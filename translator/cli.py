@@ -98,8 +98,10 @@ def open_backend(args: argparse.Namespace) -> TranslateBackend:
 
         return ServerBackend.connect(args.server)
     from translator.checkpoint import load_checkpoint
+    from translator.runtime import keep_freed_memory
     from translator.translate import Translator
 
+    keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
     return Translator(ckpt.build_model(), ckpt.tokenizer, max_batch_tokens=args.max_batch_tokens)
 

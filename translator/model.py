@@ -132,8 +132,12 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
         if self.norm_first:
-            return x + self.dropout(sublayer(self.norm(x)))
-        return self.norm(x + self.dropout(sublayer(x)))
+            return x + self.drop(sublayer(self.norm(x)))
+        return self.norm(x + self.drop(sublayer(x)))
+
+    def drop(self, y: Tensor) -> Tensor:
+        # Skipped outright in eval mode: a decoding step calls it 18 times for nothing.
+        return self.dropout(y) if self.training else y
 
 
 class EncoderLayer(nn.Module):
@@ -475,6 +479,9 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
+FEW_ROWS = 64  # from 2 to this many rows the generator computes its logits transposed
+
+
 class Generator(nn.Module):
     """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V)."""
 
@@ -483,7 +490,14 @@ class Generator(nn.Module):
         self.embedding = embedding
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.embedding.weight)
+        weight = self.embedding.weight  # (V, D)
+        rows = x.numel() // x.size(-1)
+        if not 1 < rows <= FEW_ROWS or torch.is_grad_enabled():
+            return F.linear(x, weight)
+        # A decoding step's few rows: MKL multiplies (V, D) @ (D, rows) 1.2-2.5x faster than
+        # (rows, D) @ (D, V) here, transpose copy included (benchmarks/generator.py).
+        logits = weight @ x.reshape(rows, -1).t()  # (V, rows)
+        return logits.t().contiguous().view(*x.shape[:-1], -1)
 
 
 class EncoderDecoder(nn.Module):

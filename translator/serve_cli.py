@@ -55,8 +55,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     import torch
 
     from translator.checkpoint import CheckpointError
+    from translator.runtime import keep_freed_memory
     from translator.server import create_server
 
+    keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:

@@ -1,0 +1,54 @@
+"""The output projection of a decoding step: logits for `rows` rows over the vocabulary, two ways.
+
+`F.linear(x, W)` multiplies (rows, D) @ (D, V); the transposed form multiplies (V, D) @ (D, rows)
+and copies the result back to (rows, V). MKL runs the second faster for few rows, which is where
+`translator.model.FEW_ROWS` draws the line. Median microseconds per call, on an idle machine:
+
+    python benchmarks/generator.py --vocab 8000 --d-model 256 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def median_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,8,16,32,64,128,320")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    weight = torch.randn(args.vocab, args.d_model)
+    print(f"{'rows':>6} {'linear us':>10} {'transposed us':>14} {'speed-up':>9}")
+    for rows in map(int, args.rows.split(",")):
+        x = torch.randn(rows, args.d_model)
+        calls = max(10, 2000 // rows)
+        with torch.inference_mode():
+            linear = median_us(lambda x=x: F.linear(x, weight).log_softmax(-1), calls)
+            transposed = median_us(lambda x=x: (weight @ x.t()).t().contiguous().log_softmax(-1), calls)
+        print(f"{rows:>6} {linear:>10.0f} {transposed:>14.0f} {linear / transposed:>9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
