@@ -4,7 +4,9 @@ Starts `nmt-serve` on the checkpoint in a subprocess, decodes the same sentences
 length-sorted batches (the throughput ceiling), then for each concurrency level sends every
 sentence once, one per call, and stops. Prints throughput (sentences/s), latency percentiles,
 errors, served / offline throughput, and where a request's time went on the server (mean wait
-for a batch, mean time in decode batches; from its Prometheus metrics). `--batching
+for a batch, mean time in decode batches; from its Prometheus metrics). C clients keep at most C
+sentences in flight, so each level is also set against offline decoding in batches of at most C
+sentences ("vs C"): what the server could reach with the batch sizes its load allows. `--batching
 continuous,static` runs the levels against a server of each kind in turn (sentences joining a
 running greedy batch, or batches decoded whole), against the same offline figure.
 
@@ -42,9 +44,10 @@ def read_sentences(path: Path, limit: int) -> list[str]:
 
 
 def offline_throughput(
-    checkpoint: Path, sentences: list[str], beam_size: int, max_batch_tokens: int
-) -> float:
-    """Sentences per second of Translator.translate over all sentences at once."""
+    checkpoint: Path, sentences: list[str], beam_size: int, max_batch_tokens: int, batch_sizes: list[int]
+) -> tuple[float, dict[int, float]]:
+    """Sentences per second of Translator.translate over all sentences at once; and, per batch
+    size C, over length-sorted batches of at most C sentences, one call each."""
     from translator.checkpoint import load_checkpoint
     from translator.decoding import DecodeOptions
     from translator.runtime import keep_freed_memory
@@ -55,9 +58,16 @@ def offline_throughput(
     translator = Translator(ckpt.build_model(), ckpt.tokenizer, DecodeOptions(beam_size=beam_size),
                             max_batch_tokens=max_batch_tokens)
     translator.translate(sentences[:8])  # warm-up
-    start = time.perf_counter()
-    translator.translate(sentences)
-    return len(sentences) / (time.perf_counter() - start)
+
+    def rate(batches: list[list[str]]) -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            translator.translate(batch)
+        return len(sentences) / (time.perf_counter() - start)
+
+    by_length = [sentences[i] for i in sorted(range(len(sentences)), key=lambda i: len(sentences[i].split()))]
+    capped = {c: rate([by_length[k : k + c] for k in range(0, len(by_length), c)]) for c in batch_sizes}
+    return rate([sentences]), capped
 
 
 def start_server(args: argparse.Namespace, batching: str) -> tuple[subprocess.Popen, str, str]:
@@ -187,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads * args.workers)  # offline gets every core the server gets
-    offline = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens)
+    offline, capped = offline_throughput(args.checkpoint, sentences, args.beam_size, args.max_batch_tokens,
+                                         args.concurrency)
     print(f"offline batched decoding: {offline:.2f} sentences/s "
-          f"({len(sentences)} sentences, beam {args.beam_size})")
-    header = ("batching", "clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "queue ms",
-              "decode ms")
+          f"({len(sentences)} sentences, beam {args.beam_size}); in batches of at most C sentences: "
+          + ", ".join(f"C={c} {rate:.2f}" for c, rate in capped.items()))
+    header = ("batching", "clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "vs C",
+              "queue ms", "decode ms")
     print(" ".join(f"{h:>10}" for h in header))
     levels = []
     for kind in kinds:
@@ -203,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"batching": kind, **run_level(target, sentences, clients, args.beam_size, args.timeout)}
                 r.update(where_time_went(before, scrape(metrics_url)))
                 r["ratio_to_offline"] = round(r["sentences_per_s"] / offline, 3)
+                r["ratio_to_offline_at_clients"] = round(r["sentences_per_s"] / capped[clients], 3)
                 levels.append(r)
                 row = (kind, clients, r["sentences_per_s"], r["p50_ms"], r["p95_ms"], r["p99_ms"],
-                       sum(r["errors"].values()), r["ratio_to_offline"], r["mean_queue_ms"], r["mean_decode_ms"])
+                       sum(r["errors"].values()), r["ratio_to_offline"], r["ratio_to_offline_at_clients"],
+                       r["mean_queue_ms"], r["mean_decode_ms"])
                 print(" ".join(f"{v:>10.3f}" if isinstance(v, float) else f"{v:>10}" for v in row))
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -213,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
                   "threads": args.threads, "workers": args.workers, "offline_sentences_per_s": round(offline, 2),
+                  "offline_sentences_per_s_in_batches_of": {c: round(rate, 2) for c, rate in capped.items()},
                   "server_env": args.server_env, "server_set": args.server_set, "levels": levels}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
