@@ -12,6 +12,7 @@ excluded). Run it on an otherwise idle machine.
     python benchmarks/decode.py runs/multi30k-en-de/best.pt --repeats 3 --json decode.json
     python benchmarks/decode.py CKPT --batch-sizes 1 --limit-b1 100    # batch-1 beam is slow
     python benchmarks/decode.py CKPT --systems ours --beams 1 --batch-sizes 64 --profile
+    python benchmarks/decode.py CKPT --beams 1,5 --batch-sizes 64 --breakdown   # our time, part by part
 """
 
 from __future__ import annotations
@@ -290,6 +291,50 @@ def profile_ours(ckpt, texts: list[str], beams: list[int], threads: int) -> None
               f"dispatch, profiler) {wall - ops:.3f} s = {(wall - ops) / wall:.0%}")
 
 
+def breakdown_ours(ckpt, batches: list[list[str]], beams: list[int], threads: int) -> None:
+    """Wall time of each part of the model over all batches (one unprofiled pass each, after a
+    warm-up batch), timed around the module calls; the rest is search bookkeeping, the cache,
+    cross-attention keys/values, embeddings and the tokenizer."""
+    from collections import Counter
+
+    import torch
+
+    from translator.decoding import DecodeOptions
+    from translator.runtime import keep_freed_memory
+    from translator.translate import Translator
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    model = ckpt.build_model()
+    spent: Counter[str] = Counter()
+
+    def timed(module: torch.nn.Module, part: str) -> None:
+        started: list[float] = []
+        module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+        module.register_forward_hook(lambda *_: spent.update({part: time.perf_counter() - started.pop()}))
+
+    timed(model.encoder, "encoder")
+    for layer in model.decoder.layers:
+        for sublayer, part in zip(layer.sublayers, ("self-attention", "cross-attention", "feed-forward")):
+            timed(sublayer, f"decoder {part} (with norm and residual)")
+    timed(model.generator, "output projection")
+    translator = Translator(model, ckpt.tokenizer, max_batch_tokens=2**62)
+    for beam in beams:
+        opts = DecodeOptions(beam_size=beam)
+        translator.translate(batches[0], opts)  # warm-up
+        spent.clear()
+        start = time.perf_counter()
+        for batch in batches:
+            translator.translate(batch, opts)
+        wall = time.perf_counter() - start
+        spent["the rest"] = wall - sum(spent.values())
+        print(f"\n### ours, beam {beam}, {sum(map(len, batches))} sentences: where the time goes\n")
+        print("| part | seconds | share |\n| --- | ---: | ---: |")
+        for part, seconds in spent.most_common():
+            print(f"| {part} | {seconds:.2f} | {seconds / wall:.0%} |")
+        print(f"| all | {wall:.2f} | 100% |")
+
+
 def versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "transformers", "ctranslate2", "sacrebleu"):
@@ -318,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, help="keep the exported models and run specs here")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our search")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print the wall time of each part of our model over the batches (no race)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
@@ -335,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(sources) != len(refs):
         p.error(f"{len(sources)} source lines but {len(refs)} references")
     sources, refs = sources[: args.limit], refs[: args.limit]
+    if args.breakdown:
+        size = max(args.batch_sizes)
+        lengths = [len(ids) for ids in ckpt.tokenizer.encode(sources)]
+        order = sorted(range(len(sources)), key=lambda i: lengths[i])
+        batches = [[sources[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+        breakdown_ours(ckpt, batches, args.beams, args.threads)
+        return 0
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="decode-bench-"))
     work.mkdir(parents=True, exist_ok=True)
