@@ -1,8 +1,10 @@
-"""The output projection of a decoding step: logits for `rows` rows over the vocabulary, two ways.
+"""The output projection of a decoding step: logits for `rows` rows over the vocabulary, three ways.
 
-`F.linear(x, W)` multiplies (rows, D) @ (D, V); the transposed form multiplies (V, D) @ (D, rows)
-and copies the result back to (rows, V). MKL runs the second faster for few rows, which is where
-`translator.model.FEW_ROWS` draws the line. Median microseconds per call, on an idle machine:
+`F.linear(x, W)` multiplies (rows, D) @ (D, V) with W stored (V, D); the transposed form
+multiplies (V, D) @ (D, rows) and copies the result back to (rows, V); the third multiplies by a
+(D, V) row-major copy of W. Log-softmax included. MKL runs the second faster for a few rows and
+the third for one row, which is how `translator.model.Generator` picks (up to `FEW_ROWS`).
+Median microseconds per call, on an idle machine:
 
     python benchmarks/generator.py --vocab 8000 --d-model 256 --threads 2
 """
@@ -39,14 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     weight = torch.randn(args.vocab, args.d_model)
-    print(f"{'rows':>6} {'linear us':>10} {'transposed us':>14} {'speed-up':>9}")
+    weight_dv = weight.t().contiguous()  # (D, V) row-major copy
+    print(f"{'rows':>6} {'linear us':>10} {'transposed us':>14} {'(D, V) us':>11} {'x transposed':>12} "
+          f"{'x (D, V)':>12}")
     for rows in map(int, args.rows.split(",")):
         x = torch.randn(rows, args.d_model)
         calls = max(10, 2000 // rows)
         with torch.inference_mode():
             linear = median_us(lambda x=x: F.linear(x, weight).log_softmax(-1), calls)
             transposed = median_us(lambda x=x: (weight @ x.t()).t().contiguous().log_softmax(-1), calls)
-        print(f"{rows:>6} {linear:>10.0f} {transposed:>14.0f} {linear / transposed:>9.2f}")
+            columns = median_us(lambda x=x: (x @ weight_dv).log_softmax(-1), calls)
+        print(f"{rows:>6} {linear:>10.0f} {transposed:>14.0f} {columns:>11.0f} {linear / transposed:>12.2f} "
+              f"{linear / columns:>12.2f}")
     return 0
 
 

@@ -178,6 +178,18 @@ def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
     torch.testing.assert_close(model.generator(x), expected, atol=1e-5, rtol=1e-5)  # training path
 
 
+def test_one_row_logits_follow_changes_to_the_weight():
+    model, _, _ = model_and_batch(norm_first=True)
+    x = torch.randn(1, 1, model.cfg.d_model)
+    with torch.inference_mode():
+        before = model.generator(x)  # copies the weight for one-row products
+    with torch.no_grad():
+        model.embed.tokens.weight.mul_(2.0)  # as an optimizer step or a checkpoint load would
+    with torch.inference_mode():
+        after = model.generator(x)
+    torch.testing.assert_close(after, 2.0 * before)
+
+
 def test_sequence_longer_than_positions_is_a_clear_error():
     cfg = tiny_model_config(max_positions=8)
     model = build_model(cfg)

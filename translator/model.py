@@ -479,25 +479,42 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-FEW_ROWS = 64  # from 2 to this many rows the generator computes its logits transposed
+FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step forms
 
 
 class Generator(nn.Module):
-    """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V)."""
+    """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V).
+
+    Decoding steps (no autograd, few rows) take faster forms of the same product, measured by
+    benchmarks/generator.py: one row multiplies a (D, V) row-major copy of the weight, kept
+    until the weight changes (V x D floats more memory); 2 to FEW_ROWS rows compute the
+    logits transposed.
+    """
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         self.embedding = embedding
+        self._columns: Tensor | None = None  # (D, V) copy of the weight, for one-row products
+        self._columns_of: tuple[int, int] | None = None  # (storage, version) it was copied from
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.embedding.weight  # (V, D)
         rows = x.numel() // x.size(-1)
-        if not 1 < rows <= FEW_ROWS or torch.is_grad_enabled():
+        if rows > FEW_ROWS or torch.is_grad_enabled():
             return F.linear(x, weight)
-        # A decoding step's few rows: MKL multiplies (V, D) @ (D, rows) 1.2-2.5x faster than
-        # (rows, D) @ (D, V) here, transpose copy included (benchmarks/generator.py).
+        if rows == 1:
+            return x @ self.columns()  # (..., D) @ (D, V)
         logits = weight @ x.reshape(rows, -1).t()  # (V, rows)
         return logits.t().contiguous().view(*x.shape[:-1], -1)
+
+    def columns(self) -> Tensor:
+        """The weight as (D, V), copied again whenever the weight has changed (training, loading)."""
+        weight = self.embedding.weight
+        source = (weight.data_ptr(), weight._version)
+        if self._columns is None or self._columns_of != source:
+            self._columns = weight.detach().t().contiguous()
+            self._columns_of = source
+        return self._columns
 
 
 class EncoderDecoder(nn.Module):
