@@ -12,8 +12,9 @@ With `continuous` on, a running batch also takes queued sentences with its optio
 (`admit`; greedy search does): under steady load the batch stays full instead of running down to
 its longest sentence while new requests wait. Sentences join together once the first of them has
 waited `max_join_delay_ms` (at once when the batch is full or has run out): each join costs an
-encoder pass, and one pass over several sentences costs little more than over one. Joining stops once the oldest queued request wants
-other options and has waited `max_queue_delay_ms`, so that its batch goes next.
+encoder pass, and one pass over several sentences costs little more than over one. Joining stops
+once the oldest queued request wants other options and has waited `max_queue_delay_ms`, so that
+its batch goes next.
 
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
 """

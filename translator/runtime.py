@@ -19,7 +19,7 @@ def keep_freed_memory() -> bool:
     Every decoding step allocates and frees the same few large tensors (logits, keys/values,
     activations). By default glibc serves blocks past its mmap threshold with fresh mappings and
     trims the heap top on free, so each step pays page faults and page zeroing for them again;
-    greedy decoding runs ~5% faster with them kept (docs/RESULTS.md). The cost: memory freed
+    greedy decoding runs a few percent faster with them kept (docs/RESULTS.md). The cost: memory freed
     stays with the process (up to the trim threshold) for its next use. Returns whether the
     settings took; False where the C library is not glibc.
     """
