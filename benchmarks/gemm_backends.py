@@ -12,26 +12,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
-def median_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+from timing import median_us  # benchmarks/timing.py, beside this script
 
 
 def load_sgemm(path: Path) -> Callable:

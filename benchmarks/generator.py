@@ -12,24 +12,10 @@ Median microseconds per call, on an idle machine:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-
-def median_us(fn: Callable[[], object], calls: int, repeats: int = 5) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+from timing import median_us  # benchmarks/timing.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:
