@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translator import gemm
 from translator.config import ConfigError
 
 
@@ -74,9 +75,9 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.q_proj = gemm.Linear(d_model, d_model)
+        self.kv_proj = gemm.Linear(d_model, 2 * d_model)
+        self.out_proj = gemm.Linear(d_model, d_model)
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, L, D = x.size()
@@ -114,8 +115,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.w_1 = nn.Linear(d_model, d_ff)
-        self.w_2 = nn.Linear(d_ff, d_model)
+        self.w_1 = gemm.Linear(d_model, d_ff)
+        self.w_2 = gemm.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_2(F.relu(self.w_1(x)))
@@ -485,25 +486,29 @@ FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step form
 class Generator(nn.Module):
     """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V).
 
-    Decoding steps (no autograd, few rows) take faster forms of the same product, measured by
-    benchmarks/generator.py: one row multiplies a (D, V) row-major copy of the weight, kept
-    until the weight changes (V x D floats more memory); 2 to FEW_ROWS rows compute the
-    logits transposed.
+    Decoding steps (no autograd) take faster forms of the same product, measured by
+    benchmarks/generator.py: through oneDNN (translator.gemm), or through MKL for one row, a
+    (D, V) row-major copy of the weight, kept until the weight changes (V x D floats more
+    memory); through MKL for 2 to FEW_ROWS rows, the logits computed transposed.
     """
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         self.embedding = embedding
-        self._columns: Tensor | None = None  # (D, V) copy of the weight, for one-row products
+        self._columns: Tensor | None = None  # (D, V) copy of the weight
         self._columns_of: tuple[int, int] | None = None  # (storage, version) it was copied from
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.embedding.weight  # (V, D)
+        if torch.is_grad_enabled():
+            return F.linear(x, weight)
+        if gemm.enabled():
+            return gemm.matmul(x, self.columns())  # (..., D) @ (D, V)
         rows = x.numel() // x.size(-1)
-        if rows > FEW_ROWS or torch.is_grad_enabled():
+        if rows > FEW_ROWS:
             return F.linear(x, weight)
         if rows == 1:
-            return x @ self.columns()  # (..., D) @ (D, V)
+            return x @ self.columns()
         logits = weight @ x.reshape(rows, -1).t()  # (V, rows)
         return logits.t().contiguous().view(*x.shape[:-1], -1)
 

@@ -1,0 +1,81 @@
+"""Linear layers through oneDNN's sgemm: the same products as torch, and torch wherever it cannot go."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from translator import gemm
+
+ONEDNN_PLATFORM = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+needs_onednn = pytest.mark.skipif(not gemm.enabled(), reason="oneDNN is not installed here")
+
+
+@pytest.mark.skipif(not ONEDNN_PLATFORM or os.environ.get(gemm.ENV) == "0", reason="a dependency only on x86-64 Linux")
+def test_onednn_is_installed_and_agrees_with_torch_where_it_is_a_dependency():
+    assert gemm.library_path() is not None
+    assert gemm.enabled()  # loaded, and its check product matched torch's
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [gemm.MIN_ROWS, 7, 64, 321])
+@pytest.mark.parametrize(("k", "n"), [(16, 48), (256, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_equals_torch(rows, k, n, with_bias):
+    g = torch.Generator().manual_seed(rows * n)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    with torch.inference_mode():
+        out = gemm.linear(x, w, b)
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_linear_reads_batched_and_strided_inputs():
+    x = torch.randn(3, 16, 5).transpose(1, 2)  # (3, 5, 16), not contiguous
+    w, b = torch.randn(8, 16), torch.randn(8)
+    padded = torch.randn(6, 40)[:, 8:24]  # rows 40 floats apart
+    with torch.no_grad():
+        torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(gemm.linear(padded, w, b), F.linear(padded, w, b), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 32), (2, 3, 32), (70, 32)])
+def test_matmul_equals_torch(shape):
+    x, columns = torch.randn(shape), torch.randn(32, 50)
+    with torch.inference_mode():
+        out = gemm.matmul(x, columns)
+    torch.testing.assert_close(out, x @ columns, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_keeps_autograd_when_training():
+    layer = gemm.Linear(8, 4)
+    x = torch.randn(6, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(layer.weight.grad, torch.ones(4, 1) * x.detach().sum(0))
+
+
+def test_linear_takes_torch_for_other_dtypes():
+    layer = gemm.Linear(8, 4).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_linear_state_dict_is_nn_linears():
+    assert gemm.Linear(8, 4).state_dict().keys() == torch.nn.Linear(8, 4).state_dict().keys()
+
+
+def test_environment_turns_onednn_off():
+    code = "from translator import gemm; print(gemm.enabled())"
+    env = {**os.environ, gemm.ENV: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False"

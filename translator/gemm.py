@@ -1,0 +1,136 @@
+"""Linear layers of inference through oneDNN's sgemm, where it is installed.
+
+oneDNN's JIT sgemm (what CTranslate2 multiplies with on non-Intel CPUs) runs the products of a
+decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, 1.2-2x faster
+than MKL, torch's CPU BLAS (benchmarks/gemm_backends.py; docs/RESULTS.md). `linear` takes that
+path for plain float32 CPU tensors outside autograd and `F.linear` for everything else:
+training, other dtypes and devices, tensor subclasses, tracing, or when the library is missing
+(the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux) or `NMT_ONEDNN=0` turns it off.
+
+The wheel's library links `libgomp.so.1`; torch's CPU wheels load their own copy under that
+name first, so both share one OpenMP thread pool and `torch.set_num_threads` governs both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ENV = "NMT_ONEDNN"  # "0" turns the oneDNN path off
+DISTRIBUTION = "onednn-cpu-gomp"
+LIBRARY = "libdnnl.so.3"
+
+
+def library_path() -> Path | None:
+    """Where the installed oneDNN wheel put its shared library, if it is installed."""
+    try:
+        files = metadata.distribution(DISTRIBUTION).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == LIBRARY:
+            return Path(f.locate()).resolve()
+    return None
+
+
+@functools.cache
+def sgemm() -> Callable | None:
+    """oneDNN's `dnnl_sgemm`, checked once against torch on a small product; None when unavailable."""
+    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    path = library_path()
+    if path is None:
+        return None
+    try:
+        fn = ctypes.CDLL(str(path)).dnnl_sgemm
+    except (OSError, AttributeError):
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64]
+    fn.restype = ctypes.c_int
+    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    out = torch.empty(3, 4)
+    status = fn(b"N", b"T", 3, 4, 5, 1.0, x.data_ptr(), 5, w.data_ptr(), 5, 0.0, out.data_ptr(), 4)
+    if status != 0 or not torch.allclose(out, x @ w.t(), atol=1e-5):
+        return None
+    return fn
+
+
+def enabled() -> bool:
+    """Whether `linear` can take the oneDNN path in this process."""
+    return sgemm() is not None
+
+
+# Below this many rows MKL is as fast once the call's own overhead (a ctypes call and the bias
+# copy, ~10 us) is counted: one-row layers take 14-23 us either way (docs/RESULTS.md).
+MIN_ROWS = 4
+
+
+def plain(t: Tensor) -> bool:
+    """A float32 CPU tensor or parameter, no subclass that overrides torch functions: what
+    dnnl_sgemm can read (autograd is off wherever it is called)."""
+    return type(t) in PLAIN and t.dtype is torch.float32 and t.is_cpu
+
+
+PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) @ weight (N, K).T + bias (N,) -> (..., N), as `F.linear`."""
+    N, K = weight.shape
+    M = x.numel() // K if K else 0
+    if (
+        M < MIN_ROWS
+        or torch.is_grad_enabled()
+        or not (plain(x) and plain(weight) and weight.is_contiguous())
+        or (bias is not None and not (plain(bias) and bias.is_contiguous()))
+        or torch.compiler.is_compiling()
+        or not enabled()
+    ):
+        return F.linear(x, weight, bias)
+    a = x if x.dim() == 2 else x.reshape(M, K)  # (M, K)
+    if a.stride(1) != 1 or a.stride(0) < K:
+        a = a.contiguous()
+    out = torch.empty(M, N)
+    if bias is not None:
+        out.copy_(bias.expand(M, N))
+    beta = 0.0 if bias is None else 1.0
+    sgemm()(b"N", b"T", M, N, K, 1.0, a.data_ptr(), a.stride(0), weight.data_ptr(), K, beta, out.data_ptr(), N)
+    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+
+
+def matmul(x: Tensor, columns: Tensor) -> Tensor:
+    """x (..., K) @ columns (K, N), columns row-major: the output projection's fastest form
+    through oneDNN at every row count decoding sees (benchmarks/generator.py)."""
+    K, N = columns.shape
+    M = x.numel() // K if K else 0
+    if (
+        M == 0
+        or torch.is_grad_enabled()
+        or not (plain(x) and plain(columns) and columns.is_contiguous())
+        or torch.compiler.is_compiling()
+        or not enabled()
+    ):
+        return x @ columns
+    a = x.reshape(M, K)
+    if a.stride(1) != 1 or a.stride(0) < K:
+        a = a.contiguous()
+    out = torch.empty(M, N)
+    sgemm()(b"N", b"N", M, N, K, 1.0, a.data_ptr(), a.stride(0), columns.data_ptr(), N, 0.0, out.data_ptr(), N)
+    return out.view(*x.shape[:-1], N)
+
+
+class Linear(torch.nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose inference runs through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
