@@ -79,3 +79,26 @@ def test_environment_turns_onednn_off():
     env = {**os.environ, gemm.ENV: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False"
+
+
+# In a fresh thread OpenMP still has its default thread count (every core) until torch sets it.
+THREAD_COUNT = """
+import ctypes, threading, torch
+from translator import gemm
+torch.set_num_threads(1)
+x, w, seen = torch.randn(8, 16), torch.randn(4, 16), []
+def decode():
+    with torch.inference_mode():
+        gemm.linear(x, w)
+    seen.append(ctypes.CDLL("libgomp.so.1").omp_get_max_threads())
+thread = threading.Thread(target=decode)
+thread.start()
+thread.join()
+print(seen[0])
+"""
+
+
+@needs_onednn
+def test_onednn_in_a_new_thread_uses_torchs_thread_count():
+    out = subprocess.run([sys.executable, "-c", THREAD_COUNT], check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "1"

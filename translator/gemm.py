@@ -17,6 +17,7 @@ import ctypes
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -65,6 +66,18 @@ def sgemm() -> Callable | None:
     return fn
 
 
+_thread = threading.local()
+
+
+def multiply(*args) -> None:
+    """dnnl_sgemm(*args), with this thread's OpenMP thread count set to torch's first: a thread
+    that has not run a parallel torch op yet still has OpenMP's default (every core)."""
+    if not getattr(_thread, "ready", False):
+        torch.get_num_threads()  # torch sets the calling thread's OpenMP count on first use
+        _thread.ready = True
+    sgemm()(*args)
+
+
 def enabled() -> bool:
     """Whether `linear` can take the oneDNN path in this process."""
     return sgemm() is not None
@@ -89,7 +102,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     N, K = weight.shape
     M = x.numel() // K if K else 0
     if (
-        M < MIN_ROWS
+        M < max(MIN_ROWS, 2)  # one row: an expanded bias below would be the bias itself
         or torch.is_grad_enabled()
         or not (plain(x) and plain(weight) and weight.is_contiguous())
         or (bias is not None and not (plain(bias) and bias.is_contiguous()))
@@ -97,15 +110,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or not enabled()
     ):
         return F.linear(x, weight, bias)
-    a = x if x.dim() == 2 else x.reshape(M, K)  # (M, K)
-    if a.stride(1) != 1 or a.stride(0) < K:
-        a = a.contiguous()
-    out = torch.empty(M, N)
-    if bias is not None:
-        out.copy_(bias.expand(M, N))
+    # Each torch call from Python costs a few microseconds, as much as a small product's
+    # arithmetic: allocate and fill with the bias in one call, reshape nothing.
+    shape = (*x.shape[:-1], N)
+    out = torch.empty(shape) if bias is None else bias.expand(shape).contiguous()
+    a = x if x.is_contiguous() else x.contiguous()
     beta = 0.0 if bias is None else 1.0
-    sgemm()(b"N", b"T", M, N, K, 1.0, a.data_ptr(), a.stride(0), weight.data_ptr(), K, beta, out.data_ptr(), N)
-    return out if x.dim() == 2 else out.unflatten(0, x.shape[:-1])
+    multiply(b"N", b"T", M, N, K, 1.0, a.data_ptr(), K, weight.data_ptr(), K, beta, out.data_ptr(), N)
+    return out
 
 
 def matmul(x: Tensor, columns: Tensor) -> Tensor:
@@ -121,12 +133,10 @@ def matmul(x: Tensor, columns: Tensor) -> Tensor:
         or not enabled()
     ):
         return x @ columns
-    a = x.reshape(M, K)
-    if a.stride(1) != 1 or a.stride(0) < K:
-        a = a.contiguous()
-    out = torch.empty(M, N)
-    sgemm()(b"N", b"N", M, N, K, 1.0, a.data_ptr(), a.stride(0), columns.data_ptr(), N, 0.0, out.data_ptr(), N)
-    return out.view(*x.shape[:-1], N)
+    out = torch.empty((*x.shape[:-1], N))
+    a = x if x.is_contiguous() else x.contiguous()
+    multiply(b"N", b"N", M, N, K, 1.0, a.data_ptr(), K, columns.data_ptr(), N, 0.0, out.data_ptr(), N)
+    return out
 
 
 class Linear(torch.nn.Linear):
