@@ -9,6 +9,9 @@ import torch. All systems get the same length-sorted batches and the same length
 (DecodeOptions' max_len_a * source length + max_len_b); each counts the tokens it emitted (EOS
 excluded). Run it on an otherwise idle machine.
 
+--workers N decodes N batches side by side, each on threads / N intra-op threads: our
+Translator's worker threads, CTranslate2's inter_threads (its batches submitted asynchronously).
+
     python benchmarks/decode.py runs/multi30k-en-de/best.pt --repeats 3 --json decode.json
     python benchmarks/decode.py CKPT --batch-sizes 1 --limit-b1 100    # batch-1 beam is slow
     python benchmarks/decode.py CKPT --systems ours --beams 1 --batch-sizes 64 --profile
@@ -34,6 +37,7 @@ from pathlib import Path
 
 SYSTEMS = ("ours", "ours-int8", "hf", "ct2-fp32", "ct2-int8")
 BatchFn = Callable[[list[str]], tuple[list[str], int]]  # texts -> (translations, target tokens)
+RunFn = Callable[[list[list[str]]], tuple[list[str], int]]  # all batches, in order -> (translations, tokens)
 
 
 # ---------------------------------------------------------------- workers: one system, one process
@@ -56,7 +60,7 @@ def ours(spec: dict) -> BatchFn:
     from translator.translate import Translator
 
     keep_freed_memory()  # as nmt-translate, nmt-evaluate and nmt-serve do
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["threads"] // spec["workers"])
     ckpt = load_checkpoint(spec["checkpoint"])
     model = ckpt.build_model()
     if spec["system"] == "ours-int8":
@@ -80,7 +84,7 @@ def hugging_face(spec: dict) -> BatchFn:
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["threads"] // spec["workers"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForSeq2SeqLM.from_pretrained(spec["model_dir"]).eval()
     eos = model.generation_config.eos_token_id
@@ -104,22 +108,41 @@ def ctranslate2_model(spec: dict) -> BatchFn:
     sp = sentencepiece.SentencePieceProcessor(model_file=spec["spm"])
     translator = ctranslate2.Translator(
         spec["model_dir"], device="cpu", compute_type=spec["compute_type"],
-        intra_threads=spec["threads"], inter_threads=1,
+        intra_threads=spec["threads"] // spec["workers"], inter_threads=spec["workers"],
     )
 
-    def run(texts: list[str]) -> tuple[list[str], int]:
-        pieces = sp.encode(texts, out_type=str)  # the model appends EOS itself
-        budget = output_budget(max(map(len, pieces)) + 1, spec)
-        results = translator.translate_batch(
-            pieces, beam_size=spec["beam"], max_decoding_length=budget, min_decoding_length=0
-        )
-        hyps = [r.hypotheses[0] for r in results]
+    def run(batches: list[list[str]]) -> tuple[list[str], int]:
+        # Submitted asynchronously: with inter_threads > 1 batches run side by side.
+        pending = []
+        for texts in batches:
+            pieces = sp.encode(texts, out_type=str)  # the model appends EOS itself
+            budget = output_budget(max(map(len, pieces)) + 1, spec)
+            pending.append(translator.translate_batch(
+                pieces, beam_size=spec["beam"], max_decoding_length=budget, min_decoding_length=0,
+                asynchronous=True,
+            ))
+        hyps = [r.result().hypotheses[0] for batch in pending for r in batch]
         return [sp.decode(h) for h in hyps], sum(map(len, hyps))
 
     return run
 
 
-LOADERS: dict[str, Callable[[dict], BatchFn]] = {
+def over_batches(run: BatchFn, workers: int) -> RunFn:
+    """run over every batch in order, on `workers` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run_all(batches: list[list[str]]) -> tuple[list[str], int]:
+        if workers == 1:
+            done = list(map(run, batches))
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(run, batches))
+        return [h for hyps, _ in done for h in hyps], sum(n for _, n in done)
+
+    return run_all
+
+
+LOADERS: dict[str, Callable[[dict], BatchFn | RunFn]] = {
     "ours": ours, "ours-int8": ours, "hf": hugging_face, "ct2-fp32": ctranslate2_model, "ct2-int8": ctranslate2_model,
 }
 
@@ -127,17 +150,14 @@ LOADERS: dict[str, Callable[[dict], BatchFn]] = {
 def worker_main(spec_path: str) -> int:
     """Translate spec["batches"] spec["repeats"] times; print one JSON line with times and outputs."""
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    run = LOADERS[spec["system"]](spec)
+    load = LOADERS[spec["system"]]
+    run = load(spec) if load is ctranslate2_model else over_batches(load(spec), spec["workers"])
     batches: list[list[str]] = spec["batches"]
-    run(batches[0])  # warm-up: first-call allocations, thread pools, lazy inits
+    run(batches[: spec["workers"]])  # warm-up: first-call allocations, thread pools, lazy inits
     seconds = []
     for _ in range(spec["repeats"]):
-        hyps, tokens = [], 0
         start = time.perf_counter()
-        for batch in batches:
-            h, n = run(batch)
-            hyps += h
-            tokens += n
+        hyps, tokens = run(batches)
         seconds.append(time.perf_counter() - start)
     print(json.dumps({"hyps": hyps, "tokens": tokens, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
     return 0
@@ -202,6 +222,7 @@ def race(args, ckpt, sources: list[str], refs: list[str], dirs: dict[str, Path],
             for system in args.systems:
                 spec = {
                     "system": system, "beam": beam, "batch_size": batch_size, "threads": args.threads,
+                    "workers": args.workers,
                     "repeats": args.repeats, "batches": batches, "checkpoint": str(args.checkpoint),
                     "model_dir": str(dirs.get(system, "")), "spm": str(dirs.get(system, Path()) / SPM_FILE),
                     "compute_type": "int8_float32" if system == "ct2-int8" else "float32",
@@ -209,7 +230,8 @@ def race(args, ckpt, sources: list[str], refs: list[str], dirs: dict[str, Path],
                     "max_len_cap": min(opts.max_len, cfg.max_positions - 1),
                 }
                 result = run_worker(spec, work)
-                row = {"system": system, "beam": beam, "batch": batch_size, "sentences": len(order)}
+                row = {"system": system, "beam": beam, "batch": batch_size, "workers": args.workers,
+                       "sentences": len(order)}
                 if "error" in result:
                     rows.append({**row, "error": result["error"]})
                     print(f"{system} beam {beam} batch {batch_size}: failed: {result['error']}", file=sys.stderr)
@@ -238,16 +260,17 @@ def sacrebleu_score(hyps: list[str], refs: list[str]) -> float:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| system | search | batch | sentences | tok/s | vs CT2 fp32 | BLEU | peak RSS MB | seconds |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | search | batch | workers | sentences | tok/s | vs CT2 fp32 | BLEU | peak RSS MB | seconds |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         search = "greedy" if r["beam"] == 1 else f"beam {r['beam']}"
         if "error" in r:
-            lines.append(f"| {r['system']} | {search} | {r['batch']} | {r['sentences']} | failed: {r['error']} |||||")
+            lines.append(f"| {r['system']} | {search} | {r['batch']} | {r['workers']} | {r['sentences']} "
+                         f"| failed: {r['error']} |||||")
             continue
         lines.append(
-            f"| {r['system']} | {search} | {r['batch']} | {r['sentences']} | {r['tok_s']:.0f} | "
+            f"| {r['system']} | {search} | {r['batch']} | {r['workers']} | {r['sentences']} | {r['tok_s']:.0f} | "
             f"{r.get('vs_ct2_fp32', float('nan')):.2f} | {r['bleu']:.2f} | {r['peak_rss_mb']:.0f} | {r['seconds']:.2f} |"
         )
     return "\n".join(lines)
@@ -362,13 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="use only the first N sentences")
     p.add_argument("--limit-b1", type=int, help="use only the first N sentences in batch-1 runs")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per run; the median counts")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="in all, shared by the workers")
+    p.add_argument("--workers", type=int, default=1, help="batches decoded side by side (see above)")
     p.add_argument("--work-dir", type=Path, help="keep the exported models and run specs here")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of our search")
     p.add_argument("--breakdown", action="store_true",
                    help="print the wall time of each part of our model over the batches (no race)")
     args = p.parse_args(argv)
+    if args.workers < 1 or args.threads % args.workers:
+        p.error(f"--workers ({args.workers}) must divide --threads ({args.threads})")
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
         p.error(f"unknown system {unknown[0]} (known: {', '.join(SYSTEMS)})")

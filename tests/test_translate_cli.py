@@ -106,3 +106,39 @@ def test_evaluate_uses_beam_search_by_default(checkpoint, capsys):
     assert result["beam_size"] == 5 and result["sentences"] == len(toy_pairs(20, seed=3))
     assert evaluate_main([str(checkpoint), "--beam-size", "1", "--min-len", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["decoding"]["min_len"] == 2
+
+
+def test_translations_on_two_workers_equal_one(checkpoint):
+    lines = LINES * 5
+    one = translator_of(checkpoint)
+    one.max_batch_tokens = 24  # several batches
+    two = translator_of(checkpoint)
+    two.max_batch_tokens, two.workers = 24, 2
+    assert len(list(one.batches(one.encode_sources(lines), 3))) > 2
+    opts = DecodeOptions(beam_size=3)
+    expected, got = one.translate(lines, opts), two.translate(lines, opts)
+    assert [t.text for t in got] == [t.text for t in expected]
+    assert [t.score for t in got] == pytest.approx([t.score for t in expected], abs=1e-5)
+
+
+def test_workers_flag_translates_a_file_and_is_checked(checkpoint, tmp_path, capsys):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("\n".join(LINES * 4) + "\n", encoding="utf-8")
+    threads = torch.get_num_threads()
+    try:
+        assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                               "--workers", "2", "--max-batch-tokens", "30", "--beam-size", "2"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the command divides the process' threads among its workers
+    expected = translator_of(checkpoint).translate(LINES * 4, DecodeOptions(beam_size=2))
+    assert out.read_text(encoding="utf-8").splitlines() == [t.text for t in expected]
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_translator_rejects_zero_workers(checkpoint):
+    from translator.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="workers"):
+        Translator(ckpt.build_model(), ckpt.tokenizer, workers=0)

@@ -74,6 +74,8 @@ def translate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--scores", action="store_true", help="prefix each translation with its score and a tab")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="sentences x longest source x beam")
     p.add_argument("--attention-png", type=Path, help="save the first sentence's cross-attention here")
+    p.add_argument("--workers", type=int, default=1,
+                   help="batches decoded side by side, sharing the torch threads (local checkpoint only)")
     add_decoding_flags(p)
     args = p.parse_args(argv)
     from translator.checkpoint import CheckpointError
@@ -96,14 +98,23 @@ def open_backend(args: argparse.Namespace) -> TranslateBackend:
     if args.server:
         from translator.client import ServerBackend
 
+        if args.workers != 1:
+            raise ValueError("--workers applies to a local --checkpoint; the server has its own batching.workers")
         return ServerBackend.connect(args.server)
+    import torch
+
     from translator.checkpoint import load_checkpoint
     from translator.runtime import keep_freed_memory
     from translator.translate import Translator
 
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     keep_freed_memory()
     ckpt = load_checkpoint(args.checkpoint)
-    return Translator(ckpt.build_model(), ckpt.tokenizer, max_batch_tokens=args.max_batch_tokens)
+    # The cores are shared among the workers: each decodes on its part of torch's threads.
+    torch.set_num_threads(max(1, torch.get_num_threads() // args.workers))
+    return Translator(ckpt.build_model(), ckpt.tokenizer, max_batch_tokens=args.max_batch_tokens,
+                      workers=args.workers)
 
 
 def read_lines(path: Path | None) -> list[str]:
