@@ -1,8 +1,9 @@
 """Linear layers of inference through oneDNN's sgemm, where it is installed.
 
 oneDNN's JIT sgemm (what CTranslate2 multiplies with on non-Intel CPUs) runs the products of a
-decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, 1.2-2x faster
-than MKL, torch's CPU BLAS (benchmarks/gemm_backends.py; docs/RESULTS.md). `linear` takes that
+decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, faster than MKL,
+torch's CPU BLAS: in the decoding loop the layers of a step 1.15-1.3x, the output projection
+1.5-3x (benchmarks/gemm_backends.py, benchmarks/generator.py; docs/RESULTS.md). `linear` takes that
 path for plain float32 CPU tensors outside autograd and `F.linear` for everything else:
 training, other dtypes and devices, tensor subclasses, tracing, or when the library is missing
 (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux) or `NMT_ONEDNN=0` turns it off.
