@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.scripted_model import EOS, A, B, C, ScriptedModel, sources
-from translator.beam import beam_candidates
+from translator.beam import beam_candidates, each_beams_best
 from translator.decoding import DecodeOptions, beam_search, greedy_search
 from translator.length import length_penalty
 
@@ -157,3 +157,40 @@ def test_on_step_streams_only_settled_tokens(search, expected):
     opts = RAW.replace(beam_size=1 if search is greedy_search else 2)
     search(ScriptedModel(TABLE), sources(9), opts, on_step=lambda p: reports.append(p[0]))
     assert reports == expected
+
+
+def ranked_by_stable_sort(scores, logp, n):
+    """Reference: all k * V candidates of each sentence, best first, ties in flat order."""
+    b, k, V = logp.shape
+    total = (scores[:, :, None] + logp).view(b, k * V)
+    ranked = [sorted(range(k * V), key=lambda i: (-float(total[s, i]), i))[:n] for s in range(b)]
+    return [[divmod(i, V) for i in r] for r in ranked], [[float(total[s, i]) for i in r] for s, r in enumerate(ranked)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_candidates_from_each_beams_best_equal_ranking_all_tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, k, V, n = 7, 3, 40, 6
+    # Distinct values within a beam, with its two best tied (a tie inside, not across, the cut);
+    # half-unit steps make equal sums across beams common.
+    logp = torch.stack([-torch.randperm(V, generator=g).float() * 0.5 for _ in range(b * k)]).view(b, k, V)
+    best2 = logp.topk(2, dim=2).indices
+    logp.scatter_(2, best2[:, :, 1:], logp.gather(2, best2[:, :, :1]))
+    scores = (torch.randint(0, 4, (b, k), generator=g) * -0.5).float()
+    assert each_beams_best(scores, logp, n) is not None  # the short path is the one under test
+    got = beam_candidates(scores, logp, n)
+    pairs, totals = ranked_by_stable_sort(scores, logp, n)
+    assert [list(zip(got.beams[s].tolist(), got.tokens[s].tolist())) for s in range(b)] == pairs
+    assert got.scores.tolist() == totals
+
+
+def test_candidates_with_a_tie_at_a_beams_cut_rank_all_tokens():
+    logp = torch.full((1, 2, 10), -9.0)
+    logp[0, 0, :4] = torch.tensor([-1.0, -2.0, -2.0, -2.0])  # n = 2: the cut falls inside a tie
+    logp[0, 1, 5] = -0.5
+    scores = torch.tensor([[0.0, -3.0]])
+    assert each_beams_best(scores, logp, 2) is None
+    got = beam_candidates(scores, logp, 2)
+    pairs, totals = ranked_by_stable_sort(scores, logp, 2)
+    assert list(zip(got.beams[0].tolist(), got.tokens[0].tolist())) == pairs[0]
+    assert got.scores[0].tolist() == totals[0]
