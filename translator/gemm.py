@@ -70,13 +70,12 @@ def sgemm() -> Callable | None:
 _thread = threading.local()
 
 
-def multiply(*args) -> None:
-    """dnnl_sgemm(*args), with this thread's OpenMP thread count set to torch's first: a thread
-    that has not run a parallel torch op yet still has OpenMP's default (every core)."""
+def thread_ready() -> None:
+    """Set this thread's OpenMP thread count to torch's before its first product: a thread that
+    has not run a parallel torch op yet still has OpenMP's default (every core)."""
     if not getattr(_thread, "ready", False):
         torch.get_num_threads()  # torch sets the calling thread's OpenMP count on first use
         _thread.ready = True
-    sgemm()(*args)
 
 
 def enabled() -> bool:
@@ -88,14 +87,14 @@ def enabled() -> bool:
 # copy, ~10 us) is counted: one-row layers take 14-23 us either way (docs/RESULTS.md).
 MIN_ROWS = 4
 
+PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
+F32 = torch.float32
+
 
 def plain(t: Tensor) -> bool:
-    """A float32 CPU tensor or parameter, no subclass that overrides torch functions: what
-    dnnl_sgemm can read (autograd is off wherever it is called)."""
-    return type(t) in PLAIN and t.dtype is torch.float32 and t.is_cpu
-
-
-PLAIN = (Tensor, torch.nn.Parameter)
+    """A float32 CPU tensor or parameter: what dnnl_sgemm can read (autograd is off wherever it
+    is called). Spelled out where called: each Python call costs about a microsecond here."""
+    return type(t) in PLAIN and t.dtype is F32 and t.is_cpu
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -105,19 +104,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if (
         M < max(MIN_ROWS, 2)  # one row: an expanded bias below would be the bias itself
         or torch.is_grad_enabled()
-        or not (plain(x) and plain(weight) and weight.is_contiguous())
+        or type(x) not in PLAIN or x.dtype is not F32 or not x.is_cpu
+        or type(weight) not in PLAIN or weight.dtype is not F32 or not weight.is_cpu
+        or not weight.is_contiguous()
         or (bias is not None and not (plain(bias) and bias.is_contiguous()))
         or torch.compiler.is_compiling()
-        or not enabled()
+        or sgemm() is None
     ):
         return F.linear(x, weight, bias)
     # Each torch call from Python costs a few microseconds, as much as a small product's
     # arithmetic: allocate and fill with the bias in one call, reshape nothing.
-    shape = (*x.shape[:-1], N)
-    out = torch.empty(shape) if bias is None else bias.expand(shape).contiguous()
+    out = torch.empty(*x.shape[:-1], N) if bias is None else bias.expand(*x.shape[:-1], N).contiguous()
     a = x if x.is_contiguous() else x.contiguous()
-    beta = 0.0 if bias is None else 1.0
-    multiply(b"N", b"T", M, N, K, 1.0, a.data_ptr(), K, weight.data_ptr(), K, beta, out.data_ptr(), N)
+    thread_ready()
+    sgemm()(b"N", b"T", M, N, K, 1.0, a.data_ptr(), K, weight.data_ptr(), K, 0.0 if bias is None else 1.0,
+            out.data_ptr(), N)
     return out
 
 
@@ -131,12 +132,13 @@ def matmul(x: Tensor, columns: Tensor) -> Tensor:
         or torch.is_grad_enabled()
         or not (plain(x) and plain(columns) and columns.is_contiguous())
         or torch.compiler.is_compiling()
-        or not enabled()
+        or sgemm() is None
     ):
         return x @ columns
-    out = torch.empty((*x.shape[:-1], N))
+    out = torch.empty(*x.shape[:-1], N)
     a = x if x.is_contiguous() else x.contiguous()
-    multiply(b"N", b"N", M, N, K, 1.0, a.data_ptr(), K, columns.data_ptr(), N, 0.0, out.data_ptr(), N)
+    thread_ready()
+    sgemm()(b"N", b"N", M, N, K, 1.0, a.data_ptr(), K, columns.data_ptr(), N, 0.0, out.data_ptr(), N)
     return out
 
 
