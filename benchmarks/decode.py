@@ -9,8 +9,9 @@ import torch. All systems get the same length-sorted batches and the same length
 (DecodeOptions' max_len_a * source length + max_len_b); each counts the tokens it emitted (EOS
 excluded). Run it on an otherwise idle machine.
 
---workers N decodes N batches side by side, each on threads / N intra-op threads: our
-Translator's worker threads, CTranslate2's inter_threads (its batches submitted asynchronously).
+--workers N decodes N batches side by side, each on threads / N intra-op threads: for ours and
+Hugging Face, N threads each translating whole batches (what `Translator(workers=N)` does); for
+CTranslate2, inter_threads=N with its batches submitted asynchronously.
 
     python benchmarks/decode.py runs/multi30k-en-de/best.pt --repeats 3 --json decode.json
     python benchmarks/decode.py CKPT --batch-sizes 1 --limit-b1 100    # batch-1 beam is slow
