@@ -102,3 +102,11 @@ print(seen[0])
 def test_onednn_in_a_new_thread_uses_torchs_thread_count():
     out = subprocess.run([sys.executable, "-c", THREAD_COUNT], check=True, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "1"
+
+
+def test_loading_onednn_leaves_the_random_stream_alone():
+    code = ("import torch; from translator import gemm; torch.manual_seed(0); gemm.enabled(); "
+            "print(torch.rand(1).item())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
+    torch.manual_seed(0)
+    assert float(out.stdout) == torch.rand(1).item()

@@ -59,7 +59,7 @@ def sgemm() -> Callable | None:
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     fn.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f32, ptr, i64, ptr, i64, f32, ptr, i64]
     fn.restype = ctypes.c_int
-    x, w = torch.randn(3, 5), torch.randn(4, 5)
+    x, w = torch.arange(15.0).view(3, 5).cos(), torch.arange(20.0).view(4, 5).sin()  # not the global RNG
     out = torch.empty(3, 4)
     status = fn(b"N", b"T", 3, 4, 5, 1.0, x.data_ptr(), 5, w.data_ptr(), 5, 0.0, out.data_ptr(), 4)
     if status != 0 or not torch.allclose(out, x @ w.t(), atol=1e-5):
