@@ -143,6 +143,40 @@ def matmul(x: Tensor, columns: Tensor) -> Tensor:
     return out
 
 
+# oneDNN 2023.2's sgemm runs 280 to ~400 rows against the 8,000-wide output projection 1.25x
+# slower per row than 256 or 400 rows (beam 5 over 64 sentences is 320 rows); torch's own oneDNN
+# matmul primitive over a weight packed in advance keeps its rate there and matches the sgemm
+# above (benchmarks/generator.py). `packed_linear` takes it past PACKED_ROWS rows.
+PACKED_ROWS = 256
+
+
+@functools.cache
+def packing() -> bool:
+    """Whether torch's oneDNN linear over packed weights works here (checked once, on a small product)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, w = torch.arange(15.0).view(3, 5).cos(), torch.arange(20.0).view(4, 5).sin()
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.allclose(out, x @ w.t(), atol=1e-5)
+
+
+def pack(weight: Tensor) -> Tensor | None:
+    """weight (N, K) in the layout `packed_linear` reads; None where packing is unavailable."""
+    if not (plain(weight) and weight.is_contiguous() and packing()):
+        return None
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
+    """x (..., K) @ weight.T -> (..., N) for a weight `pack` returned, outside autograd."""
+    a = x.reshape(-1, x.size(-1))
+    return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "").view(*x.shape[:-1], -1)
+
+
 class Linear(torch.nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose inference runs through `linear`."""
 

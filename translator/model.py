@@ -12,6 +12,7 @@ Masks are boolean with True = may attend, the convention of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,16 +56,24 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be a token id below vocab_size")
 
 
+# Outside autograd, up to this many queries per sentence and head (a decoding step: one, or a
+# sentence's beams over its source) attention runs as two batched products around a softmax:
+# torch's fused kernel pays for blocking built for long query runs (docs/RESULTS.md).
+FEW_QUERIES = 8
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """Scaled dot-product attention. q (B, H, T, Dh), k/v (B, H, S, Dh), mask broadcast to (B, H, T, S)."""
+    if q.size(-2) <= FEW_QUERIES and not dropout_p and not torch.is_grad_enabled():
+        return attention_weights(q, k, mask) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-    """The softmax weights `attention` would use, (B, H, T, S); for alignments, not the hot path."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    """The softmax weights `attention` uses, (B, H, T, S)."""
+    scores = (q @ k.transpose(-2, -1)).mul_(1 / math.sqrt(q.size(-1)))  # (B, H, T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     return scores.softmax(dim=-1)
 
 
@@ -487,24 +496,27 @@ class Generator(nn.Module):
     """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V).
 
     Decoding steps (no autograd) take faster forms of the same product, measured by
-    benchmarks/generator.py: through oneDNN (translator.gemm), or through MKL for one row, a
-    (D, V) row-major copy of the weight, kept until the weight changes (V x D floats more
-    memory); through MKL for 2 to FEW_ROWS rows, the logits computed transposed.
+    benchmarks/generator.py: through oneDNN (translator.gemm), a (D, V) row-major copy of the
+    weight up to gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past
+    them; without oneDNN, through MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the
+    logits computed transposed. Copies are kept until the weight changes (V x D floats each).
     """
 
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         self.embedding = embedding
-        self._columns: Tensor | None = None  # (D, V) copy of the weight
-        self._columns_of: tuple[int, int] | None = None  # (storage, version) it was copied from
+        self._copies: dict[str, tuple[tuple[int, int], Tensor | None]] = {}  # name: (weight's (storage, version), copy)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.embedding.weight  # (V, D)
         if torch.is_grad_enabled():
             return F.linear(x, weight)
-        if gemm.enabled():
-            return gemm.matmul(x, self.columns())  # (..., D) @ (D, V)
         rows = x.numel() // x.size(-1)
+        if gemm.enabled():
+            packed = self.copy("packed", gemm.pack) if rows > gemm.PACKED_ROWS else None
+            if packed is not None:
+                return gemm.packed_linear(x, packed)
+            return gemm.matmul(x, self.columns())  # (..., D) @ (D, V)
         if rows > FEW_ROWS:
             return F.linear(x, weight)
         if rows == 1:
@@ -513,13 +525,17 @@ class Generator(nn.Module):
         return logits.t().contiguous().view(*x.shape[:-1], -1)
 
     def columns(self) -> Tensor:
-        """The weight as (D, V), copied again whenever the weight has changed (training, loading)."""
+        """The weight as (D, V)."""
+        return self.copy("columns", lambda w: w.t().contiguous())
+
+    def copy(self, name: str, make: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+        """make(weight), made again whenever the weight has changed (training, loading)."""
         weight = self.embedding.weight
         source = (weight.data_ptr(), weight._version)
-        if self._columns is None or self._columns_of != source:
-            self._columns = weight.detach().t().contiguous()
-            self._columns_of = source
-        return self._columns
+        kept = self._copies.get(name)
+        if kept is None or kept[0] != source:
+            kept = self._copies[name] = (source, make(weight.detach()))
+        return kept[1]
 
 
 class EncoderDecoder(nn.Module):
@@ -565,8 +581,9 @@ class EncoderDecoder(nn.Module):
         """
         layers = []
         for layer in self.decoder.layers:
-            k, v = layer.cross_attn.keys_values(memory)  # (B, H, S, Dh) each
-            layers.append(LayerCache(cross_k=k, cross_v=v))
+            k, v = layer.cross_attn.keys_values(memory)  # (B, H, S, Dh) each, views into one (B, S, 2D)
+            # Copied out once: as views, every step's attention products would copy them again.
+            layers.append(LayerCache(cross_k=k.contiguous(), cross_v=v.contiguous()))
         return DecoderCache(layers=layers, src_mask=src_mask, capacity=capacity)
 
     def decode_step(self, tgt_new: Tensor, cache: DecoderCache, record_alignment: bool = False) -> Tensor:
