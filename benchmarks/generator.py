@@ -1,11 +1,13 @@
-"""The output projection of a decoding step: logits for `rows` rows over the vocabulary, four ways.
+"""The output projection of a decoding step: logits for `rows` rows over the vocabulary, five ways.
 
 `F.linear(x, W)` multiplies (rows, D) @ (D, V) with W stored (V, D); the transposed form
 multiplies (V, D) @ (D, rows) and copies the result back to (rows, V); the third multiplies by a
-(D, V) row-major copy of W, through MKL; the fourth by the same copy through oneDNN
-(`translator.gemm.matmul`). Log-softmax included. `translator.model.Generator` takes the fourth
-where oneDNN is installed; through MKL, the third for one row and the second up to `FEW_ROWS`.
-Median microseconds per call, on an idle machine:
+(D, V) row-major copy of W, through MKL; the fourth by the same copy through oneDNN's sgemm
+(`translator.gemm.matmul`); the fifth through torch's own oneDNN matmul primitive over W packed
+in advance (`translator.gemm.packed_linear`). Log-softmax included. `translator.model.Generator`
+takes the fourth up to `gemm.PACKED_ROWS` rows and the fifth past them where oneDNN is installed;
+through MKL, the third for one row and the second up to `FEW_ROWS`. Median microseconds per
+call, on an idle machine:
 
     python benchmarks/generator.py --vocab 8000 --d-model 256 --threads 2
 """
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default="1,8,16,32,64,128,320")
+    p.add_argument("--rows", default="1,8,16,32,64,128,256,288,320,384,448")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not gemm.enabled():
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         "(D, V) MKL": lambda x: x @ weight_dv,
         "(D, V) oneDNN": lambda x: gemm.matmul(x, weight_dv),
     }
-    print(f"{'rows':>6} " + " ".join(f"{name + ' us':>16}" for name in forms) + f" {'linear / oneDNN':>16}")
+    packed = gemm.pack(weight)
+    if packed is not None:
+        forms["packed oneDNN"] = lambda x: gemm.packed_linear(x, packed)
+    print(f"{'rows':>6} " + " ".join(f"{name + ' us':>16}" for name in forms) + f" {'linear / (D, V) oneDNN':>24}")
     for rows in map(int, args.rows.split(",")):
         x = torch.randn(rows, args.d_model)
         calls = max(10, 2000 // rows)
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             for form in forms.values():
                 torch.testing.assert_close(form(x), F.linear(x, weight), atol=1e-3, rtol=1e-4)
             us = [median_us(lambda x=x, form=form: form(x).log_softmax(-1), calls) for form in forms.values()]
-        print(f"{rows:>6} " + " ".join(f"{u:>16.0f}" for u in us) + f" {us[0] / us[-1]:>16.2f}")
+        print(f"{rows:>6} " + " ".join(f"{u:>16.0f}" for u in us) + f" {us[0] / us[3]:>24.2f}")
     return 0
 
 

@@ -55,6 +55,24 @@ def test_matmul_equals_torch(shape):
     torch.testing.assert_close(out, x @ columns, atol=1e-4, rtol=1e-5)
 
 
+needs_packing = pytest.mark.skipif(not gemm.packing(), reason="torch's oneDNN is not built in here")
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(1, 32), (2, 3, 32), (gemm.PACKED_ROWS + 44, 32)])
+def test_packed_linear_equals_torch(shape):
+    x, w = torch.randn(shape), torch.randn(50, 32)
+    with torch.inference_mode():
+        out = gemm.packed_linear(x, gemm.pack(w))
+    assert out.shape == (*shape[:-1], 50)
+    torch.testing.assert_close(out, F.linear(x, w), atol=1e-4, rtol=1e-5)
+
+
+def test_only_plain_float32_weights_are_packed():
+    assert gemm.pack(torch.randn(5, 4, dtype=torch.float64)) is None
+    assert gemm.pack(torch.randn(4, 5).t()) is None  # not contiguous
+
+
 def test_linear_keeps_autograd_when_training():
     layer = gemm.Linear(8, 4)
     x = torch.randn(6, 8, requires_grad=True)

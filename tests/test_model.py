@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import tiny_model_config
+from translator import gemm
+from translator import model as model_module
 from translator.config import ConfigError
-from translator.model import FEW_ROWS, ModelConfig, build_model
+from translator.model import FEW_QUERIES, FEW_ROWS, ModelConfig, attention, build_model
 
 NORMS = [pytest.param(False, id="post-norm"), pytest.param(True, id="pre-norm")]
 
@@ -166,7 +169,7 @@ def test_embeddings_are_shared_by_source_target_and_output():
     assert model.generator.embedding.weight is model.embed.tokens.weight
 
 
-@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1, gemm.PACKED_ROWS + 1])
 def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
     model, _, _ = model_and_batch(norm_first=True)
     x = torch.randn(rows, 1, model.cfg.d_model)
@@ -178,16 +181,52 @@ def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
     torch.testing.assert_close(model.generator(x), expected, atol=1e-5, rtol=1e-5)  # training path
 
 
-def test_one_row_logits_follow_changes_to_the_weight():
+@pytest.mark.parametrize("rows", [1, gemm.PACKED_ROWS + 1])  # (D, V) copy; packed weight where oneDNN is
+def test_decoding_logits_follow_changes_to_the_weight(rows):
     model, _, _ = model_and_batch(norm_first=True)
-    x = torch.randn(1, 1, model.cfg.d_model)
+    x = torch.randn(rows, 1, model.cfg.d_model)
     with torch.inference_mode():
-        before = model.generator(x)  # copies the weight for one-row products
+        before = model.generator(x)  # keeps a copy of the weight in the form it multiplies
     with torch.no_grad():
         model.embed.tokens.weight.mul_(2.0)  # as an optimizer step or a checkpoint load would
     with torch.inference_mode():
         after = model.generator(x)
     torch.testing.assert_close(after, 2.0 * before)
+
+
+@pytest.mark.parametrize("queries", [1, 5, FEW_QUERIES, FEW_QUERIES + 1])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "per-query"])
+def test_attention_of_few_queries_equals_the_fused_kernel(queries, mask_kind, monkeypatch):
+    monkeypatch.setattr(model_module, "MANY_QUERIES", 1)  # the products' path at this small size
+    g = torch.Generator().manual_seed(queries)
+    B, H, S, Dh = 3, 2, 12, 8
+    q = torch.randn(B, queries, H, Dh, generator=g).transpose(1, 2)  # (B, H, T, Dh), strided as in the model
+    k, v = (torch.randn(S, B, H, Dh, generator=g).permute(1, 2, 0, 3) for _ in range(2))  # cache layout
+    mask = None
+    if mask_kind == "keys":  # source padding: (B, 1, 1, S)
+        mask = torch.arange(S) < torch.tensor([7, 3, 1])[:, None]
+        mask = mask[:, None, None, :]
+    elif mask_kind == "per-query":  # causal with rows' own starts: (B, 1, T, S)
+        mask = torch.ones(B, 1, queries, S, dtype=torch.bool).tril(S - queries)
+        mask[1, :, :, :2] = False
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.inference_mode():  # decoding: two batched products around a softmax
+        out = attention(q, k, v, mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_keeps_autograd_when_training():
+    q, k, v = (torch.randn(2, 2, 3, 4, requires_grad=True) for _ in range(3))
+    attention(q, k, v, None, dropout_p=0.0).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+def test_cross_attention_keys_values_are_stored_contiguous():
+    # As views into the (B, S, 2D) projection, every step's attention products would copy them.
+    model, src, _ = model_and_batch(norm_first=True)
+    with torch.inference_mode():
+        cache = model.init_cache(*model.encode(src))
+    assert all(lc.cross_k.is_contiguous() and lc.cross_v.is_contiguous() for lc in cache.layers)
 
 
 def test_sequence_longer_than_positions_is_a_clear_error():
