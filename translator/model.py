@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from translator import gemm
+from translator import gemm, kernels
 from translator.config import ConfigError
 
 
@@ -56,23 +56,18 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be a token id below vocab_size")
 
 
-# Outside autograd, with up to FEW_QUERIES queries per sentence and head (a decoding step: one,
-# or a sentence's beams over its source) and at least MANY_QUERIES in all (B * H * T), attention
-# runs as two batched products around a softmax: there torch's fused kernel, built for long query
-# runs, is slower (a step of 320 rows x1.03-1.05, 8 rows x0.95; docs/RESULTS.md).
+# Outside autograd, up to FEW_QUERIES queries per sentence and head (a decoding step: one, or a
+# sentence's beams over its source) take the native kernel (translator.kernels) where it is
+# built: torch's fused kernel, made for long runs of queries, is slower there (docs/RESULTS.md).
 FEW_QUERIES = 8
-MANY_QUERIES = 512
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """Scaled dot-product attention. q (B, H, T, Dh), k/v (B, H, S, Dh), mask broadcast to (B, H, T, S)."""
-    if (
-        q.size(-2) <= FEW_QUERIES
-        and q.numel() >= MANY_QUERIES * q.size(-1)
-        and not dropout_p
-        and not torch.is_grad_enabled()
-    ):
-        return attention_weights(q, k, mask) @ v
+    if q.size(-2) <= FEW_QUERIES and not dropout_p and not torch.is_grad_enabled():
+        out = kernels.attention(q, k, v, mask)
+        if out is not None:
+            return out
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 

@@ -54,6 +54,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from translator import kernels
     from translator.checkpoint import CheckpointError
     from translator.runtime import keep_freed_memory
     from translator.server import create_server
@@ -61,6 +62,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if kernels.library() is not None:  # built or loaded now, not on the first request
+        logging.getLogger("translator.kernels").info("native attention kernel loaded")
     try:
         server, port = create_server(cfg)
     except (ConfigError, CheckpointError, OSError) as e:

@@ -1,0 +1,158 @@
+"""The native attention kernel: torch's attention to float rounding, built once, and torch wherever it cannot go."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from translator import kernels
+from translator.model import attention
+
+HAS_COMPILER = shutil.which(kernels.compiler()) is not None
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the kernel is not built here")
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """`kernels.library()` decided again under this test's environment, and again after it."""
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    kernels.library.cache_clear()
+    yield
+    kernels.library.cache_clear()
+
+
+@pytest.mark.skipif(
+    not (HAS_COMPILER and sys.platform.startswith("linux")) or os.environ.get(kernels.ENV) == "0",
+    reason="no C compiler here",
+)
+def test_kernel_builds_and_agrees_with_torch_where_a_compiler_is():
+    assert kernels.library() is not None  # built, loaded, and its check matched torch
+
+
+def cache_layout(S: int, B: int, H: int, Dh: int, g: torch.Generator) -> torch.Tensor:
+    """(B, H, S, Dh) keys as a decoder's self-attention cache holds them: a view of (capacity, B, H, Dh)."""
+    return torch.randn(S + 3, B, H, Dh, generator=g)[:S].permute(1, 2, 0, 3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("queries", [1, 5, 8])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "per-query"])
+@pytest.mark.parametrize(("Dh", "layout"), [(8, "cache"), (64, "cache"), (64, "contiguous"), (256, "contiguous")])
+def test_kernel_equals_torch(queries, mask_kind, Dh, layout):
+    g = torch.Generator().manual_seed(queries * Dh)
+    B, H, S = 3, 2, 13
+    q = torch.randn(B, queries, H, Dh, generator=g).transpose(1, 2)  # (B, H, T, Dh) as the model splits heads
+    k, v = (cache_layout(S, B, H, Dh, g) for _ in range(2))
+    if layout == "contiguous":  # cross-attention keys/values
+        k, v = k.contiguous(), v.contiguous()
+    mask = None
+    if mask_kind == "keys":  # source padding, (B, 1, 1, S)
+        mask = (torch.arange(S) < torch.tensor([13, 4, 1])[:, None])[:, None, None, :]
+    elif mask_kind == "per-query":  # causal with rows' own starts, (B, 1, T, S)
+        mask = torch.ones(B, 1, queries, S, dtype=torch.bool).tril(S - queries)
+        mask[1, :, :, :3] = False
+    out = kernels.attention(q, k, v, mask)
+    assert out is not None and out.shape == q.shape
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_kernel_output_is_laid_out_for_the_output_projection():
+    q, k, v = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 6, 8), torch.randn(4, 2, 6, 8)
+    out = kernels.attention(q, k, v, None)  # (B, H, T, Dh)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, Dh): merging heads is a view
+
+
+@needs_kernels
+def test_kernel_is_exact_for_extreme_scores_and_gives_zeros_for_a_query_that_sees_nothing():
+    q = torch.zeros(1, 1, 2, 8)
+    q[..., 0, :] = 30.0  # scores of +-1,000s: the softmax is one-hot, and must not overflow
+    k = torch.zeros(1, 1, 3, 8)
+    k[..., 1, :] = 1.0
+    k[..., 2, :] = -1.0
+    v = torch.arange(24.0).view(1, 1, 3, 8)
+    mask = torch.tensor([[True, True, True], [False, False, False]])[None, None]  # query 2 sees nothing
+    out = kernels.attention(q, k, v, mask)
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 1])
+    assert torch.equal(out[0, 0, 1], torch.zeros(8))
+
+
+@needs_kernels
+def test_kernel_declines_what_it_cannot_read():
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    assert kernels.attention(q.double(), k.double(), v.double(), None) is None  # float32 only
+    assert kernels.attention(q[..., :6], k[..., :6], v[..., :6], None) is None  # Dh not a multiple of 8
+    assert kernels.attention(q, k.transpose(-2, -1).contiguous().transpose(-2, -1), v, None) is None  # Dh strided
+    assert kernels.attention(q, k, v, torch.zeros(2, 1, 1, 5)) is None  # additive masks: torch's
+    assert kernels.attention(q, k[:1], v[:1], None) is None  # keys broadcast over sentences
+    # The model's attention still answers all of them, through torch.
+    with torch.inference_mode():
+        out = attention(q[..., :6], k[..., :6], v[..., :6], None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q[..., :6], k[..., :6], v[..., :6]))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
+def test_build_is_cached_and_keyed_by_its_source(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    first = kernels.build()
+    built_at = first.stat().st_mtime_ns
+    assert kernels.build() == first and first.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    edited = tmp_path / "src" / "attention.c"
+    edited.parent.mkdir()
+    edited.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
+    assert kernels.build(edited) != first
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
+def test_a_failed_build_names_the_compiler_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    broken = tmp_path / "broken.c"
+    broken.write_text("int f(void) { return missing_name; }\n")
+    with pytest.raises(kernels.BuildError, match="missing_name"):
+        kernels.build(broken)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_without_a_compiler_decoding_falls_back_to_torch(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with caplog.at_level(logging.WARNING, logger="translator.kernels"):
+        assert kernels.library() is None
+    assert "/nonexistent/cc" in caplog.text
+    q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    assert kernels.attention(q, k, v, None) is None
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_switched_off_it_is_neither_built_nor_loaded(fresh_library, monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels.library() is None
+    assert not (tmp_path / "cache").exists()
+
+
+@needs_kernels
+@pytest.mark.parametrize("beam", [1, 4])
+def test_searches_decode_the_same_with_and_without_the_kernel(beam, monkeypatch):
+    from tests.test_decoding import run, source_rows, tiny_model
+    from translator.decoding import DecodeOptions
+
+    model = tiny_model()
+    rows = source_rows(model, lengths=(5, 9, 3, 7, 12))
+    opts = DecodeOptions(beam_size=beam, n_best=beam)
+    with_kernel = run(model, rows, opts)
+    monkeypatch.setenv(kernels.ENV, "0")  # as on a machine without a compiler
+    kernels.library.cache_clear()
+    try:
+        without = run(model, rows, opts)
+    finally:
+        kernels.library.cache_clear()
+    assert with_kernel.tokens == without.tokens
+    for a, b in zip(with_kernel.nbest, without.nbest):
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)

@@ -1,0 +1,117 @@
+/* Attention of a decoding step: few queries per (sentence, head) over cached keys and values.
+ *
+ * out = softmax(q k^T * scale, masked) v for q (B, H, T, Dh), k and v (B, H, S, Dh) and a mask
+ * broadcast to (B, H, T, S), each given by its element strides (the last stride of q, k and v
+ * must be 1); out is written (B, T, H, Dh) contiguous, the layout the output projection reads.
+ * Each (sentence, head) pair is one item of an OpenMP loop: its scores, softmax and weighted sum
+ * of values stay in registers and L1, and the next pair's keys and values are prefetched while
+ * it computes (self-attention caches are position-major, so a pair's keys are S short runs a
+ * batch apart, which the hardware prefetcher does not follow). Dh is a multiple of 8, at most 256.
+ */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
+static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline float hsum8(v8 x) {
+    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+}
+
+/* exp(x) for x <= 0 (scores less their maximum): 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2],
+   p the degree-6 Taylor polynomial (relative error below 2e-7); 0 below -87.3. */
+static inline float exp_nonpositive(float x) {
+    if (x != x) return x;
+    if (x < -87.3f) return 0.f;
+    float n = __builtin_roundf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+    float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static void prefetch_pair(const float *k, const float *v, int64_t k_step, int64_t v_step, int64_t S, int64_t Dh) {
+    for (int64_t j = 0; j < S; j++)
+        for (int64_t c = 0; c < Dh; c += 16) {  /* one 64-byte line per 16 floats */
+            __builtin_prefetch(k + j * k_step + c);
+            __builtin_prefetch(v + j * v_step + c);
+        }
+}
+
+/* Returns 0, or 1 when Dh is not a multiple of 8 up to 256 (nothing written). scratch holds
+   threads * S floats. A query that may attend to nothing gets zeros. */
+int few_query_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
+                        const float *v, const int64_t *vs, const uint8_t *mask, const int64_t *ms,
+                        float *out, int64_t B, int64_t H, int64_t T, int64_t S, int64_t Dh,
+                        float scale, float *scratch, int threads)
+{
+    if (Dh % 8 || Dh > 256 || Dh <= 0) return 1;
+    const int64_t nv = Dh / 8;
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        float *p = scratch + (int64_t)omp_get_thread_num() * S;
+#else
+        float *p = scratch;
+#endif
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H;
+            const float *kb = k + b * ks[0] + h * ks[1];
+            const float *vb = v + b * vs[0] + h * vs[1];
+            if (bh + 1 < B * H) {
+                const int64_t b2 = (bh + 1) / H, h2 = (bh + 1) % H;
+                prefetch_pair(k + b2 * ks[0] + h2 * ks[1], v + b2 * vs[0] + h2 * vs[1], ks[2], vs[2], S, Dh);
+            }
+            for (int64_t t = 0; t < T; t++) {
+                const float *qt = q + b * qs[0] + h * qs[1] + t * qs[2];
+                const uint8_t *mt = mask ? mask + b * ms[0] + h * ms[1] + t * ms[2] : NULL;
+                v8 qv[32];
+                for (int64_t i = 0; i < nv; i++) qv[i] = load8(qt + 8 * i) * scale;
+                float top = -INFINITY;
+                for (int64_t j = 0; j < S; j++) {
+                    float s = -INFINITY;
+                    if (!mt || mt[j * ms[3]]) {
+                        const float *kj = kb + j * ks[2];
+                        v8 a0 = qv[0] * load8(kj), a1 = {0};
+                        for (int64_t i = 1; i < nv; i += 2) {
+                            a1 += qv[i] * load8(kj + 8 * i);
+                            if (i + 1 < nv) a0 += qv[i + 1] * load8(kj + 8 * i + 8);
+                        }
+                        s = hsum8(a0 + a1);
+                    }
+                    p[j] = s;
+                    if (s > top) top = s;
+                }
+                float *o = out + ((b * T + t) * H + h) * Dh;
+                if (top == -INFINITY) {
+                    memset(o, 0, sizeof(float) * Dh);
+                    continue;
+                }
+                float sum = 0.f;
+                for (int64_t j = 0; j < S; j++) {
+                    p[j] = exp_nonpositive(p[j] - top);
+                    sum += p[j];
+                }
+                const float inv = 1.f / sum;
+                v8 acc[32];
+                for (int64_t i = 0; i < nv; i++) acc[i] = (v8){0};
+                for (int64_t j = 0; j < S; j++) {
+                    if (p[j] == 0.f) continue;
+                    const float w = p[j] * inv;
+                    const float *vj = vb + j * vs[2];
+                    for (int64_t i = 0; i < nv; i++) acc[i] += w * load8(vj + 8 * i);
+                }
+                for (int64_t i = 0; i < nv; i++) store8(o + 8 * i, acc[i]);
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,161 @@
+"""Native kernels for decoding steps, compiled on first use with the machine's C compiler.
+
+A decoding step's attention is one query per sentence and head (a sentence's beams over its
+source: a few) over a short cache. torch's fused kernel is built for long runs of queries and
+costs most of its time per (sentence, head) item there; `csrc/attention.c` does each item's
+scores, softmax and weighted sum in registers, over the cache's own strides, in one OpenMP loop
+(docs/RESULTS.md has the figures). It is compiled for this CPU (`-march=native`) into a cache
+directory the first time a process asks for it, and reused from there. Without a C compiler
+with OpenMP (`$CC`, else `cc`), or with `NMT_KERNELS=0`, `attention` returns None and the model
+takes torch's attention: same results within float rounding, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("translator.kernels")
+
+ENV = "NMT_KERNELS"  # "0": never build or load them
+CACHE_ENV = "NMT_KERNEL_CACHE"  # where built libraries go (default ~/.cache/nmt-translator/kernels)
+SOURCE = Path(__file__).with_name("csrc") / "attention.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
+BUILD_SECONDS = 120
+
+
+class BuildError(RuntimeError):
+    """The C compiler is missing or failed."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nmt-translator" / "kernels"
+
+
+def compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def cpu_identity() -> bytes:
+    """What `-march=native` compiles for: the CPU's model and feature flags (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return b""
+    first = text.split("\n\n", 1)[0]
+    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags"))).encode()
+
+
+def run_compiler(args: list[str]) -> str:
+    """The compiler's standard output; BuildError with its messages when it is missing or fails."""
+    try:
+        done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=BUILD_SECONDS)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BuildError(f"{args[0]}: {e}") from e
+    if done.returncode:
+        raise BuildError(f"{' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def build(source: Path = SOURCE) -> Path:
+    """The shared library for `source`, compiled unless the cache already holds it.
+
+    Keyed by the source, the compiler's version, the flags and the CPU, so an edited source, a
+    new compiler or a home directory shared with another CPU get their own build. Written under
+    a temporary name and renamed into place: processes building at once, or one killed
+    mid-build, never leave a partial library under the final name.
+    """
+    cc = compiler()
+    version = run_compiler([cc, "--version"])
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), version.encode(), " ".join(FLAGS).encode(), cpu_identity()])
+    ).hexdigest()[:20]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        run_compiler([cc, *FLAGS, "-o", str(partial), str(source)])
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+I64, PTR = ctypes.c_int64, ctypes.c_void_p
+STRIDES = ctypes.c_int64 * 4
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, checked against torch on a small case; None (logged once) when unavailable."""
+    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+        fn = lib.few_query_attention
+    except (BuildError, OSError, AttributeError) as e:
+        log.warning("native attention kernel unavailable, decoding uses torch's attention: %s", e)
+        return None
+    fn.argtypes = [PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64, I64,
+                   ctypes.c_float, PTR, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    g = torch.Generator().manual_seed(0)  # not the global RNG
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (2, 5, 5))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
+    got = call(fn, q, k, v, mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if got is None or not torch.allclose(got, expected, atol=1e-5):
+        log.warning("native attention kernel disagrees with torch on its check, not used")
+        return None
+    return lib
+
+
+def usable(t: Tensor) -> bool:
+    return type(t) is Tensor and t.dtype is torch.float32 and t.is_cpu and t.dim() == 4 and t.stride(-1) == 1
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    """softmax(q k^T / sqrt(Dh)) v, q (B, H, T, Dh), k/v (B, H, S, Dh), outside autograd, as a
+    (B, H, T, Dh) view of a (B, T, H, Dh) tensor; None where the kernel does not apply (not
+    built, other dtypes or devices, Dh not a multiple of 8 up to 256, non-boolean masks)."""
+    lib = library()
+    if (
+        lib is None
+        or not (usable(q) and usable(k) and usable(v))
+        or k.shape[:2] != q.shape[:2] or v.shape != k.shape
+        or (mask is not None and (mask.dtype is not torch.bool or mask.dim() > 4 or not mask.is_cpu))
+    ):
+        return None
+    return call(lib.few_query_attention, q, k, v, mask)
+
+
+def call(fn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+    B, H, T, Dh = q.shape
+    S = k.size(2)
+    threads = torch.get_num_threads()
+    out = q.new_empty(B, T, H, Dh)
+    scratch = q.new_empty(threads * S)
+    if mask is None:
+        mask_ptr = mask_strides = None
+    else:
+        mask = mask.expand(B, H, T, S)  # broadcast dimensions get stride 0
+        mask_ptr, mask_strides = mask.data_ptr(), STRIDES(*mask.stride())
+    status = fn(q.data_ptr(), STRIDES(*q.stride()), k.data_ptr(), STRIDES(*k.stride()), v.data_ptr(),
+                STRIDES(*v.stride()), mask_ptr, mask_strides, out.data_ptr(), B, H, T, S, Dh,
+                1 / math.sqrt(Dh), scratch.data_ptr(), threads)
+    return None if status else out.transpose(1, 2)
