@@ -4,9 +4,11 @@ oneDNN's JIT sgemm (what CTranslate2 multiplies with on non-Intel CPUs) runs the
 decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, faster than MKL,
 torch's CPU BLAS: in the decoding loop the layers of a step 1.15-1.3x, the output projection
 1.5-3x (benchmarks/gemm_backends.py, benchmarks/generator.py; docs/RESULTS.md). `linear` takes that
-path for plain float32 CPU tensors outside autograd and `F.linear` for everything else:
-training, other dtypes and devices, tensor subclasses, tracing, or when the library is missing
-(the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux) or `NMT_ONEDNN=0` turns it off.
+path for plain float32 CPU tensors outside autograd, through a native wrapper that writes the
+bias and applies the ReLU in the same call (translator.kernels), and `F.linear` for everything
+else: training, other dtypes and devices, tensor subclasses, tracing, or when the library is
+missing (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux), `NMT_ONEDNN=0` turns it off
+or the native kernels are not built.
 
 The wheel's library links `libgomp.so.1`; torch's CPU wheels load their own copy under that
 name first, so both share one OpenMP thread pool and `torch.set_num_threads` governs both.
@@ -26,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from translator import kernels
 
 ENV = "NMT_ONEDNN"  # "0" turns the oneDNN path off
 DISTRIBUTION = "onednn-cpu-gomp"
@@ -67,6 +71,12 @@ def sgemm() -> Callable | None:
     return fn
 
 
+@functools.cache
+def sgemm_address() -> int:
+    """Where `dnnl_sgemm` is, for the native kernels that call it."""
+    return ctypes.cast(sgemm(), ctypes.c_void_p).value
+
+
 _thread = threading.local()
 
 
@@ -83,8 +93,8 @@ def enabled() -> bool:
     return sgemm() is not None
 
 
-# Below this many rows MKL is faster once the call's own overhead (a ctypes call and the bias
-# copy, ~15 us from Python) is counted: greedy batch 1 ran 123 tok/s with one-row layers on MKL,
+# Below this many rows MKL is faster once the call's own overhead is counted (with the bias
+# copied from Python, ~15 us): greedy batch 1 ran 123 tok/s with one-row layers on MKL,
 # 112 with them on oneDNN (docs/RESULTS.md).
 MIN_ROWS = 4
 
@@ -98,28 +108,32 @@ def plain(t: Tensor) -> bool:
     return type(t) in PLAIN and t.dtype is F32 and t.is_cpu
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., K) @ weight (N, K).T + bias (N,) -> (..., N), as `F.linear`."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """x (..., K) @ weight (N, K).T + bias (N,) -> (..., N), as `F.linear`; then ReLU if relu."""
     N, K = weight.shape
     M = x.numel() // K if K else 0
     if (
-        M < max(MIN_ROWS, 2)  # one row: an expanded bias below would be the bias itself
+        M < MIN_ROWS
         or torch.is_grad_enabled()
         or type(x) not in PLAIN or x.dtype is not F32 or not x.is_cpu
-        or type(weight) not in PLAIN or weight.dtype is not F32 or not weight.is_cpu
-        or not weight.is_contiguous()
+        or type(weight) not in PLAIN or weight.dtype is not F32 or not weight.is_contiguous()
+        or not weight.is_cpu
         or (bias is not None and not (plain(bias) and bias.is_contiguous()))
         or torch.compiler.is_compiling()
         or sgemm() is None
+        or kernels.library() is None
     ):
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return F.relu(y) if relu else y
     # Each torch call from Python costs a few microseconds, as much as a small product's
-    # arithmetic: allocate and fill with the bias in one call, reshape nothing.
-    out = torch.empty(*x.shape[:-1], N) if bias is None else bias.expand(*x.shape[:-1], N).contiguous()
+    # arithmetic: one native call writes the bias, multiplies and applies the ReLU.
+    out = torch.empty(*x.shape[:-1], N)
     a = x if x.is_contiguous() else x.contiguous()
     thread_ready()
-    sgemm()(b"N", b"T", M, N, K, 1.0, a.data_ptr(), K, weight.data_ptr(), K, 0.0 if bias is None else 1.0,
-            out.data_ptr(), N)
+    status = kernels.library().linear(sgemm_address(), a.data_ptr(), weight.data_ptr(),
+                                      None if bias is None else bias.data_ptr(), out.data_ptr(), M, N, K, relu)
+    if status:
+        raise RuntimeError(f"dnnl_sgemm failed with status {status} on a ({M}, {K}) x ({K}, {N}) product")
     return out
 
 
@@ -180,5 +194,5 @@ def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
 class Linear(torch.nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose inference runs through `linear`."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        return linear(x, self.weight, self.bias, relu)

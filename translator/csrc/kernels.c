@@ -115,3 +115,39 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
     }
     return 0;
 }
+
+/* out (M, N) = x (M, K) @ w (N, K)^T + bias (N), then max(out, 0) if relu, through the sgemm at
+   `sgemm` (oneDNN's dnnl_sgemm, row-major): the bias is written first and the product added
+   to it, so that a layer is one call from Python. Returns the sgemm's status. */
+typedef int (*sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t,
+                        const float *, int64_t, float, float *, int64_t);
+
+int linear(void *sgemm, const float *x, const float *w, const float *bias, float *out,
+           int64_t M, int64_t N, int64_t K, int relu)
+{
+    if (bias)
+        for (int64_t m = 0; m < M; m++) memcpy(out + m * N, bias, sizeof(float) * N);
+    int status = ((sgemm_fn)sgemm)('N', 'T', M, N, K, 1.f, x, K, w, K, bias ? 1.f : 0.f, out, N);
+    if (relu && !status)
+        for (int64_t i = 0; i < M * N; i++) out[i] = out[i] > 0.f ? out[i] : 0.f;
+    return status;
+}
+
+/* out (M, D) = LayerNorm(x (M, D)) * weight + bias, rows normalised by their own mean and
+   (biased) variance, as torch's layer_norm. */
+void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t M,
+                int64_t D, float eps)
+{
+    for (int64_t m = 0; m < M; m++) {
+        const float *r = x + m * D;
+        float *o = out + m * D;
+        float mean = 0.f, var = 0.f;
+        #pragma omp simd reduction(+:mean)
+        for (int64_t d = 0; d < D; d++) mean += r[d];
+        mean /= D;
+        #pragma omp simd reduction(+:var)
+        for (int64_t d = 0; d < D; d++) var += (r[d] - mean) * (r[d] - mean);
+        const float inv = 1.f / sqrtf(var / D + eps);
+        for (int64_t d = 0; d < D; d++) o[d] = (r[d] - mean) * inv * weight[d] + bias[d];
+    }
+}
