@@ -37,6 +37,27 @@ def test_linear_equals_torch(rows, k, n, with_bias):
 
 
 @needs_onednn
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_with_relu_equals_torch(with_bias):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 9, 16, generator=g), torch.randn(24, 16, generator=g)
+    b = torch.randn(24, generator=g) if with_bias else None
+    with torch.inference_mode():
+        out = gemm.linear(x, w, b, relu=True)
+    assert (out == 0).any() and (out > 0).any()
+    torch.testing.assert_close(out, F.relu(F.linear(x, w, b)), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_with_relu_keeps_autograd_when_training():
+    layer = gemm.Linear(8, 4)
+    x = torch.randn(6, 8, requires_grad=True)
+    out = layer(x, relu=True)
+    out.sum().backward()
+    active = (out > 0).float()  # (6, 4): the gradient flows only where the ReLU passed
+    torch.testing.assert_close(layer.bias.grad, active.sum(0))
+
+
+@needs_onednn
 def test_linear_reads_batched_and_strided_inputs():
     x = torch.randn(3, 16, 5).transpose(1, 2)  # (3, 5, 16), not contiguous
     w, b = torch.randn(8, 16), torch.randn(8)
@@ -122,9 +143,9 @@ def test_onednn_in_a_new_thread_uses_torchs_thread_count():
     assert out.stdout.strip() == "1"
 
 
-def test_loading_onednn_leaves_the_random_stream_alone():
-    code = ("import torch; from translator import gemm; torch.manual_seed(0); gemm.enabled(); "
-            "print(torch.rand(1).item())")
+def test_loading_onednn_and_the_kernels_leaves_the_random_stream_alone():
+    code = ("import torch; from translator import gemm, kernels; torch.manual_seed(0); gemm.enabled(); "
+            "kernels.library(); print(torch.rand(1).item())")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
     torch.manual_seed(0)
     assert float(out.stdout) == torch.rand(1).item()

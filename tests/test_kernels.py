@@ -97,13 +97,43 @@ def test_kernel_declines_what_it_cannot_read():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q[..., :6], k[..., :6], v[..., :6]))
 
 
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 32), (7, 32), (2, 5, 256)])
+def test_layer_norm_equals_torch(shape):
+    g = torch.Generator().manual_seed(shape[-2])
+    norm = kernels.LayerNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+        norm.bias.copy_(torch.randn(shape[-1], generator=g))
+    x = 3 + 5 * torch.randn(shape, generator=g)  # an offset mean, a large variance
+    with torch.inference_mode():
+        out = norm(x)
+    expected = F.layer_norm(x, shape[-1:], norm.weight.detach(), norm.bias.detach(), eps=1e-6)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_keeps_autograd_and_nn_layer_norms_state_dict():
+    norm = kernels.LayerNorm(8)
+    assert norm.state_dict().keys() == torch.nn.LayerNorm(8).state_dict().keys()
+    x = torch.randn(4, 8, requires_grad=True)
+    norm(x).pow(2).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
+def test_layer_norm_takes_torch_for_what_the_kernel_cannot_read():
+    norm = kernels.LayerNorm(8)
+    x = torch.randn(8, 5).t()  # (5, 8), not contiguous
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias))
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
 def test_build_is_cached_and_keyed_by_its_source(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
     first = kernels.build()
     built_at = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == built_at  # reused, not rebuilt
-    edited = tmp_path / "src" / "attention.c"
+    edited = tmp_path / "src" / kernels.SOURCE.name  # same name, other content
     edited.parent.mkdir()
     edited.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
     assert kernels.build(edited) != first

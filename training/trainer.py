@@ -4,7 +4,6 @@ data-parallel across torchrun processes and in mixed precision on GPUs."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -309,9 +308,7 @@ class Trainer:
         valid_loss = self.valid_loss()
         n = self.cfg.train.valid_bleu_sentences or len(self.valid_data)
         refs = list(self.valid_data["tgt"][:n])
-        # The search functions build their tensors on the CPU, so on a GPU a CPU copy decodes.
-        model = self.model if self.world.device.type == "cpu" else copy.deepcopy(self.model).cpu()
-        translator = Translator(model, self.tokenizer, DecodeOptions())
+        translator = Translator(self.model, self.tokenizer, DecodeOptions())  # decodes on the model's device
         hyps = [tr.text for tr in translator.translate(list(self.valid_data["src"][:n]))]
         bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
         improved = bleu > st.best_bleu

@@ -24,7 +24,7 @@ from translator.decode_options import DecodeOptions
 from translator.hooks import Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder
-from translator.search_setup import SearchSetup, start_search
+from translator.search_setup import SearchSetup, on_source_device, start_search
 
 NEG_INF = float("-inf")
 
@@ -136,6 +136,7 @@ class Finished:
         return self.count[sentence] >= self.opts.beam_size
 
 
+@on_source_device
 @torch.inference_mode()
 def beam_search(
     model: EncoderDecoder,

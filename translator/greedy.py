@@ -13,7 +13,7 @@ from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
 from translator.sampling import make_picker
-from translator.search_setup import start_search
+from translator.search_setup import on_source_device, start_search
 
 
 @dataclass
@@ -91,6 +91,7 @@ class Rows:
         )
 
 
+@on_source_device
 @torch.inference_mode()
 def greedy_search(
     model: EncoderDecoder,

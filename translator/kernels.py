@@ -1,13 +1,18 @@
 """Native kernels for decoding steps, compiled on first use with the machine's C compiler.
 
-A decoding step's attention is one query per sentence and head (a sentence's beams over its
-source: a few) over a short cache. torch's fused kernel is built for long runs of queries and
-costs most of its time per (sentence, head) item there; `csrc/attention.c` does each item's
-scores, softmax and weighted sum in registers, over the cache's own strides, in one OpenMP loop
-(docs/RESULTS.md has the figures). It is compiled for this CPU (`-march=native`) into a cache
-directory the first time a process asks for it, and reused from there. Without a C compiler
-with OpenMP (`$CC`, else `cc`), or with `NMT_KERNELS=0`, `attention` returns None and the model
-takes torch's attention: same results within float rounding, only slower.
+A decoding step runs a few hundred small ops, and from Python each costs a few microseconds
+beyond its arithmetic. `csrc/kernels.c` does three of them natively:
+- attention of few queries: one query per sentence and head (a sentence's beams over its
+  source: a few) over a short cache, each item's scores, softmax and weighted sum in registers,
+  over the cache's own strides, in one OpenMP loop; torch's fused kernel, built for long runs of
+  queries, spends most of its time per item there;
+- a linear layer as one call: the bias written, oneDNN's sgemm (translator.gemm) called, the
+  ReLU applied;
+- LayerNorm of inference.
+docs/RESULTS.md has the figures. The library is compiled for this CPU (`-march=native`) into a
+cache directory the first time a process asks for it, and reused from there. Without a C
+compiler with OpenMP (`$CC`, else `cc`), or with `NMT_KERNELS=0`, each falls back to torch:
+same results within float rounding, only slower.
 """
 
 from __future__ import annotations

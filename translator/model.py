@@ -154,8 +154,9 @@ class Residual(nn.Module):
 
 def add_residual(x: Tensor, y: Tensor) -> Tensor:
     """x + y; outside autograd into y, a sublayer's output that nothing else holds (the model's
-    sublayers end in a linear layer), saving a decoding step 18 allocations."""
-    if torch.is_grad_enabled() or y is x:
+    sublayers end in a linear layer), saving a decoding step 18 allocations. Where y's dtype or
+    shape differs (autocast's half-precision outputs), out of place: the sum takes x's."""
+    if torch.is_grad_enabled() or y is x or y.dtype != x.dtype or y.shape != x.shape:
         return x + y
     return y.add_(x)
 

@@ -48,4 +48,7 @@ def sample_tokens(logp: Tensor, top_k: int, top_p: float, temperature: float, ge
         # Drop a token when the mass before it already reaches top_p.
         drop = probs.cumsum(dim=-1) - probs >= top_p
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = x.softmax(dim=-1)
+    if probs.device != generator.device:  # drawn on the generator's device: the same seed, the same draw
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -3,7 +3,10 @@ and what sentences joining a running search bring to it."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -13,6 +16,23 @@ from translator.decode_options import DecodeOptionError, DecodeOptions
 from translator.hooks import Cancelled, OnDone, OnStep, SearchHooks
 from translator.length import output_budgets
 from translator.model import DecoderCache, EncoderDecoder
+
+Search = TypeVar("Search", bound=Callable)
+
+
+def on_source_device(search: Search) -> Search:
+    """Run search(model, src, ...) with src's device as the default for the tensors it makes (row
+    indices, scores, masks), so that a model on a GPU decodes there. On the CPU, the default
+    already, it runs as it is: the device context intercepts every torch call from Python."""
+
+    @functools.wraps(search)
+    def on_device(model: EncoderDecoder, src: Tensor, *args, **kwargs):
+        if src.device.type == "cpu":
+            return search(model, src, *args, **kwargs)
+        with torch.device(src.device):
+            return search(model, src, *args, **kwargs)
+
+    return on_device  # type: ignore[return-value]
 
 
 @dataclass

@@ -24,7 +24,7 @@ from translator.config import ConfigError
 from translator.decoding import DecodeOptions, search
 from translator.hypotheses import Hypothesis
 from translator.model import ModelConfig
-from translator.translate import Translator, batch_tensor
+from translator.translate import Translator
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
 FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -310,13 +310,11 @@ class TranslationService:
     def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result, admit) -> list[Any]:
         """The batcher's decode function: one search over a padded batch, split per sentence.
         Greedy search takes queued sentences in between its steps."""
-        pad = self.translator.model.cfg.pad_id
-
         def joining(alive: int) -> torch.Tensor | None:
             new = admit(alive)
-            return batch_tensor(new, pad) if new else None  # (b, S')
+            return self.translator.source_batch(new) if new else None  # (b, S')
 
-        hyps = search(self.translator.model, batch_tensor(sources, pad), opts, cancelled=cancelled,
+        hyps = search(self.translator.model, self.translator.source_batch(sources), opts, cancelled=cancelled,
                       on_step=on_step, on_done=on_result, admit=joining if opts.beam_size == 1 else None)
         return hyps.nbest
 

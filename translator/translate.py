@@ -83,7 +83,7 @@ class Translator:
         out: list[Translation | None] = [None] * len(texts)
 
         def decode(batch: list[int]) -> list[Translation]:
-            hyps = self.search(batch_tensor([ids[i] for i in batch], self.model.cfg.pad_id), opts)
+            hyps = self.search(self.source_batch([ids[i] for i in batch]), opts)
             ranked = [translations(self.tokenizer, nbest) for nbest in hyps.nbest]
             return [replace(r[0], nbest=r) for r in ranked]
 
@@ -105,6 +105,10 @@ class Translator:
 
     def search(self, src: torch.Tensor, opts: DecodeOptions) -> Hypotheses:
         return search(self.model, src, opts)
+
+    def source_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        """EOS-terminated source ids as one right-padded (B, S) tensor on the model's device."""
+        return batch_tensor(seqs, self.model.cfg.pad_id).to(self.model.embed.tokens.weight.device)
 
     def batches(self, ids: list[list[int]], beam_size: int) -> Iterator[list[int]]:
         """Indices grouped by similar length so that padding stays small."""

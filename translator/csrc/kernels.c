@@ -1,5 +1,6 @@
-/* Attention of a decoding step: few queries per (sentence, head) over cached keys and values.
+/* Kernels of a decoding step (translator/kernels.py): attention, linear layers, LayerNorm.
  *
+ * Attention of few queries per (sentence, head) over cached keys and values:
  * out = softmax(q k^T * scale, masked) v for q (B, H, T, Dh), k and v (B, H, S, Dh) and a mask
  * broadcast to (B, H, T, S), each given by its element strides (the last stride of q, k and v
  * must be 1); out is written (B, T, H, Dh) contiguous, the layout the output projection reads.
