@@ -11,8 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import tiny_model_config
+from tests.test_decoding import run, source_rows, tiny_model
 from translator import kernels
-from translator.model import attention
+from translator.decoding import DecodeOptions
+from translator.model import attention, build_model
 
 HAS_COMPILER = shutil.which(kernels.compiler()) is not None
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the kernel is not built here")
@@ -170,9 +173,6 @@ def test_switched_off_it_is_neither_built_nor_loaded(fresh_library, monkeypatch,
 @needs_kernels
 @pytest.mark.parametrize("beam", [1, 4])
 def test_searches_decode_the_same_with_and_without_the_kernel(beam, monkeypatch):
-    from tests.test_decoding import run, source_rows, tiny_model
-    from translator.decoding import DecodeOptions
-
     model = tiny_model()
     rows = source_rows(model, lengths=(5, 9, 3, 7, 12))
     opts = DecodeOptions(beam_size=beam, n_best=beam)
@@ -186,3 +186,57 @@ def test_searches_decode_the_same_with_and_without_the_kernel(beam, monkeypatch)
     assert with_kernel.tokens == without.tokens
     for a, b in zip(with_kernel.nbest, without.nbest):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+
+
+def decode_steps(model, src: torch.Tensor, joining: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Logits of `steps` single-token decoding steps (greedy rows, beams, joined rows, a grown cache)."""
+    g = torch.Generator().manual_seed(5)
+    V = model.cfg.vocab_size
+    memory, mask = model.encode(src)
+    cache = model.init_cache(memory, mask, capacity=2)  # grows twice over the steps
+    out = []
+    for step in range(steps):
+        if step == 2:  # sentences join the running batch, their rows starting at this slot
+            cache.extend(model.init_cache(*model.encode(joining)))
+        if step == 4:  # two beams per source from here on, reordered as beam search does
+            rows = cache.src_mask.size(0)
+            cache.select(torch.arange(rows).repeat_interleave(2).roll(1), group=2)
+        rows = cache.src_mask.size(0) * cache.group
+        out.append(model.decode_step(torch.randint(4, V, (rows, 1), generator=g), cache).flatten())
+    return torch.cat(out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_native_decoder_step_equals_torchs_layers(norm_first, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(norm_first=norm_first)).eval()
+    src = torch.randint(4, model.cfg.vocab_size, (3, 7))
+    src[0, 4:] = model.cfg.pad_id  # a padded source
+    joining = torch.randint(4, model.cfg.vocab_size, (2, 9))
+    with torch.inference_mode():
+        x = model.embed(src[:, :1])
+        cache = model.init_cache(*model.encode(src))
+        assert model.decoder.native_step(x, cache)  # the path under test is taken
+        native = decode_steps(model, src, joining)
+    monkeypatch.setenv(kernels.ENV, "0")  # torch alone
+    kernels.library.cache_clear()
+    try:
+        with torch.inference_mode():
+            assert not model.decoder.native_step(x, model.init_cache(*model.encode(src)))
+            reference = decode_steps(model, src, joining)
+    finally:
+        kernels.library.cache_clear()
+    torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+def test_native_decoder_step_stays_out_of_training():
+    model = build_model(tiny_model_config())
+    src = torch.randint(4, model.cfg.vocab_size, (2, 5))
+    with torch.no_grad():
+        cache = model.init_cache(*model.encode(src))
+        assert not model.decoder.native_step(model.embed(src[:, :1]), cache)  # train mode: dropout
+    model.eval()
+    cache = model.init_cache(*model.encode(src))
+    assert not model.decoder.native_step(model.embed(src[:, :1]), cache)  # autograd on

@@ -191,13 +191,17 @@ class LayerCache:
     self_k: Tensor | None = None  # (capacity, R, H, Dh)
     self_v: Tensor | None = None  # (capacity, R, H, Dh)
 
+    def reserve(self, like: Tensor, past: int, end: int, capacity: int) -> None:
+        """Room for `end` positions, the first `past` kept; like (R, H, t, Dh): the keys to come."""
+        if self.self_k is None or end > self.self_k.size(0):
+            room = max(end, capacity, 2 * self.self_k.size(0) if self.self_k is not None else 0)
+            self.self_k = grown(self.self_k, like, past, room)
+            self.self_v = grown(self.self_v, like, past, room)
+
     def append(self, k: Tensor, v: Tensor, past: int, capacity: int) -> tuple[Tensor, Tensor]:
         """Store new keys/values k, v (R, H, t, Dh) after `past` positions -> all of them, (R, H, past + t, Dh)."""
         end = past + k.size(2)
-        if self.self_k is None or end > self.self_k.size(0):
-            room = max(end, capacity, 2 * self.self_k.size(0) if self.self_k is not None else 0)
-            self.self_k = grown(self.self_k, k, past, room)
-            self.self_v = grown(self.self_v, v, past, room)
+        self.reserve(k, past, end, capacity)
         self.self_k[past:end] = k.permute(2, 0, 1, 3)
         self.self_v[past:end] = v.permute(2, 0, 1, 3)
         return self.self_k[:end].permute(1, 2, 0, 3), self.self_v[:end].permute(1, 2, 0, 3)
@@ -412,6 +416,15 @@ class DecoderLayer(nn.Module):
         x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, src_mask))
         return self.sublayers[2](x, self.feed_forward)
 
+    def native_weights(self) -> list[Tensor]:
+        """The parameters in the order the native step reads them (kernels.LAYER_WEIGHTS)."""
+        norms = [s.norm for s in self.sublayers]
+        sa, ca, ff = self.self_attn, self.cross_attn, self.feed_forward
+        return [*(n.weight for n in norms), *(n.bias for n in norms),
+                sa.q_proj.weight, sa.q_proj.bias, sa.kv_proj.weight, sa.kv_proj.bias, sa.out_proj.weight, sa.out_proj.bias,
+                ca.q_proj.weight, ca.q_proj.bias, ca.out_proj.weight, ca.out_proj.bias,
+                ff.w_1.weight, ff.w_1.bias, ff.w_2.weight, ff.w_2.bias]
+
     def step(
         self, x: Tensor, cache: DecoderCache, layer: int, self_mask: Tensor | None, record: list | None
     ) -> Tensor:
@@ -490,6 +503,8 @@ class Decoder(nn.Module):
         return self.norm(x)
 
     def step(self, x: Tensor, cache: DecoderCache, record: bool) -> Tensor:
+        if not record and x.size(1) == 1 and self.native_step(x, cache):
+            return self.norm(x)
         rows: list[Tensor] | None = [] if record else None
         self_mask = cache.self_attention_mask(x.size(1))
         for i, layer in enumerate(self.layers):
@@ -498,6 +513,23 @@ class Decoder(nn.Module):
             # Alignment of the last new position, averaged over layers: (B, S).
             cache.alignments.append(torch.stack(rows).mean(dim=0)[:, -1])
         return self.norm(x)
+
+    def native_step(self, x: Tensor, cache: DecoderCache) -> bool:
+        """Every layer's step on one new position per row, x (R, 1, D), in place, natively
+        (kernels.decoder_steps: the same arithmetic without a torch op between the products);
+        False, nothing done, where it does not apply (autograd, dropout, no native kernels)."""
+        if self.training or torch.is_grad_enabled() or not x.is_contiguous() or not gemm.enabled():
+            return False
+        R, _, D = x.shape
+        first = self.layers[0]
+        H = first.self_attn.n_heads
+        like = x.new_empty(()).expand(R, H, 1, D // H)  # the shape of one position's keys
+        for lc in cache.layers:
+            lc.reserve(like, cache.length, cache.length + 1, cache.capacity)
+        layers = [(layer.native_weights(), lc.self_k, lc.self_v, lc.cross_k, lc.cross_v)
+                  for layer, lc in zip(self.layers, cache.layers)]
+        return kernels.decoder_steps(layers, x.view(R, D), cache.length, cache.src_mask, cache.self_attention_mask(1),
+                                     H, first.sublayers[0].norm_first, first.sublayers[0].norm.eps, gemm.sgemm_address())
 
 
 FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step forms

@@ -152,3 +152,81 @@ void layer_norm(const float *x, const float *weight, const float *bias, float *o
         for (int64_t d = 0; d < D; d++) o[d] = (r[d] - mean) * inv * weight[d] + bias[d];
     }
 }
+
+/* One decoding step of a Transformer decoder layer for one new position per row, as
+   translator.model.DecoderLayer.step computes it (pre- or post-norm), with its products through
+   `sgemm`: self-attention over the row's cached positions (the new key and value written into
+   the cache at slot `past` first), cross-attention over its source (`group` consecutive rows
+   per source), feed-forward; x (R, D) is updated in place. */
+typedef struct {
+    const float *norm_w[3], *norm_b[3];
+    const float *self_q_w, *self_q_b, *self_kv_w, *self_kv_b, *self_out_w, *self_out_b;
+    const float *cross_q_w, *cross_q_b, *cross_out_w, *cross_out_b;
+    const float *ff_in_w, *ff_in_b, *ff_out_w, *ff_out_b;
+    float *self_k, *self_v;            /* (capacity, rows, H, Dh): slot and row strides below */
+    int64_t self_slot_stride, self_row_stride;
+    const float *cross_k, *cross_v;    /* (N, H, S, Dh) by their strides */
+    int64_t cross_k_strides[4], cross_v_strides[4];
+} layer_t;
+
+typedef struct {
+    int64_t R, D, H, F, N, S, past;    /* rows, d_model, heads, d_ff, sources, source length, filled slots */
+    int norm_first, threads;
+    float eps;
+    const uint8_t *self_mask;          /* (R, 1, 1, past + 1) broadcast strides, or NULL: every slot */
+    int64_t self_mask_strides[4];
+    const uint8_t *src_mask;           /* (N, 1, 1, S) broadcast strides */
+    int64_t src_mask_strides[4];
+} step_t;
+
+static void add_into(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+/* scratch: R * (6 * D + F) + threads * max(S, past + 1) floats */
+int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x, float *scratch)
+{
+    const int64_t R = st->R, D = st->D, H = st->H, Dh = D / H, group = R / st->N, slots = st->past + 1;
+    float *y = scratch, *q = y + R * D, *kv = q + R * D, *att = kv + 2 * R * D, *o = att + R * D;
+    float *h = o + R * D, *tmp = h + R * st->F;
+    int status = 0;
+    const float *in;
+
+    /* self-attention */
+    in = x;
+    if (st->norm_first) { layer_norm(x, L->norm_w[0], L->norm_b[0], y, R, D, st->eps); in = y; }
+    status |= linear(sgemm, in, L->self_q_w, L->self_q_b, q, R, D, D, 0);
+    status |= linear(sgemm, in, L->self_kv_w, L->self_kv_b, kv, R, 2 * D, D, 0);
+    for (int64_t r = 0; r < R; r++) {
+        memcpy(L->self_k + st->past * L->self_slot_stride + r * L->self_row_stride, kv + r * 2 * D, sizeof(float) * D);
+        memcpy(L->self_v + st->past * L->self_slot_stride + r * L->self_row_stride, kv + r * 2 * D + D, sizeof(float) * D);
+    }
+    const int64_t qs[4] = {D, Dh, D, 1};
+    const int64_t ks[4] = {L->self_row_stride, Dh, L->self_slot_stride, 1};
+    status |= few_query_attention(q, qs, L->self_k, ks, L->self_v, ks, st->self_mask, st->self_mask_strides,
+                                  att, R, H, 1, slots, Dh, 1.f / sqrtf((float)Dh), tmp, st->threads);
+    status |= linear(sgemm, att, L->self_out_w, L->self_out_b, o, R, D, D, 0);
+    add_into(x, o, R * D);
+    if (!st->norm_first) layer_norm(x, L->norm_w[0], L->norm_b[0], x, R, D, st->eps);
+
+    /* cross-attention: the group rows of a source are its queries */
+    in = x;
+    if (st->norm_first) { layer_norm(x, L->norm_w[1], L->norm_b[1], y, R, D, st->eps); in = y; }
+    status |= linear(sgemm, in, L->cross_q_w, L->cross_q_b, q, R, D, D, 0);
+    const int64_t cqs[4] = {group * D, Dh, D, 1};
+    status |= few_query_attention(q, cqs, L->cross_k, L->cross_k_strides, L->cross_v, L->cross_v_strides,
+                                  st->src_mask, st->src_mask_strides, att, st->N, H, group, st->S, Dh,
+                                  1.f / sqrtf((float)Dh), tmp, st->threads);
+    status |= linear(sgemm, att, L->cross_out_w, L->cross_out_b, o, R, D, D, 0);
+    add_into(x, o, R * D);
+    if (!st->norm_first) layer_norm(x, L->norm_w[1], L->norm_b[1], x, R, D, st->eps);
+
+    /* feed-forward */
+    in = x;
+    if (st->norm_first) { layer_norm(x, L->norm_w[2], L->norm_b[2], y, R, D, st->eps); in = y; }
+    status |= linear(sgemm, in, L->ff_in_w, L->ff_in_b, h, R, st->F, D, 1);
+    status |= linear(sgemm, h, L->ff_out_w, L->ff_out_b, o, R, D, st->F, 0);
+    add_into(x, o, R * D);
+    if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps);
+    return status;
+}
