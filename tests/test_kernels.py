@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import pickle
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -240,3 +243,47 @@ def test_native_decoder_step_stays_out_of_training():
     model.eval()
     cache = model.init_cache(*model.encode(src))
     assert not model.decoder.native_step(model.embed(src[:, :1]), cache)  # autograd on
+
+
+@needs_kernels
+def test_native_decoder_step_follows_weight_changes_and_the_model_still_copies(monkeypatch):
+    model = tiny_model()
+    src = torch.randint(4, model.cfg.vocab_size, (3, 7))
+    joining = torch.randint(4, model.cfg.vocab_size, (2, 9))
+    with torch.inference_mode():
+        decode_steps(model, src, joining)  # the native weights are made
+    with torch.no_grad():
+        model.decoder.layers[1].feed_forward.w_1.weight.mul_(2.0)  # as an optimizer step or a load would
+    copied = copy.deepcopy(model)
+    pickle.dumps(model)  # torch.save(model) pickles it
+    with torch.inference_mode():
+        native, from_copy = decode_steps(model, src, joining), decode_steps(copied, src, joining)
+    monkeypatch.setenv(kernels.ENV, "0")
+    kernels.library.cache_clear()
+    try:
+        with torch.inference_mode():
+            reference = decode_steps(model, src, joining)
+    finally:
+        kernels.library.cache_clear()
+    torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(from_copy, native)
+
+
+@needs_kernels
+def test_threads_decoding_with_one_model_at_once_get_their_own_results():
+    model = tiny_model()
+    batches = [source_rows(model, lengths=lengths, seed=seed) for seed, lengths in enumerate([(5, 9, 3), (12, 4), (7,)])]
+    opts = DecodeOptions(beam_size=2)
+    alone = [run(model, rows, opts).tokens for rows in batches]
+    results: dict[int, list] = {}
+
+    def decode(i: int) -> None:
+        for _ in range(5):
+            results.setdefault(i, []).append(run(model, batches[i], opts).tokens)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got == [alone[i]] * 5 for i, got in results.items()) and len(results) == len(batches)

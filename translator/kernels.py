@@ -235,8 +235,44 @@ LAYER_WEIGHTS = (
 )
 
 
+class DecoderWeights:
+    """A decoder's parameters for the native step: per layer, a `LayerStep` with the weight
+    pointers filled in, made again whenever a weight has moved or changed (a load, an optimizer
+    step, `.to()`), checked by storage and version at every step (tens of microseconds; reading
+    them from the modules again takes half a millisecond). Each step fills a copy with its own
+    caches, so threads decoding with one model at once share nothing mutable."""
+
+    def __init__(self, layers: list[list[Tensor]]) -> None:
+        self.layers = layers  # per layer, in LAYER_WEIGHTS order
+        self.made: tuple[tuple, list[LayerStep] | None] = ((), None)
+
+    def templates(self) -> list[LayerStep] | None:
+        """The layers' structs, or None where a weight is not a contiguous float32 CPU tensor."""
+        key = tuple((w.data_ptr(), w._version) for weights in self.layers for w in weights)
+        made_for, templates = self.made
+        if made_for != key:
+            templates = None
+            if all(plain_f32(w) and w.is_contiguous() for weights in self.layers for w in weights):
+                templates = [self.template(weights) for weights in self.layers]
+            self.made = (key, templates)
+        return templates
+
+    @staticmethod
+    def template(weights: list[Tensor]) -> LayerStep:
+        ptrs = dict(zip(LAYER_WEIGHTS, (w.data_ptr() for w in weights)))
+        return LayerStep(
+            norm_w=PTRS3(ptrs.pop("norm_w0"), ptrs.pop("norm_w1"), ptrs.pop("norm_w2")),
+            norm_b=PTRS3(ptrs.pop("norm_b0"), ptrs.pop("norm_b1"), ptrs.pop("norm_b2")),
+            **ptrs,
+        )
+
+    def __getstate__(self) -> dict:  # ctypes structs holding pointers do not pickle; they are remade
+        return {"layers": self.layers, "made": ((), None)}
+
+
 def decoder_steps(
-    layers: list[tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]],
+    weights: DecoderWeights,
+    caches: list[tuple[Tensor, Tensor, Tensor, Tensor]],
     x: Tensor,
     past: int,
     src_mask: Tensor,
@@ -246,25 +282,27 @@ def decoder_steps(
     eps: float,
     sgemm_address: int,
 ) -> bool:
-    """Run decoder layers natively over x (R, D) in place for one new position per row; False
-    (nothing done) where the step does not apply. Each layer: (weights in LAYER_WEIGHTS order,
-    self_k, self_v (capacity, R, H, Dh) buffers with room for slot `past`, cross_k, cross_v
-    (N, H, S, Dh)); masks as DecoderCache gives them."""
+    """Run the decoder layers natively over x (R, D) in place for one new position per row;
+    False (nothing done) where the step does not apply. caches: per layer self_k, self_v
+    (capacity, R, H, Dh) buffers with room for slot `past`, cross_k, cross_v (N, H, S, Dh);
+    masks as DecoderCache gives them."""
     lib = library()
     R, D = x.shape
     N, S = src_mask.size(0), src_mask.size(-1)
     if lib is None or not (plain_f32(x) and x.is_contiguous()) or D % n_heads or (D // n_heads) % 8:
         return False
     Dh = D // n_heads
-    for weights, self_k, self_v, cross_k, cross_v in layers:
+    for self_k, self_v, cross_k, cross_v in caches:
         if not (
-            all(plain_f32(w) and w.is_contiguous() for w in weights)
-            and all(plain_f32(t) and t.stride(-1) == 1 for t in (self_k, self_v, cross_k, cross_v))
+            all(plain_f32(t) and t.stride(-1) == 1 for t in (self_k, self_v, cross_k, cross_v))
             and self_k.stride() == self_v.stride() and self_k.stride(2) == Dh
             and self_k.size(0) > past and self_k.size(1) == R
         ):
             return False
-    F = layers[0][0][LAYER_WEIGHTS.index("ff_in_w")].size(0)
+    templates = weights.templates()
+    if templates is None:
+        return False
+    F = weights.layers[0][LAYER_WEIGHTS.index("ff_in_w")].size(0)
     step = DecoderStep(R=R, D=D, H=n_heads, F=F, N=N, S=S, past=past, norm_first=norm_first,
                        threads=torch.get_num_threads(), eps=eps)
     if self_mask is not None:
@@ -273,17 +311,12 @@ def decoder_steps(
     m = src_mask.expand(N, n_heads, R // N, S)
     step.src_mask, step.src_mask_strides = m.data_ptr(), I64x4(*m.stride())
     scratch = x.new_empty(R * (6 * D + F) + step.threads * max(S, past + 1))
-    for weights, self_k, self_v, cross_k, cross_v in layers:
-        ptrs = dict(zip(LAYER_WEIGHTS, (w.data_ptr() for w in weights)))
-        layer = LayerStep(
-            norm_w=PTRS3(ptrs["norm_w0"], ptrs["norm_w1"], ptrs["norm_w2"]),
-            norm_b=PTRS3(ptrs["norm_b0"], ptrs["norm_b1"], ptrs["norm_b2"]),
-            self_k=self_k.data_ptr(), self_v=self_v.data_ptr(),
-            self_slot_stride=self_k.stride(0), self_row_stride=self_k.stride(1),
-            cross_k=cross_k.data_ptr(), cross_v=cross_v.data_ptr(),
-            cross_k_strides=I64x4(*cross_k.stride()), cross_v_strides=I64x4(*cross_v.stride()),
-            **{name: p for name, p in ptrs.items() if not name.startswith("norm_")},
-        )
+    for template, (self_k, self_v, cross_k, cross_v) in zip(templates, caches):
+        layer = LayerStep.from_buffer_copy(template)
+        layer.self_k, layer.self_v = self_k.data_ptr(), self_v.data_ptr()
+        layer.self_slot_stride, layer.self_row_stride = self_k.stride(0), self_k.stride(1)
+        layer.cross_k, layer.cross_v = cross_k.data_ptr(), cross_v.data_ptr()
+        layer.cross_k_strides, layer.cross_v_strides = I64x4(*cross_k.stride()), I64x4(*cross_v.stride())
         if lib.decoder_layer_step(sgemm_address, ctypes.byref(step), ctypes.byref(layer), x.data_ptr(),
                                   scratch.data_ptr()):
             raise RuntimeError("native decoder step failed (dnnl_sgemm or attention status)")

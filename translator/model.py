@@ -496,6 +496,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = kernels.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self._native: kernels.DecoderWeights | None = None  # made at the first native step
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor | None) -> Tensor:
         for layer in self.layers:
@@ -526,10 +527,12 @@ class Decoder(nn.Module):
         like = x.new_empty(()).expand(R, H, 1, D // H)  # the shape of one position's keys
         for lc in cache.layers:
             lc.reserve(like, cache.length, cache.length + 1, cache.capacity)
-        layers = [(layer.native_weights(), lc.self_k, lc.self_v, lc.cross_k, lc.cross_v)
-                  for layer, lc in zip(self.layers, cache.layers)]
-        return kernels.decoder_steps(layers, x.view(R, D), cache.length, cache.src_mask, cache.self_attention_mask(1),
-                                     H, first.sublayers[0].norm_first, first.sublayers[0].norm.eps, gemm.sgemm_address())
+        if self._native is None:  # the Parameter objects, read once; their storage and versions every step
+            self._native = kernels.DecoderWeights([layer.native_weights() for layer in self.layers])
+        caches = [(lc.self_k, lc.self_v, lc.cross_k, lc.cross_v) for lc in cache.layers]
+        return kernels.decoder_steps(self._native, caches, x.view(R, D), cache.length, cache.src_mask,
+                                     cache.self_attention_mask(1), H, first.sublayers[0].norm_first,
+                                     first.sublayers[0].norm.eps, gemm.sgemm_address())
 
 
 FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step forms
