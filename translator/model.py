@@ -57,9 +57,11 @@ class ModelConfig:
 
 
 # Outside autograd, up to FEW_QUERIES queries per sentence and head (a decoding step: one, or a
-# sentence's beams over its source) take the native kernel (translator.kernels) where it is
-# built: torch's fused kernel, made for long runs of queries, is slower there (docs/RESULTS.md).
-FEW_QUERIES = 8
+# sentence's beams over its source; the encoder over a short source) take the native kernel
+# (translator.kernels) where it is built: torch's fused kernel, made for long runs of queries, is
+# slower there (64 sentences x 1 query over 20 keys 170 -> 142 us, 8 over 8 722 -> 475, 15 over
+# 15 1,508 -> 1,054; past ~20 queries the fused kernel's blocking wins; docs/RESULTS.md).
+FEW_QUERIES = 16
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:

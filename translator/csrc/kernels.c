@@ -46,6 +46,50 @@ static void prefetch_pair(const float *k, const float *v, int64_t k_step, int64_
         }
 }
 
+/* One query qt (nv * 8 floats) over S keys and values a step apart: o = softmax(q k^T * scale) v
+   over the keys mt allows (all when mt is NULL); p holds S floats of scratch. */
+static inline __attribute__((always_inline)) void attend_one(
+    const float *qt, const float *kb, int64_t k_step, const float *vb, int64_t v_step, const uint8_t *mt,
+    int64_t m_step, float *o, int64_t S, const int64_t nv, float scale, float *p)
+{
+    v8 qv[32];
+    for (int64_t i = 0; i < nv; i++) qv[i] = load8(qt + 8 * i) * scale;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        float s = -INFINITY;
+        if (!mt || mt[j * m_step]) {
+            const float *kj = kb + j * k_step;
+            v8 a0 = qv[0] * load8(kj), a1 = {0};
+            for (int64_t i = 1; i < nv; i += 2) {
+                a1 += qv[i] * load8(kj + 8 * i);
+                if (i + 1 < nv) a0 += qv[i + 1] * load8(kj + 8 * i + 8);
+            }
+            s = hsum8(a0 + a1);
+        }
+        p[j] = s;
+        if (s > top) top = s;
+    }
+    if (top == -INFINITY) {
+        memset(o, 0, sizeof(float) * 8 * nv);
+        return;
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < S; j++) {
+        p[j] = exp_nonpositive(p[j] - top);
+        sum += p[j];
+    }
+    const float inv = 1.f / sum;
+    v8 acc[32];
+    for (int64_t i = 0; i < nv; i++) acc[i] = (v8){0};
+    for (int64_t j = 0; j < S; j++) {
+        if (p[j] == 0.f) continue;
+        const float w = p[j] * inv;
+        const float *vj = vb + j * v_step;
+        for (int64_t i = 0; i < nv; i++) acc[i] += w * load8(vj + 8 * i);
+    }
+    for (int64_t i = 0; i < nv; i++) store8(o + 8 * i, acc[i]);
+}
+
 /* Returns 0, or 1 when Dh is not a multiple of 8 up to 256 (nothing written). scratch holds
    threads * S floats. A query that may attend to nothing gets zeros. */
 int few_query_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
@@ -74,43 +118,11 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
             for (int64_t t = 0; t < T; t++) {
                 const float *qt = q + b * qs[0] + h * qs[1] + t * qs[2];
                 const uint8_t *mt = mask ? mask + b * ms[0] + h * ms[1] + t * ms[2] : NULL;
-                v8 qv[32];
-                for (int64_t i = 0; i < nv; i++) qv[i] = load8(qt + 8 * i) * scale;
-                float top = -INFINITY;
-                for (int64_t j = 0; j < S; j++) {
-                    float s = -INFINITY;
-                    if (!mt || mt[j * ms[3]]) {
-                        const float *kj = kb + j * ks[2];
-                        v8 a0 = qv[0] * load8(kj), a1 = {0};
-                        for (int64_t i = 1; i < nv; i += 2) {
-                            a1 += qv[i] * load8(kj + 8 * i);
-                            if (i + 1 < nv) a0 += qv[i + 1] * load8(kj + 8 * i + 8);
-                        }
-                        s = hsum8(a0 + a1);
-                    }
-                    p[j] = s;
-                    if (s > top) top = s;
-                }
                 float *o = out + ((b * T + t) * H + h) * Dh;
-                if (top == -INFINITY) {
-                    memset(o, 0, sizeof(float) * Dh);
-                    continue;
-                }
-                float sum = 0.f;
-                for (int64_t j = 0; j < S; j++) {
-                    p[j] = exp_nonpositive(p[j] - top);
-                    sum += p[j];
-                }
-                const float inv = 1.f / sum;
-                v8 acc[32];
-                for (int64_t i = 0; i < nv; i++) acc[i] = (v8){0};
-                for (int64_t j = 0; j < S; j++) {
-                    if (p[j] == 0.f) continue;
-                    const float w = p[j] * inv;
-                    const float *vj = vb + j * vs[2];
-                    for (int64_t i = 0; i < nv; i++) acc[i] += w * load8(vj + 8 * i);
-                }
-                for (int64_t i = 0; i < nv; i++) store8(o + 8 * i, acc[i]);
+                if (nv == 8)  /* Dh 64: a constant, so that the query and the sums stay in registers */
+                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, o, S, 8, scale, p);
+                else
+                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, o, S, nv, scale, p);
             }
         }
     }
