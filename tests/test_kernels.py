@@ -191,43 +191,52 @@ def test_searches_decode_the_same_with_and_without_the_kernel(beam, monkeypatch)
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
 
 
-def decode_steps(model, src: torch.Tensor, joining: torch.Tensor, steps: int = 6) -> torch.Tensor:
-    """Logits of `steps` single-token decoding steps (greedy rows, beams, joined rows, a grown cache)."""
+def decode_steps(model, src: torch.Tensor, joining: torch.Tensor | None, steps: int = 10) -> tuple[torch.Tensor, bool]:
+    """Logits of `steps` single-token decoding steps: greedy rows, joined rows, beams copied and
+    reordered, a source dropped, the cache grown before and after; and whether the beams were
+    reordered in the slot table (not with joined rows, which start at later slots)."""
     g = torch.Generator().manual_seed(5)
     V = model.cfg.vocab_size
     memory, mask = model.encode(src)
-    cache = model.init_cache(memory, mask, capacity=2)  # grows twice over the steps
-    out = []
+    cache = model.init_cache(memory, mask, capacity=2)  # grows at slots 2, 4 and 8
+    out, tabled = [], False
     for step in range(steps):
-        if step == 2:  # sentences join the running batch, their rows starting at this slot
+        if step == 2 and joining is not None:  # sentences join the running batch at this slot
             cache.extend(model.init_cache(*model.encode(joining)))
-        if step == 4:  # two beams per source from here on, reordered as beam search does
-            rows = cache.src_mask.size(0)
-            cache.select(torch.arange(rows).repeat_interleave(2).roll(1), group=2)
+        n = cache.src_mask.size(0)
+        if step == 4:  # two beams per source from here on
+            cache.select(torch.arange(n).repeat_interleave(2), group=2)
+        if step in (5, 6):  # beams swapped within their sentence, as beam search reorders them
+            cache.select(torch.arange(n * 2).view(-1, 2).flip(1).flatten())
+        if step == 7:  # the first source's first beam copied twice; the second source leaves
+            cache.select(torch.tensor([r for s in range(n) if s != 1 for r in ((0, 0) if s == 0 else (2 * s + 1, 2 * s))]))
+        tabled |= cache.slot_rows is not None
         rows = cache.src_mask.size(0) * cache.group
         out.append(model.decode_step(torch.randint(4, V, (rows, 1), generator=g), cache).flatten())
-    return torch.cat(out)
+    return torch.cat(out), tabled
 
 
 @needs_kernels
 @pytest.mark.parametrize("norm_first", [True, False])
-def test_native_decoder_step_equals_torchs_layers(norm_first, monkeypatch):
+@pytest.mark.parametrize("join", [False, True], ids=["beams", "joined-rows"])
+def test_native_decoder_step_equals_torchs_layers(norm_first, join, monkeypatch):
     torch.manual_seed(0)
     model = build_model(tiny_model_config(norm_first=norm_first)).eval()
     src = torch.randint(4, model.cfg.vocab_size, (3, 7))
     src[0, 4:] = model.cfg.pad_id  # a padded source
-    joining = torch.randint(4, model.cfg.vocab_size, (2, 9))
+    joining = torch.randint(4, model.cfg.vocab_size, (2, 9)) if join else None
     with torch.inference_mode():
         x = model.embed(src[:, :1])
         cache = model.init_cache(*model.encode(src))
         assert model.decoder.native_step(x, cache)  # the path under test is taken
-        native = decode_steps(model, src, joining)
+        native, tabled = decode_steps(model, src, joining)
+    assert tabled == (not join)
     monkeypatch.setenv(kernels.ENV, "0")  # torch alone
     kernels.library.cache_clear()
     try:
         with torch.inference_mode():
             assert not model.decoder.native_step(x, model.init_cache(*model.encode(src)))
-            reference = decode_steps(model, src, joining)
+            reference, _ = decode_steps(model, src, joining)
     finally:
         kernels.library.cache_clear()
     torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)
@@ -249,7 +258,7 @@ def test_native_decoder_step_stays_out_of_training():
 def test_native_decoder_step_follows_weight_changes_and_the_model_still_copies(monkeypatch):
     model = tiny_model()
     src = torch.randint(4, model.cfg.vocab_size, (3, 7))
-    joining = torch.randint(4, model.cfg.vocab_size, (2, 9))
+    joining = None
     with torch.inference_mode():
         decode_steps(model, src, joining)  # the native weights are made
     with torch.no_grad():
@@ -257,12 +266,12 @@ def test_native_decoder_step_follows_weight_changes_and_the_model_still_copies(m
     copied = copy.deepcopy(model)
     pickle.dumps(model)  # torch.save(model) pickles it
     with torch.inference_mode():
-        native, from_copy = decode_steps(model, src, joining), decode_steps(copied, src, joining)
+        (native, _), (from_copy, _) = decode_steps(model, src, joining), decode_steps(copied, src, joining)
     monkeypatch.setenv(kernels.ENV, "0")
     kernels.library.cache_clear()
     try:
         with torch.inference_mode():
-            reference = decode_steps(model, src, joining)
+            reference, _ = decode_steps(model, src, joining)
     finally:
         kernels.library.cache_clear()
     torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)

@@ -107,7 +107,7 @@ def build(source: Path = SOURCE) -> Path:
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 STRIDES = ctypes.c_int64 * 4
 SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
-    "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT], INT),
+    "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
     "linear": ([PTR] * 5 + [I64] * 3 + [INT], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32], None),
     "decoder_layer_step": ([PTR] * 5, INT),
@@ -167,7 +167,7 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     S = k.size(2)
     threads = torch.get_num_threads()
     out = q.new_empty(B, T, H, Dh)
-    scratch = q.new_empty(threads * S)
+    scratch = q.new_empty(threads * 4 * S)
     if mask is None:
         mask_ptr = mask_strides = None
     else:
@@ -175,7 +175,7 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
         mask_ptr, mask_strides = mask.data_ptr(), STRIDES(*mask.stride())
     status = lib.few_query_attention(q.data_ptr(), STRIDES(*q.stride()), k.data_ptr(), STRIDES(*k.stride()), v.data_ptr(),
         STRIDES(*v.stride()), mask_ptr, mask_strides, out.data_ptr(), B, H, T, S, Dh,
-        1 / math.sqrt(Dh), scratch.data_ptr(), threads)
+        1 / math.sqrt(Dh), scratch.data_ptr(), threads, None)
     return None if status else out.transpose(1, 2)
 
 
@@ -224,6 +224,7 @@ class DecoderStep(ctypes.Structure):
     _fields_ = [(name, I64) for name in ("R", "D", "H", "F", "N", "S", "past")] + [
         ("norm_first", INT), ("threads", INT), ("eps", F32),
         ("self_mask", PTR), ("self_mask_strides", I64x4), ("src_mask", PTR), ("src_mask_strides", I64x4),
+        ("self_rows", PTR),
     ]
 
 
@@ -277,6 +278,7 @@ def decoder_steps(
     past: int,
     src_mask: Tensor,
     self_mask: Tensor | None,
+    self_rows: Tensor | None,
     n_heads: int,
     norm_first: bool,
     eps: float,
@@ -284,8 +286,9 @@ def decoder_steps(
 ) -> bool:
     """Run the decoder layers natively over x (R, D) in place for one new position per row;
     False (nothing done) where the step does not apply. caches: per layer self_k, self_v
-    (capacity, R, H, Dh) buffers with room for slot `past`, cross_k, cross_v (N, H, S, Dh);
-    masks as DecoderCache gives them."""
+    (capacity, R' >= R, H, Dh) buffers with room for slot `past`, cross_k, cross_v (N, H, S, Dh);
+    self_rows (past + 1, R) int64: the buffer row holding each row's keys at each slot, or None
+    (its own); masks as DecoderCache gives them."""
     lib = library()
     R, D = x.shape
     N, S = src_mask.size(0), src_mask.size(-1)
@@ -296,9 +299,13 @@ def decoder_steps(
         if not (
             all(plain_f32(t) and t.stride(-1) == 1 for t in (self_k, self_v, cross_k, cross_v))
             and self_k.stride() == self_v.stride() and self_k.stride(2) == Dh
-            and self_k.size(0) > past and self_k.size(1) == R
+            and self_k.size(0) > past and self_k.size(1) >= R
         ):
             return False
+    if self_rows is not None and not (
+        self_rows.dtype is torch.int64 and self_rows.shape == (past + 1, R) and self_rows.is_contiguous()
+    ):
+        return False
     templates = weights.templates()
     if templates is None:
         return False
@@ -310,7 +317,9 @@ def decoder_steps(
         step.self_mask, step.self_mask_strides = m.data_ptr(), I64x4(*m.stride())
     m = src_mask.expand(N, n_heads, R // N, S)
     step.src_mask, step.src_mask_strides = m.data_ptr(), I64x4(*m.stride())
-    scratch = x.new_empty(R * (6 * D + F) + step.threads * max(S, past + 1))
+    if self_rows is not None:
+        step.self_rows = self_rows.data_ptr()
+    scratch = x.new_empty(R * (6 * D + F) + step.threads * 4 * max(S, past + 1))
     for template, (self_k, self_v, cross_k, cross_v) in zip(templates, caches):
         layer = LayerStep.from_buffer_copy(template)
         layer.self_k, layer.self_v = self_k.data_ptr(), self_v.data_ptr()

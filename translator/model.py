@@ -210,9 +210,10 @@ class LayerCache:
 
 
 def grown(buffer: Tensor | None, like: Tensor, filled: int, room: int) -> Tensor:
-    """A (room, R, H, Dh) buffer holding the first `filled` positions of `buffer` (or none)."""
+    """A (room, R, H, Dh) buffer holding the first `filled` positions of `buffer` (or none); R:
+    the buffer's rows (more than like's when rows left with their keys in the slot table)."""
     R, H, _, Dh = like.shape
-    out = like.new_empty((room, R, H, Dh))
+    out = like.new_empty((room, R if buffer is None else buffer.size(1), H, Dh))
     if buffer is not None and filled:
         out[:filled] = buffer[:filled]
     return out
@@ -294,6 +295,9 @@ class DecoderCache:
     length: int = 0
     alignments: list[Tensor] = field(default_factory=list)  # per step (R, S) when recorded
     start: Tensor | None = None  # (R,) first slot of each row; None: every row starts at slot 0
+    # (n, R): the buffer row holding row r's keys/values at slot j < n (beams reordered by
+    # `select` without moving them); later slots, and every slot when None: buffer row r.
+    slot_rows: Tensor | None = None
 
     def positions(self, t: int) -> int | Tensor:
         """Positions of the next t tokens: an offset shared by all rows, or per row (R, t)."""
@@ -314,11 +318,33 @@ class DecoderCache:
         own = (slots >= self.start[:, None])[:, None, None, :]  # (R, 1, 1, total)
         return own if causal is None else own & causal
 
+    def slot_rows_until(self, n: int) -> Tensor:
+        """`slot_rows` for slots 0..n-1, (n, R), later slots written out as their own rows."""
+        R = self.src_mask.size(0) * self.group
+        have = 0 if self.slot_rows is None else self.slot_rows.size(0)
+        own = torch.arange(R, device=self.src_mask.device).expand(n - have, R)
+        return own.contiguous() if self.slot_rows is None else torch.cat([self.slot_rows, own])
+
+    def settle(self) -> None:
+        """Move the self-attention keys/values `slot_rows` points at into each row's own buffer row."""
+        if self.slot_rows is None:
+            return
+        n, R = self.slot_rows.shape
+        slots = torch.arange(n, device=self.slot_rows.device)[:, None]  # (n, 1)
+        for lc in self.layers:
+            for name in ("self_k", "self_v"):
+                buffer = getattr(lc, name)  # (capacity, R', H, Dh)
+                out = buffer.new_empty((buffer.size(0), R) + tuple(buffer.shape[2:]))
+                out[:n] = buffer[slots, self.slot_rows]
+                setattr(lc, name, out)
+        self.slot_rows = None
+
     def extend(self, new: DecoderCache) -> None:
         """Append the rows of `new` (a fresh cache of other sources, one row each), which start
         at the next slot. Source lengths are padded to the longer of the two (masked)."""
         if self.group != 1 or new.group != 1 or new.length:
             raise ValueError("only one-row-per-source caches extend, by caches that have not decoded yet")
+        self.settle()
         R, added = self.src_mask.size(0), new.src_mask.size(0)
         S = max(self.src_mask.size(-1), new.src_mask.size(-1))
         self.src_mask = torch.cat([padded(self.src_mask, 3, S, False), padded(new.src_mask, 3, S, False)])
@@ -343,6 +369,7 @@ class DecoderCache:
         """
         if self.group != 1:
             raise ValueError("drop() keeps one row per source; reorder beams with select()")
+        self.settle()
         kept = int(keep.sum())
         holes = (~keep[:kept]).nonzero().squeeze(1)  # dropped rows among the first `kept`
         movers = keep[kept:].nonzero().squeeze(1) + kept  # kept rows after them, as many
@@ -389,10 +416,18 @@ class DecoderCache:
             first = int(start.min()) if start.numel() else 0
             start = start - first
             self.start = start if bool(start.any()) else None
+        # Rows that keep their start and fit the buffers are reordered in the slot table alone:
+        # copying every key and value of every layer is memory-bound (~27 GB/s), a beam step's 5%.
+        buffers = self.layers[0].self_k
+        in_table = self.start is None and buffers is not None and index.numel() <= buffers.size(1)
+        if in_table:
+            self.slot_rows = self.slot_rows_until(self.length)[:, index]  # (length, R')
+        else:
+            self.settle()
         for lc in self.layers:
             if not same_sources:
                 lc.cross_k, lc.cross_v = lc.cross_k[sources], lc.cross_v[sources]
-            if lc.self_k is not None:
+            if lc.self_k is not None and not in_table:
                 lc.self_k = take_rows(lc.self_k, index, first, self.length)
                 lc.self_v = take_rows(lc.self_v, index, first, self.length)
         self.length -= first
@@ -508,6 +543,7 @@ class Decoder(nn.Module):
     def step(self, x: Tensor, cache: DecoderCache, record: bool) -> Tensor:
         if not record and x.size(1) == 1 and self.native_step(x, cache):
             return self.norm(x)
+        cache.settle()  # torch's layers read each row's keys from its own buffer row
         rows: list[Tensor] | None = [] if record else None
         self_mask = cache.self_attention_mask(x.size(1))
         for i, layer in enumerate(self.layers):
@@ -532,8 +568,9 @@ class Decoder(nn.Module):
         if self._native is None:  # the Parameter objects, read once; their storage and versions every step
             self._native = kernels.DecoderWeights([layer.native_weights() for layer in self.layers])
         caches = [(lc.self_k, lc.self_v, lc.cross_k, lc.cross_v) for lc in cache.layers]
+        rows = cache.slot_rows_until(cache.length + 1) if cache.slot_rows is not None else None
         return kernels.decoder_steps(self._native, caches, x.view(R, D), cache.length, cache.src_mask,
-                                     cache.self_attention_mask(1), H, first.sublayers[0].norm_first,
+                                     cache.self_attention_mask(1), rows, H, first.sublayers[0].norm_first,
                                      first.sublayers[0].norm.eps, gemm.sgemm_address())
 
 

@@ -47,10 +47,12 @@ static void prefetch_pair(const float *k, const float *v, int64_t k_step, int64_
 }
 
 /* One query qt (nv * 8 floats) over S keys and values a step apart: o = softmax(q k^T * scale) v
-   over the keys mt allows (all when mt is NULL); p holds S floats of scratch. */
+   over the keys mt allows (all when mt is NULL); key j is shift[j * shift_step] rows away (none
+   when shift is NULL); p holds S floats of scratch. */
 static inline __attribute__((always_inline)) void attend_one(
     const float *qt, const float *kb, int64_t k_step, const float *vb, int64_t v_step, const uint8_t *mt,
-    int64_t m_step, float *o, int64_t S, const int64_t nv, float scale, float *p)
+    int64_t m_step, const int64_t *shift, int64_t shift_step, int64_t k_row, int64_t v_row,
+    float *o, int64_t S, const int64_t nv, float scale, float *p)
 {
     v8 qv[32];
     for (int64_t i = 0; i < nv; i++) qv[i] = load8(qt + 8 * i) * scale;
@@ -58,7 +60,7 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t j = 0; j < S; j++) {
         float s = -INFINITY;
         if (!mt || mt[j * m_step]) {
-            const float *kj = kb + j * k_step;
+            const float *kj = kb + j * k_step + (shift ? shift[j * shift_step] * k_row : 0);
             v8 a0 = qv[0] * load8(kj), a1 = {0};
             for (int64_t i = 1; i < nv; i += 2) {
                 a1 += qv[i] * load8(kj + 8 * i);
@@ -84,25 +86,27 @@ static inline __attribute__((always_inline)) void attend_one(
     for (int64_t j = 0; j < S; j++) {
         if (p[j] == 0.f) continue;
         const float w = p[j] * inv;
-        const float *vj = vb + j * v_step;
+        const float *vj = vb + j * v_step + (shift ? shift[j * shift_step] * v_row : 0);
         for (int64_t i = 0; i < nv; i++) acc[i] += w * load8(vj + 8 * i);
     }
     for (int64_t i = 0; i < nv; i++) store8(o + 8 * i, acc[i]);
 }
 
 /* Returns 0, or 1 when Dh is not a multiple of 8 up to 256 (nothing written). scratch holds
-   threads * S floats. A query that may attend to nothing gets zeros. */
+   threads * 4 * S floats. A query that may attend to nothing gets zeros. rows_at (S, B) row-major,
+   or NULL: sentence b's key and value at position j are those of sentence rows_at[j * B + b]
+   (beams reordered without moving the cache). */
 int few_query_attention(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
                         const float *v, const int64_t *vs, const uint8_t *mask, const int64_t *ms,
                         float *out, int64_t B, int64_t H, int64_t T, int64_t S, int64_t Dh,
-                        float scale, float *scratch, int threads)
+                        float scale, float *scratch, int threads, const int64_t *rows_at)
 {
     if (Dh % 8 || Dh > 256 || Dh <= 0) return 1;
     const int64_t nv = Dh / 8;
     #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-        float *p = scratch + (int64_t)omp_get_thread_num() * S;
+        float *p = scratch + (int64_t)omp_get_thread_num() * 4 * S;
 #else
         float *p = scratch;
 #endif
@@ -111,7 +115,11 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
             const int64_t b = bh / H, h = bh % H;
             const float *kb = k + b * ks[0] + h * ks[1];
             const float *vb = v + b * vs[0] + h * vs[1];
-            if (bh + 1 < B * H) {
+            int64_t *shift = NULL;
+            if (rows_at) {  /* row offsets of b's keys, position by position, in scratch after p */
+                shift = (int64_t *)(p + 2 * S);  /* 8-byte aligned: 4 * S floats a thread */
+                for (int64_t j = 0; j < S; j++) shift[j] = rows_at[j * B + b] - b;
+            } else if (bh + 1 < B * H) {
                 const int64_t b2 = (bh + 1) / H, h2 = (bh + 1) % H;
                 prefetch_pair(k + b2 * ks[0] + h2 * ks[1], v + b2 * vs[0] + h2 * vs[1], ks[2], vs[2], S, Dh);
             }
@@ -120,9 +128,9 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
                 const uint8_t *mt = mask ? mask + b * ms[0] + h * ms[1] + t * ms[2] : NULL;
                 float *o = out + ((b * T + t) * H + h) * Dh;
                 if (nv == 8)  /* Dh 64: a constant, so that the query and the sums stay in registers */
-                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, o, S, 8, scale, p);
+                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, shift, 1, ks[0], vs[0], o, S, 8, scale, p);
                 else
-                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, o, S, nv, scale, p);
+                    attend_one(qt, kb, ks[2], vb, vs[2], mt, mask ? ms[3] : 0, shift, 1, ks[0], vs[0], o, S, nv, scale, p);
             }
         }
     }
@@ -189,13 +197,14 @@ typedef struct {
     int64_t self_mask_strides[4];
     const uint8_t *src_mask;           /* (N, 1, 1, S) broadcast strides */
     int64_t src_mask_strides[4];
+    const int64_t *self_rows;          /* (past + 1, R): cache row of each row's slot, or NULL: its own */
 } step_t;
 
 static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* scratch: R * (6 * D + F) + threads * max(S, past + 1) floats */
+/* scratch: R * (6 * D + F) + threads * 4 * max(S, past + 1) floats */
 int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x, float *scratch)
 {
     const int64_t R = st->R, D = st->D, H = st->H, Dh = D / H, group = R / st->N, slots = st->past + 1;
@@ -216,7 +225,7 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
     const int64_t qs[4] = {D, Dh, D, 1};
     const int64_t ks[4] = {L->self_row_stride, Dh, L->self_slot_stride, 1};
     status |= few_query_attention(q, qs, L->self_k, ks, L->self_v, ks, st->self_mask, st->self_mask_strides,
-                                  att, R, H, 1, slots, Dh, 1.f / sqrtf((float)Dh), tmp, st->threads);
+                                  att, R, H, 1, slots, Dh, 1.f / sqrtf((float)Dh), tmp, st->threads, st->self_rows);
     status |= linear(sgemm, att, L->self_out_w, L->self_out_b, o, R, D, D, 0);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[0], L->norm_b[0], x, R, D, st->eps);
@@ -228,7 +237,7 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
     const int64_t cqs[4] = {group * D, Dh, D, 1};
     status |= few_query_attention(q, cqs, L->cross_k, L->cross_k_strides, L->cross_v, L->cross_v_strides,
                                   st->src_mask, st->src_mask_strides, att, st->N, H, group, st->S, Dh,
-                                  1.f / sqrtf((float)Dh), tmp, st->threads);
+                                  1.f / sqrtf((float)Dh), tmp, st->threads, NULL);
     status |= linear(sgemm, att, L->cross_out_w, L->cross_out_b, o, R, D, D, 0);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[1], L->norm_b[1], x, R, D, st->eps);
