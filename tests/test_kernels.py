@@ -129,8 +129,10 @@ def test_layer_norm_keeps_autograd_and_nn_layer_norms_state_dict():
 def test_layer_norm_takes_torch_for_what_the_kernel_cannot_read():
     norm = kernels.LayerNorm(8)
     x = torch.randn(8, 5).t()  # (5, 8), not contiguous
+    big = torch.randn(kernels.LAYER_NORM_MAX // 8 + 1, 8)  # an encoder's: torch's threads
     with torch.inference_mode():
         torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias))
+        torch.testing.assert_close(norm(big), F.layer_norm(big, (8,), norm.weight, norm.bias))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")

@@ -179,17 +179,21 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     return None if status else out.transpose(1, 2)
 
 
+# Past this many elements torch's LayerNorm, split over its threads, is as fast (an encoder's).
+LAYER_NORM_MAX = 1 << 16
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """`nn.LayerNorm` (same parameters, same state dict) whose inference over the last dimension
-    of a contiguous float32 CPU tensor is one native call (torch's op and its allocation cost
-    ~30 us at a decoding step's 64 x 256; the arithmetic, a few)."""
+    of a small contiguous float32 CPU tensor is one native call (torch's op and its allocation
+    cost ~30 us at a decoding step's 64 x 256; the arithmetic, a few)."""
 
     def forward(self, x: Tensor) -> Tensor:
         lib = library()
         if (
             lib is None
             or torch.is_grad_enabled()
-            or not (plain_f32(x) and x.is_contiguous() and x.numel())
+            or not (plain_f32(x) and x.is_contiguous() and 0 < x.numel() <= LAYER_NORM_MAX)
             or self.weight is None or self.bias is None
             or self.normalized_shape != (x.size(-1),)
         ):
