@@ -9,6 +9,8 @@ beyond its arithmetic. `csrc/kernels.c` does three of them natively:
 - a linear layer as one call: the bias written, oneDNN's sgemm (translator.gemm) called, the
   ReLU applied;
 - LayerNorm of inference;
+- rows of the caches moved in place when sentences leave a running batch (`move_rows`: one
+  call for every layer's keys and values instead of two torch ops per tensor);
 - a decoder layer's whole step for one new position per row (`decoder_steps`): the same
   arithmetic as translator.model's layers, through the functions above, with no torch op and no
   Python between the products (a step at 64 rows x1.23, at 1 row x2).
@@ -111,6 +113,7 @@ SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "linear": ([PTR] * 5 + [I64] * 3 + [INT], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32], None),
     "decoder_layer_step": ([PTR] * 5, INT),
+    "move_rows": ([I64] + [PTR] * 7 + [I64], None),
 }
 
 
@@ -207,6 +210,29 @@ class LayerNorm(torch.nn.LayerNorm):
 
 PTRS3 = PTR * 3
 I64x4 = I64 * 4
+
+
+def move_rows(tensors: list[tuple[Tensor, int]], holes: Tensor, movers: Tensor) -> bool:
+    """In each 4-D tensor, with its rows along dimension 0 or 1, copy rows `movers` onto rows
+    `holes` in place (x[holes] = x[movers] along that dimension), in one native call; False,
+    nothing moved, where a tensor's last two dimensions are not one contiguous run."""
+    lib = library()
+    if lib is None:
+        return False
+    layout = []
+    for t, dim in tensors:
+        if not (plain_f32(t) and t.dim() == 4 and t.stride(3) == 1 and t.stride(2) == t.size(3)):
+            return False
+        other = 1 - dim
+        layout.append((t.data_ptr(), t.stride(dim), t.size(other), t.stride(other), t.size(2) * t.size(3)))
+    n, moves = len(layout), holes.numel()
+    if not (n and moves):
+        return True
+    base, row_stride, blocks, block_stride, run = zip(*layout)
+    holes, movers = holes.to(torch.int64).contiguous(), movers.to(torch.int64).contiguous()
+    lib.move_rows(n, (PTR * n)(*base), (I64 * n)(*row_stride), (I64 * n)(*blocks), (I64 * n)(*block_stride),
+                  (I64 * n)(*run), holes.data_ptr(), movers.data_ptr(), moves)
+    return True
 
 
 class LayerStep(ctypes.Structure):

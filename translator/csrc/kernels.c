@@ -251,3 +251,19 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
     if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps);
     return status;
 }
+
+/* Move rows within tensors in place: in each of the n tensors, row movers[i] is copied onto row
+   holes[i] (no row both). A row of tensor t is blocks[t] runs of run[t] floats, block_stride[t]
+   floats apart, from base[t] + row * row_stride[t]. */
+void move_rows(int64_t n, float *const *base, const int64_t *row_stride, const int64_t *blocks,
+               const int64_t *block_stride, const int64_t *run, const int64_t *holes,
+               const int64_t *movers, int64_t moves)
+{
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < moves; i++) {
+            float *dst = base[t] + holes[i] * row_stride[t];
+            const float *src = base[t] + movers[i] * row_stride[t];
+            for (int64_t b = 0; b < blocks[t]; b++)
+                memcpy(dst + b * block_stride[t], src + b * block_stride[t], sizeof(float) * run[t]);
+        }
+}
