@@ -9,6 +9,7 @@ import pickle
 import shutil
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from tests.test_decoding import run, source_rows, tiny_model
 from translator import kernels
 from translator.decoding import DecodeOptions
 from translator.model import attention, build_model
+from translator.translate import batch_tensor
 
 HAS_COMPILER = shutil.which(kernels.compiler()) is not None
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the kernel is not built here")
@@ -257,7 +259,7 @@ def test_native_decoder_step_stays_out_of_training():
 
 
 @needs_kernels
-def test_native_decoder_step_follows_weight_changes_and_the_model_still_copies(monkeypatch):
+def test_a_new_search_sees_weight_changes_and_the_model_still_copies(monkeypatch):
     model = tiny_model()
     src = torch.randint(4, model.cfg.vocab_size, (3, 7))
     joining = None
@@ -298,3 +300,19 @@ def test_threads_decoding_with_one_model_at_once_get_their_own_results():
     for t in threads:
         t.join()
     assert all(got == [alone[i]] * 5 for i, got in results.items()) and len(results) == len(batches)
+
+
+def test_a_quantized_copy_decodes_through_its_own_layers():
+    model = tiny_model()
+    for m in model.modules():  # as benchmarks/decode.py does: torch's int8 conversion takes exactly nn.Linear
+        if isinstance(m, torch.nn.Linear):
+            m.__class__ = torch.nn.Linear
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the eager API
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    src = batch_tensor(source_rows(model), model.cfg.pad_id)
+    with torch.inference_mode():
+        cache = quantized.init_cache(*quantized.encode(src))
+        assert not quantized.decoder.native_step(quantized.embed(src[:, :1]), cache)  # int8 layers, not the fp32 step
+    hyps = run(quantized, source_rows(model), DecodeOptions(beam_size=2))
+    assert all(len(nbest) == 1 and nbest[0].tokens for nbest in hyps.nbest)

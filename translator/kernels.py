@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -266,27 +267,23 @@ LAYER_WEIGHTS = (
 )
 
 
+@dataclass(frozen=True)
 class DecoderWeights:
-    """A decoder's parameters for the native step: per layer, a `LayerStep` with the weight
-    pointers filled in, made again whenever a weight has moved or changed (a load, an optimizer
-    step, `.to()`), checked by storage and version at every step (tens of microseconds; reading
-    them from the modules again takes half a millisecond). Each step fills a copy with its own
-    caches, so threads decoding with one model at once share nothing mutable."""
+    """A decoder's parameters for the native step: per layer a `LayerStep` with the weight
+    pointers filled in (each step fills a copy with its caches, so threads decoding with one
+    model at once share nothing mutable), and d_ff. Made at a search's first step and kept with
+    its cache: reading 120 parameters from the modules costs half a millisecond."""
 
-    def __init__(self, layers: list[list[Tensor]]) -> None:
-        self.layers = layers  # per layer, in LAYER_WEIGHTS order
-        self.made: tuple[tuple, list[LayerStep] | None] = ((), None)
+    layers: list[LayerStep]
+    d_ff: int
 
-    def templates(self) -> list[LayerStep] | None:
-        """The layers' structs, or None where a weight is not a contiguous float32 CPU tensor."""
-        key = tuple((w.data_ptr(), w._version) for weights in self.layers for w in weights)
-        made_for, templates = self.made
-        if made_for != key:
-            templates = None
-            if all(plain_f32(w) and w.is_contiguous() for weights in self.layers for w in weights):
-                templates = [self.template(weights) for weights in self.layers]
-            self.made = (key, templates)
-        return templates
+    @classmethod
+    def of(cls, layers: list[list[Tensor]]) -> DecoderWeights | None:
+        """From each layer's parameters in LAYER_WEIGHTS order; None where one is not a
+        contiguous float32 CPU tensor (a quantized or otherwise swapped layer)."""
+        if not all(isinstance(w, Tensor) and plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
+            return None
+        return cls([cls.template(ws) for ws in layers], layers[0][LAYER_WEIGHTS.index("ff_in_w")].size(0))
 
     @staticmethod
     def template(weights: list[Tensor]) -> LayerStep:
@@ -296,9 +293,6 @@ class DecoderWeights:
             norm_b=PTRS3(ptrs.pop("norm_b0"), ptrs.pop("norm_b1"), ptrs.pop("norm_b2")),
             **ptrs,
         )
-
-    def __getstate__(self) -> dict:  # ctypes structs holding pointers do not pickle; they are remade
-        return {"layers": self.layers, "made": ((), None)}
 
 
 def decoder_steps(
@@ -336,10 +330,7 @@ def decoder_steps(
         self_rows.dtype is torch.int64 and self_rows.shape == (past + 1, R) and self_rows.is_contiguous()
     ):
         return False
-    templates = weights.templates()
-    if templates is None:
-        return False
-    F = weights.layers[0][LAYER_WEIGHTS.index("ff_in_w")].size(0)
+    F = weights.d_ff
     step = DecoderStep(R=R, D=D, H=n_heads, F=F, N=N, S=S, past=past, norm_first=norm_first,
                        threads=torch.get_num_threads(), eps=eps)
     if self_mask is not None:
@@ -350,7 +341,7 @@ def decoder_steps(
     if self_rows is not None:
         step.self_rows = self_rows.data_ptr()
     scratch = x.new_empty(R * (6 * D + F) + step.threads * 4 * max(S, past + 1))
-    for template, (self_k, self_v, cross_k, cross_v) in zip(templates, caches):
+    for template, (self_k, self_v, cross_k, cross_v) in zip(weights.layers, caches):
         layer = LayerStep.from_buffer_copy(template)
         layer.self_k, layer.self_v = self_k.data_ptr(), self_v.data_ptr()
         layer.self_slot_stride, layer.self_row_stride = self_k.stride(0), self_k.stride(1)

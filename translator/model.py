@@ -132,7 +132,9 @@ class FeedForward(nn.Module):
         self.w_2 = gemm.Linear(d_ff, d_model)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.w_1(x, relu=True))
+        if isinstance(self.w_1, gemm.Linear):  # the ReLU in the product's native call
+            return self.w_2(self.w_1(x, relu=True))
+        return self.w_2(F.relu(self.w_1(x)))  # a swapped layer (a quantized copy)
 
 
 class Residual(nn.Module):
@@ -298,6 +300,7 @@ class DecoderCache:
     # (n, R): the buffer row holding row r's keys/values at slot j < n (beams reordered by
     # `select` without moving them); later slots, and every slot when None: buffer row r.
     slot_rows: Tensor | None = None
+    native: kernels.DecoderWeights | bool | None = None  # the native step's weights (False: none), made at its first step
 
     def positions(self, t: int) -> int | Tensor:
         """Positions of the next t tokens: an offset shared by all rows, or per row (R, t)."""
@@ -534,7 +537,6 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = kernels.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self._native: kernels.DecoderWeights | None = None  # made at the first native step
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor, tgt_mask: Tensor | None) -> Tensor:
         for layer in self.layers:
@@ -566,11 +568,13 @@ class Decoder(nn.Module):
         like = x.new_empty(()).expand(R, H, 1, D // H)  # the shape of one position's keys
         for lc in cache.layers:
             lc.reserve(like, cache.length, cache.length + 1, cache.capacity)
-        if self._native is None:  # the Parameter objects, read once; their storage and versions every step
-            self._native = kernels.DecoderWeights([layer.native_weights() for layer in self.layers])
+        if cache.native is None:  # once per search: the weights as the modules hold them now
+            cache.native = kernels.DecoderWeights.of([layer.native_weights() for layer in self.layers]) or False
+        if not cache.native:
+            return False
         caches = [(lc.self_k, lc.self_v, lc.cross_k, lc.cross_v) for lc in cache.layers]
         rows = cache.slot_rows_until(cache.length + 1) if cache.slot_rows is not None else None
-        return kernels.decoder_steps(self._native, caches, x.view(R, D), cache.length, cache.src_mask,
+        return kernels.decoder_steps(cache.native, caches, x.view(R, D), cache.length, cache.src_mask,
                                      cache.self_attention_mask(1), rows, H, first.sublayers[0].norm_first,
                                      first.sublayers[0].norm.eps, gemm.sgemm_address())
 
