@@ -1,7 +1,7 @@
 """Native kernels for decoding steps, compiled on first use with the machine's C compiler.
 
 A decoding step runs a few hundred small ops, and from Python each costs a few microseconds
-beyond its arithmetic. `csrc/kernels.c` does three of them natively:
+beyond its arithmetic. `csrc/kernels.c` does these natively:
 - attention of few queries: one query per sentence and head (a sentence's beams over its
   source: a few) over a short cache, each item's scores, softmax and weighted sum in registers,
   over the cache's own strides, in one OpenMP loop; torch's fused kernel, built for long runs of
