@@ -187,7 +187,7 @@ class LayerCache:
     Cross-attention keys/values have one row per source; the decoder rows reading a source
     (its beams) sit next to each other, `group` of them, and share it. Self-attention keys and
     values are stored position-major in a buffer with room to grow, so that a step appends in
-    place and a reorder copies only the positions filled so far.
+    place; a beam reorder moves nothing, it is kept in DecoderCache.slot_rows.
     """
 
     cross_k: Tensor  # (N, H, S, Dh)
@@ -404,7 +404,9 @@ class DecoderCache:
 
         Each run of `group` new rows must come from one source (beams reordered within their
         sentence, finished sentences dropped); sources no row reads are dropped. Slots before
-        the earliest start of the rows kept are dropped too.
+        the earliest start of the rows kept are dropped too. Self-attention keys/values stay
+        where they are, the new order composed into `slot_rows`, unless rows have their own
+        starts or outnumber the buffers' rows: then they are copied into the new order.
         """
         group = group or self.group
         if index.numel() % group:
