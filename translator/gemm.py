@@ -98,14 +98,8 @@ def enabled() -> bool:
 # 112 with them on oneDNN (docs/RESULTS.md).
 MIN_ROWS = 4
 
-PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
-F32 = torch.float32
-
-
-def plain(t: Tensor) -> bool:
-    """A float32 CPU tensor or parameter: what dnnl_sgemm can read (autograd is off wherever it
-    is called). `linear`, called 42 times a decoding step, spells it out for x and the weight."""
-    return type(t) in PLAIN and t.dtype is F32 and t.is_cpu
+PLAIN, F32 = kernels.PLAIN, torch.float32
+plain = kernels.plain_f32  # `linear`, called 42 times a decoding step, spells it out for x and the weight
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:

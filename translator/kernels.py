@@ -142,9 +142,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
+
+
 def plain_f32(t: Tensor) -> bool:
-    """A float32 CPU tensor or parameter, not a subclass that overrides torch functions."""
-    return type(t) in (Tensor, torch.nn.Parameter) and t.dtype is torch.float32 and t.is_cpu
+    """A float32 CPU tensor or parameter: what the kernels and oneDNN's sgemm can read."""
+    return type(t) in PLAIN and t.dtype is torch.float32 and t.is_cpu
 
 
 def usable(t: Tensor) -> bool:
@@ -281,7 +284,7 @@ class DecoderWeights:
     def of(cls, layers: list[list[Tensor]]) -> DecoderWeights | None:
         """From each layer's parameters in LAYER_WEIGHTS order; None where one is not a
         contiguous float32 CPU tensor (a quantized or otherwise swapped layer)."""
-        if not all(isinstance(w, Tensor) and plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
+        if not all(plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
             return None
         return cls([cls.template(ws) for ws in layers], layers[0][LAYER_WEIGHTS.index("ff_in_w")].size(0))
 
