@@ -164,6 +164,7 @@ def test_a_failed_build_names_the_compiler_error_and_leaves_nothing(tmp_path, mo
 
 
 def test_without_a_compiler_decoding_falls_back_to_torch(fresh_library, monkeypatch, caplog):
+    monkeypatch.delenv(kernels.ENV, raising=False)  # asked for, and not buildable
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with caplog.at_level(logging.WARNING, logger="translator.kernels"):
         assert kernels.library() is None
