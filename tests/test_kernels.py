@@ -74,6 +74,23 @@ def test_kernel_equals_torch(queries, mask_kind, Dh, layout):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_torch_when_large_enough_to_split_over_threads(threads):
+    g = torch.Generator().manual_seed(threads)
+    B, H, T, S, Dh = 32, 4, 5, 25, 64  # B * H * T * S past the kernel's one-thread limit
+    q = torch.randn(B, T, H, Dh, generator=g).transpose(1, 2)
+    k, v = (cache_layout(S, B, H, Dh, g) for _ in range(2))
+    mask = (torch.arange(S) < torch.randint(1, S + 1, (B,), generator=g)[:, None])[:, None, None, :]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the count the kernel is given
+    try:
+        out = kernels.attention(q, k, v, mask)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
 def test_kernel_output_is_laid_out_for_the_output_projection():
     q, k, v = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 6, 8), torch.randn(4, 2, 6, 8)
     out = kernels.attention(q, k, v, None)  # (B, H, T, Dh)

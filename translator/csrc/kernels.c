@@ -103,7 +103,7 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
 {
     if (Dh % 8 || Dh > 256 || Dh <= 0) return 1;
     const int64_t nv = Dh / 8;
-    #pragma omp parallel num_threads(threads)
+    #pragma omp parallel num_threads(threads) if (B * H * T * S >= 2048)  /* less: not worth waking a thread */
     {
 #ifdef _OPENMP
         float *p = scratch + (int64_t)omp_get_thread_num() * 4 * S;
