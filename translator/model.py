@@ -564,16 +564,16 @@ class Decoder(nn.Module):
         False, nothing done, where it does not apply (autograd, dropout, no native kernels)."""
         if self.training or torch.is_grad_enabled() or not x.is_contiguous() or not gemm.enabled():
             return False
+        if cache.native is None:  # once per search: the weights as the modules hold them now
+            cache.native = kernels.DecoderWeights.of([layer.native_weights() for layer in self.layers]) or False
+        if not cache.native:
+            return False
         R, _, D = x.shape
         first = self.layers[0]
         H = first.self_attn.n_heads
         like = x.new_empty(()).expand(R, H, 1, D // H)  # the shape of one position's keys
         for lc in cache.layers:
             lc.reserve(like, cache.length, cache.length + 1, cache.capacity)
-        if cache.native is None:  # once per search: the weights as the modules hold them now
-            cache.native = kernels.DecoderWeights.of([layer.native_weights() for layer in self.layers]) or False
-        if not cache.native:
-            return False
         caches = [(lc.self_k, lc.self_v, lc.cross_k, lc.cross_v) for lc in cache.layers]
         rows = cache.slot_rows_until(cache.length + 1) if cache.slot_rows is not None else None
         return kernels.decoder_steps(cache.native, caches, x.view(R, D), cache.length, cache.src_mask,
