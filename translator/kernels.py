@@ -180,9 +180,10 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     else:
         mask = mask.expand(B, H, T, S)  # broadcast dimensions get stride 0
         mask_ptr, mask_strides = mask.data_ptr(), STRIDES(*mask.stride())
-    status = lib.few_query_attention(q.data_ptr(), STRIDES(*q.stride()), k.data_ptr(), STRIDES(*k.stride()), v.data_ptr(),
-        STRIDES(*v.stride()), mask_ptr, mask_strides, out.data_ptr(), B, H, T, S, Dh,
-        1 / math.sqrt(Dh), scratch.data_ptr(), threads, None)
+    status = lib.few_query_attention(
+        q.data_ptr(), STRIDES(*q.stride()), k.data_ptr(), STRIDES(*k.stride()), v.data_ptr(), STRIDES(*v.stride()),
+        mask_ptr, mask_strides, out.data_ptr(), B, H, T, S, Dh, 1 / math.sqrt(Dh), scratch.data_ptr(), threads, None,
+    )
     return None if status else out.transpose(1, 2)
 
 

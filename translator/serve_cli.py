@@ -63,7 +63,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if kernels.library() is not None:  # built or loaded now, not on the first request
-        logging.getLogger("translator.kernels").info("native attention kernel loaded")
+        logging.getLogger("translator.kernels").info("native decoding kernels loaded")
     try:
         server, port = create_server(cfg)
     except (ConfigError, CheckpointError, OSError) as e:
