@@ -157,6 +157,33 @@ def test_layer_norm_takes_torch_for_what_the_kernel_cannot_read():
         torch.testing.assert_close(norm(big), F.layer_norm(big, (8,), norm.weight, norm.bias))
 
 
+@needs_kernels
+@pytest.mark.parametrize(("n", "V"), [(1, 8), (3, 13), (64, 8000), (5, 8003)])  # V not a multiple of 8
+def test_argmax_log_prob_equals_torchs_log_softmax_argmax_and_gather(n, V):
+    g = torch.Generator().manual_seed(V)
+    x = 4 * torch.randn(n, V, generator=g)
+    x[0, V // 2] = x[0, V - 1] = x[0].max() + 1  # a tie: the first wins
+    idx, lp = kernels.argmax_log_prob(x)
+    logp = x.log_softmax(dim=-1)
+    assert torch.equal(idx, logp.argmax(dim=-1)) and idx[0] == V // 2
+    torch.testing.assert_close(lp, logp.gather(1, idx[:, None]).squeeze(1), atol=1e-6, rtol=1e-6)
+
+
+@needs_kernels
+def test_argmax_log_prob_reads_rows_apart_and_marks_broken_rows_as_torch_does():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(4, 20, generator=g)
+    x = wide[:, 3:15]  # rows 20 floats apart
+    x[1, 5] = float("nan")
+    x[2] = float("-inf")
+    x[3, :] = -1e30  # extreme but finite: a uniform distribution
+    idx, lp = kernels.argmax_log_prob(x)
+    logp = x.log_softmax(dim=-1)
+    assert torch.equal(idx, logp.argmax(dim=-1))
+    torch.testing.assert_close(lp, logp.gather(1, idx[:, None]).squeeze(1), equal_nan=True)
+    assert kernels.argmax_log_prob(x.double()) is None and kernels.argmax_log_prob(x.t()) is None
+
+
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
 def test_build_is_cached_and_keyed_by_its_source(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))

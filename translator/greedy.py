@@ -12,7 +12,7 @@ from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
-from translator.sampling import make_picker
+from translator.sampling import best_tokens, make_picker
 from translator.search_setup import on_source_device, start_search
 
 
@@ -137,11 +137,14 @@ def greedy_search(
         if not rows.count:
             break
         logits = model.decode_step(rows.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b, V)
-        logp = logits.float().log_softmax(dim=-1)
-        if run.rules.active:
-            run.rules.apply(logp, rows.step(), rows.sentence, rows.tokens if run.rules.needs_history else None)
-        idx = pick(logp)  # (b,)
-        lp = logp.gather(1, idx[:, None]).squeeze(1)  # (b,)
+        if run.rules.active or opts.sample:
+            logp = logits.float().log_softmax(dim=-1)
+            if run.rules.active:
+                run.rules.apply(logp, rows.step(), rows.sentence, rows.tokens if run.rules.needs_history else None)
+            idx = pick(logp)  # (b,)
+            lp = logp.gather(1, idx[:, None]).squeeze(1)  # (b,)
+        else:
+            idx, lp = best_tokens(logits)  # (b,) each
         rows.push(idx, lp, run.cache.alignments.pop() if opts.alignment else None)
         is_eos = idx == cfg.eos_id
         if run.hooks.streaming:

@@ -9,6 +9,8 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
 - a linear layer as one call: the bias written, oneDNN's sgemm (translator.gemm) called, the
   ReLU applied;
 - LayerNorm of inference;
+- greedy search's choice: each row's argmax and its log-probability from the logits, without
+  writing the log-softmax;
 - rows of the caches moved in place when sentences leave a running batch (`move_rows`: one
   call for every layer's keys and values instead of two torch ops per tensor);
 - a decoder layer's whole step for one new position per row (`decoder_steps`): the same
@@ -115,6 +117,7 @@ SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32], None),
     "decoder_layer_step": ([PTR] * 5, INT),
     "move_rows": ([I64] + [PTR] * 7 + [I64], None),
+    "argmax_log_prob": ([PTR, I64, I64, I64, PTR, PTR, INT], None),
 }
 
 
@@ -211,6 +214,20 @@ class LayerNorm(torch.nn.LayerNorm):
         lib.layer_norm(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), out.data_ptr(), x.numel() // D, D,
                        self.eps)
         return out
+
+
+def argmax_log_prob(logits: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Each row's argmax of log_softmax(logits (n, V)) (n,) int64, the first where tied, and the
+    log-probability there (n,), in one native pass over the row, without the (n, V) log-softmax;
+    None where the kernel does not apply (not built, not a float32 CPU matrix of unit stride)."""
+    lib = library()
+    if lib is None or not (plain_f32(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.size(1)):
+        return None
+    n, V = logits.shape
+    idx, lp = torch.empty(n, dtype=torch.int64), logits.new_empty(n)
+    lib.argmax_log_prob(logits.data_ptr(), n, V, logits.stride(0), idx.data_ptr(), lp.data_ptr(),
+                        torch.get_num_threads())
+    return idx, lp
 
 
 PTRS3 = PTR * 3

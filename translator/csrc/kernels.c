@@ -24,18 +24,35 @@ static inline float hsum8(v8 x) {
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
 
-/* exp(x) for x <= 0 (scores less their maximum): 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2],
+/* exp(x) for x <= 0 (scores less their maximum): 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2]
+   (n = x / ln2 to the nearest integer, by adding and subtracting 1.5 * 2^23: no libm call),
    p the degree-6 Taylor polynomial (relative error below 2e-7); 0 below -87.3. */
 static inline float exp_nonpositive(float x) {
     if (x != x) return x;
     if (x < -87.3f) return 0.f;
-    float n = __builtin_roundf(x * 1.44269504088896341f);
+    float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  /* rounded: + 1.5 * 2^23 - it */
     float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
     float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
     int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return p * two_n;
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 select8(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
+
+/* exp_nonpositive of eight x at once. */
+static inline v8 exp8_nonpositive(v8 x) {
+    const v8 lo = {-87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f, -87.3f};
+    const v8i under = x < lo;
+    x = select8(under, lo, x);
+    v8 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    v8 r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+    v8 p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return select8(under, (v8){0}, p * (v8)bits);
 }
 
 static void prefetch_pair(const float *k, const float *v, int64_t k_step, int64_t v_step, int64_t S, int64_t Dh) {
@@ -75,8 +92,15 @@ static inline __attribute__((always_inline)) void attend_one(
         memset(o, 0, sizeof(float) * 8 * nv);
         return;
     }
-    float sum = 0.f;
-    for (int64_t j = 0; j < S; j++) {
+    v8 sums = {0};
+    int64_t j = 0;
+    for (; j + 8 <= S; j += 8) {
+        v8 e = exp8_nonpositive(load8(p + j) - top);
+        store8(p + j, e);
+        sums += e;
+    }
+    float sum = hsum8(sums);
+    for (; j < S; j++) {
         p[j] = exp_nonpositive(p[j] - top);
         sum += p[j];
     }
@@ -266,4 +290,52 @@ void move_rows(int64_t n, float *const *base, const int64_t *row_stride, const i
             for (int64_t b = 0; b < blocks[t]; b++)
                 memcpy(dst + b * block_stride[t], src + b * block_stride[t], sizeof(float) * run[t]);
         }
+}
+
+/* For each of the n rows of x (n, V), row_stride floats apart: idx, the first index of the row's
+   maximum, and lp, the log-probability there, -log(sum_j exp(x_j - max)): greedy search's
+   argmax of log_softmax and its gather in two reads of the row, nothing written per element.
+   A row holding NaN, or only -inf, gets index 0 and a NaN log-probability, as torch's
+   log_softmax and argmax give. */
+void argmax_log_prob(const float *x, int64_t n, int64_t V, int64_t row_stride, int64_t *idx, float *lp,
+                     int threads)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * V >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const float *row = x + i * row_stride;
+        const int64_t whole = V / 8 * 8;
+        /* per lane: its largest value so far and the first index holding it */
+        v8 best = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        v8i at = {-1, -1, -1, -1, -1, -1, -1, -1}, lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        v8i nans = {0};
+        for (int64_t j = 0; j < whole; j += 8) {
+            v8 v = load8(row + j);
+            v8i more = v > best;
+            nans |= v != v;
+            best = select8(more, v, best);
+            at = (more & (lane + (int32_t)j)) | (~more & at);
+        }
+        float top = -INFINITY;
+        int64_t arg = -1;
+        int nan = 0;
+        for (int l = 0; l < 8; l++) {
+            nan |= nans[l] != 0;
+            if (at[l] >= 0 && (best[l] > top || (best[l] == top && at[l] < arg))) top = best[l], arg = at[l];
+        }
+        for (int64_t j = whole; j < V; j++) {
+            if (row[j] != row[j]) nan = 1;
+            if (row[j] > top) top = row[j], arg = j;
+        }
+        if (nan || arg < 0) {  /* NaN anywhere, or every value -inf: a row of NaN in log_softmax */
+            idx[i] = 0;
+            lp[i] = NAN;
+            continue;
+        }
+        v8 acc = {0};
+        for (int64_t j = 0; j < whole; j += 8) acc += exp8_nonpositive(load8(row + j) - top);
+        float sum = hsum8(acc);
+        for (int64_t j = whole; j < V; j++) sum += exp_nonpositive(row[j] - top);
+        idx[i] = arg;
+        lp[i] = -logf(sum);
+    }
 }
