@@ -38,10 +38,12 @@ def test_linear_equals_torch(rows, k, n, with_bias):
 
 @needs_onednn
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_with_relu_equals_torch(with_bias):
+@pytest.mark.parametrize("shape", [(2, 9, 16, 24), (3, 200, 32, 512)], ids=["small", "threaded-epilogue"])
+def test_linear_with_relu_equals_torch(with_bias, shape):
+    *lead, k, n = shape
     g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(2, 9, 16, generator=g), torch.randn(24, 16, generator=g)
-    b = torch.randn(24, generator=g) if with_bias else None
+    x, w = torch.randn(*lead, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
     with torch.inference_mode():
         out = gemm.linear(x, w, b, relu=True)
     assert (out == 0).any() and (out > 0).any()

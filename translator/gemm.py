@@ -125,7 +125,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = F
     a = x if x.is_contiguous() else x.contiguous()
     thread_ready()
     status = kernels.library().linear(sgemm_address(), a.data_ptr(), weight.data_ptr(),
-                                      None if bias is None else bias.data_ptr(), out.data_ptr(), M, N, K, relu)
+                                      None if bias is None else bias.data_ptr(), out.data_ptr(), M, N, K, relu,
+                                      torch.get_num_threads())
     if status:
         raise RuntimeError(f"dnnl_sgemm failed with status {status} on a ({M}, {K}) x ({K}, {N}) product")
     return out

@@ -113,7 +113,7 @@ I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_i
 STRIDES = ctypes.c_int64 * 4
 SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
-    "linear": ([PTR] * 5 + [I64] * 3 + [INT], INT),
+    "linear": ([PTR] * 5 + [I64] * 3 + [INT, INT], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32], None),
     "decoder_layer_step": ([PTR] * 5, INT),
     "move_rows": ([I64] + [PTR] * 7 + [I64], None),

@@ -8,6 +8,10 @@ from collections.abc import Iterable
 import sentencepiece as spm
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
+# SentencePiece's list calls start a thread per core, ~0.1 ms a call: from this many texts on
+# they pay (64 sentences 0.32 ms against 0.47 one by one); below, one call per text is faster
+# (one sentence 7 us against 92).
+BATCH_CALL_MIN = 32
 
 
 class Tokenizer:
@@ -30,11 +34,17 @@ class Tokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids without BOS/EOS."""
-        return self.sp.encode(list(texts))
+        texts = list(texts)
+        if len(texts) < BATCH_CALL_MIN:
+            return [self.sp.encode(t) for t in texts]
+        return self.sp.encode(texts)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Detokenized text; special ids are dropped."""
-        return self.sp.decode([[i for i in seq if i > UNK] for seq in ids])
+        kept = [[i for i in seq if i > UNK] for seq in ids]
+        if len(kept) < BATCH_CALL_MIN:
+            return [self.sp.decode(seq) for seq in kept]
+        return self.sp.decode(kept)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]

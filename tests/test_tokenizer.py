@@ -1,0 +1,18 @@
+"""The tokenizer: one SentencePiece call per text for a few texts, one list call for many, the same ids and text either way."""
+
+from __future__ import annotations
+
+import pytest
+
+from translator.tokenizer import BATCH_CALL_MIN, BOS, EOS, PAD, UNK
+
+SENTENCES = ["a small dog runs", "two men are talking", "the woman sings on a stage", ""]
+
+
+@pytest.mark.parametrize("count", [0, 1, BATCH_CALL_MIN - 1, BATCH_CALL_MIN, 3 * BATCH_CALL_MIN + 1])
+def test_encode_and_decode_give_the_list_calls_results_at_every_count(toy_tokenizer, count):
+    texts = [SENTENCES[i % len(SENTENCES)] for i in range(count)]
+    ids = toy_tokenizer.encode(texts)
+    assert ids == [toy_tokenizer.sp.encode(t) for t in texts]
+    with_specials = [[BOS, *seq, UNK, EOS, PAD] for seq in ids]
+    assert toy_tokenizer.decode(with_specials) == [toy_tokenizer.sp.decode(seq) for seq in ids]
