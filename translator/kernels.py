@@ -114,7 +114,7 @@ STRIDES = ctypes.c_int64 * 4
 SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
     "linear": ([PTR] * 5 + [I64] * 3 + [INT, INT], INT),
-    "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32], None),
+    "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
     "decoder_layer_step": ([PTR] * 5, INT),
     "move_rows": ([I64] + [PTR] * 7 + [I64], None),
     "argmax_log_prob": ([PTR, I64, I64, I64, PTR, PTR, INT], None),
@@ -190,21 +190,18 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
     return None if status else out.transpose(1, 2)
 
 
-# Past this many elements torch's LayerNorm, split over its threads, is as fast (an encoder's).
-LAYER_NORM_MAX = 1 << 16
-
-
 class LayerNorm(torch.nn.LayerNorm):
     """`nn.LayerNorm` (same parameters, same state dict) whose inference over the last dimension
-    of a small contiguous float32 CPU tensor is one native call (torch's op and its allocation
-    cost ~30 us at a decoding step's 64 x 256; the arithmetic, a few)."""
+    of a contiguous float32 CPU tensor is one native call, its rows split over the threads from
+    an encoder's size on (torch's op and its allocation cost ~30 us at a decoding step's
+    64 x 256, the arithmetic a few; at an encoder's 1,024 x 256, ~250 us)."""
 
     def forward(self, x: Tensor) -> Tensor:
         lib = library()
         if (
             lib is None
             or torch.is_grad_enabled()
-            or not (plain_f32(x) and x.is_contiguous() and 0 < x.numel() <= LAYER_NORM_MAX)
+            or not (plain_f32(x) and x.is_contiguous() and x.numel())
             or self.weight is None or self.bias is None
             or self.normalized_shape != (x.size(-1),)
         ):
@@ -212,7 +209,7 @@ class LayerNorm(torch.nn.LayerNorm):
         out = torch.empty_like(x)
         D = x.size(-1)
         lib.layer_norm(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), out.data_ptr(), x.numel() // D, D,
-                       self.eps)
+                       self.eps, torch.get_num_threads())
         return out
 
 

@@ -18,6 +18,10 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 
+/* Elementwise passes (a linear layer's bias and ReLU, LayerNorm) over this many floats or more
+   are split over the threads; below, waking a second thread costs more than it saves. */
+#define THREADED_FROM (1 << 16)
+
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 static inline void store8(float *p, v8 x) { memcpy(p, &x, sizeof x); }
 static inline float hsum8(v8 x) {
@@ -169,14 +173,13 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
 typedef int (*sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t,
                         const float *, int64_t, float, float *, int64_t);
 
-#define EPILOGUE_THREADED (1 << 16)  /* output floats from which a second thread pays */
 
 int linear(void *sgemm, const float *x, const float *w, const float *bias, float *out,
            int64_t M, int64_t N, int64_t K, int relu, int threads)
 {
     int status = ((sgemm_fn)sgemm)('N', 'T', M, N, K, 1.f, x, K, w, K, 0.f, out, N);
     if (status || (!bias && !relu)) return status;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (M * N >= EPILOGUE_THREADED)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M * N >= THREADED_FROM)
     for (int64_t m = 0; m < M; m++) {
         float *row = out + m * N;
         if (bias)
@@ -188,20 +191,45 @@ int linear(void *sgemm, const float *x, const float *w, const float *bias, float
 }
 
 /* out (M, D) = LayerNorm(x (M, D)) * weight + bias, rows normalised by their own mean and
-   (biased) variance, as torch's layer_norm. */
+   (biased) variance, as torch's layer_norm, in two passes over each row (mean, then the squared
+   deviations), with four sums in flight where D is a multiple of 32. x may be out. */
+static float row_sum(const float *r, int64_t D) {
+    if (D % 32) {
+        float s = 0.f;
+        for (int64_t d = 0; d < D; d++) s += r[d];
+        return s;
+    }
+    v8 a = {0}, b = {0}, c = {0}, e = {0};
+    for (int64_t d = 0; d < D; d += 32) {
+        a += load8(r + d); b += load8(r + d + 8); c += load8(r + d + 16); e += load8(r + d + 24);
+    }
+    return hsum8((a + b) + (c + e));
+}
+
+static float row_squared_deviations(const float *r, float mean, int64_t D) {
+    if (D % 32) {
+        float s = 0.f;
+        for (int64_t d = 0; d < D; d++) s += (r[d] - mean) * (r[d] - mean);
+        return s;
+    }
+    v8 a = {0}, b = {0}, c = {0}, e = {0};
+    for (int64_t d = 0; d < D; d += 32) {
+        v8 t0 = load8(r + d) - mean, t1 = load8(r + d + 8) - mean;
+        v8 t2 = load8(r + d + 16) - mean, t3 = load8(r + d + 24) - mean;
+        a += t0 * t0; b += t1 * t1; c += t2 * t2; e += t3 * t3;
+    }
+    return hsum8((a + b) + (c + e));
+}
+
 void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t M,
-                int64_t D, float eps)
+                int64_t D, float eps, int threads)
 {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (M * D >= THREADED_FROM)
     for (int64_t m = 0; m < M; m++) {
         const float *r = x + m * D;
         float *o = out + m * D;
-        float mean = 0.f, var = 0.f;
-        #pragma omp simd reduction(+:mean)
-        for (int64_t d = 0; d < D; d++) mean += r[d];
-        mean /= D;
-        #pragma omp simd reduction(+:var)
-        for (int64_t d = 0; d < D; d++) var += (r[d] - mean) * (r[d] - mean);
-        const float inv = 1.f / sqrtf(var / D + eps);
+        const float mean = row_sum(r, D) / D;
+        const float inv = 1.f / sqrtf(row_squared_deviations(r, mean, D) / D + eps);
         for (int64_t d = 0; d < D; d++) o[d] = (r[d] - mean) * inv * weight[d] + bias[d];
     }
 }
@@ -248,7 +276,7 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
 
     /* self-attention */
     in = x;
-    if (st->norm_first) { layer_norm(x, L->norm_w[0], L->norm_b[0], y, R, D, st->eps); in = y; }
+    if (st->norm_first) { layer_norm(x, L->norm_w[0], L->norm_b[0], y, R, D, st->eps, st->threads); in = y; }
     status |= linear(sgemm, in, L->self_q_w, L->self_q_b, q, R, D, D, 0, st->threads);
     status |= linear(sgemm, in, L->self_kv_w, L->self_kv_b, kv, R, 2 * D, D, 0, st->threads);
     for (int64_t r = 0; r < R; r++) {
@@ -261,11 +289,11 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
                                   att, R, H, 1, slots, Dh, 1.f / sqrtf((float)Dh), tmp, st->threads, st->self_rows);
     status |= linear(sgemm, att, L->self_out_w, L->self_out_b, o, R, D, D, 0, st->threads);
     add_into(x, o, R * D);
-    if (!st->norm_first) layer_norm(x, L->norm_w[0], L->norm_b[0], x, R, D, st->eps);
+    if (!st->norm_first) layer_norm(x, L->norm_w[0], L->norm_b[0], x, R, D, st->eps, st->threads);
 
     /* cross-attention: the group rows of a source are its queries */
     in = x;
-    if (st->norm_first) { layer_norm(x, L->norm_w[1], L->norm_b[1], y, R, D, st->eps); in = y; }
+    if (st->norm_first) { layer_norm(x, L->norm_w[1], L->norm_b[1], y, R, D, st->eps, st->threads); in = y; }
     status |= linear(sgemm, in, L->cross_q_w, L->cross_q_b, q, R, D, D, 0, st->threads);
     const int64_t cqs[4] = {group * D, Dh, D, 1};
     status |= few_query_attention(q, cqs, L->cross_k, L->cross_k_strides, L->cross_v, L->cross_v_strides,
@@ -273,15 +301,15 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
                                   1.f / sqrtf((float)Dh), tmp, st->threads, NULL);
     status |= linear(sgemm, att, L->cross_out_w, L->cross_out_b, o, R, D, D, 0, st->threads);
     add_into(x, o, R * D);
-    if (!st->norm_first) layer_norm(x, L->norm_w[1], L->norm_b[1], x, R, D, st->eps);
+    if (!st->norm_first) layer_norm(x, L->norm_w[1], L->norm_b[1], x, R, D, st->eps, st->threads);
 
     /* feed-forward */
     in = x;
-    if (st->norm_first) { layer_norm(x, L->norm_w[2], L->norm_b[2], y, R, D, st->eps); in = y; }
+    if (st->norm_first) { layer_norm(x, L->norm_w[2], L->norm_b[2], y, R, D, st->eps, st->threads); in = y; }
     status |= linear(sgemm, in, L->ff_in_w, L->ff_in_b, h, R, st->F, D, 1, st->threads);
     status |= linear(sgemm, h, L->ff_out_w, L->ff_out_b, o, R, D, st->F, 0, st->threads);
     add_into(x, o, R * D);
-    if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps);
+    if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps, st->threads);
     return status;
 }
 
