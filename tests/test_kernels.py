@@ -52,7 +52,7 @@ def cache_layout(S: int, B: int, H: int, Dh: int, g: torch.Generator) -> torch.T
 
 
 @needs_kernels
-@pytest.mark.parametrize("queries", [1, 5, 8, 16])
+@pytest.mark.parametrize("queries", [1, 5, 8, 16, 40])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "per-query"])
 @pytest.mark.parametrize(("Dh", "layout"), [(8, "cache"), (64, "cache"), (64, "contiguous"), (256, "contiguous")])
 def test_kernel_equals_torch(queries, mask_kind, Dh, layout):

@@ -57,11 +57,12 @@ class ModelConfig:
 
 
 # Outside autograd, up to FEW_QUERIES queries per sentence and head (a decoding step: one, or a
-# sentence's beams over its source; the encoder over a short source) take the native kernel
-# (translator.kernels) where it is built: torch's fused kernel, made for long runs of queries, is
-# slower there (64 sentences x 1 query over 20 keys 170 -> 142 us, 8 over 8 722 -> 475, 15 over
-# 15 1,508 -> 1,054; past ~20 queries the fused kernel's blocking wins; docs/RESULTS.md).
-FEW_QUERIES = 16
+# sentence's beams over its source; the encoder over a source of up to 40 tokens) take the native
+# kernel (translator.kernels) where it is built: torch's fused kernel, made for long runs of
+# queries, is slower there (64 sentences x 1 query over 20 keys 170 -> 107 us; an encoder's 64
+# sentences of 25 tokens 2,364 -> 1,589 us, of 40 4,454 -> 3,811); from ~50 queries on the fused
+# kernel's blocking wins (64: 8,307 against 9,208 us; docs/RESULTS.md).
+FEW_QUERIES = 40
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
