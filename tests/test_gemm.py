@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from translator import gemm
+from translator import gemm, kernels
 
 ONEDNN_PLATFORM = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 needs_onednn = pytest.mark.skipif(not gemm.enabled(), reason="oneDNN is not installed here")
@@ -125,7 +125,7 @@ def test_environment_turns_onednn_off():
 # In a fresh thread OpenMP still has its default thread count (every core) until torch sets it.
 THREAD_COUNT = """
 import ctypes, threading, torch
-from translator import gemm
+from translator import gemm, kernels
 torch.set_num_threads(1)
 x, w, seen = torch.randn(8, 16), torch.randn(4, 16), []
 def decode():
@@ -151,3 +151,38 @@ def test_loading_onednn_and_the_kernels_leaves_the_random_stream_alone():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120)
     torch.manual_seed(0)
     assert float(out.stdout) == torch.rand(1).item()
+
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the native kernels are not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 64])  # every count of rows a panel's last block can hold
+@pytest.mark.parametrize("n", [16, 37, 512])  # whole panels, a partial last one
+@pytest.mark.parametrize(("with_bias", "relu"), [(True, False), (False, False), (True, True)])
+def test_layer_over_packed_weights_equals_torch(rows, n, with_bias, relu):
+    g = torch.Generator().manual_seed(rows * n)
+    layer = gemm.Linear(24, n, bias=with_bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, 24, generator=g))
+    x = torch.randn(rows, 24, generator=g)[:, None].expand(rows, 2, 24)  # batched and strided
+    with torch.inference_mode():
+        out = layer(x, relu=relu)
+    expected = F.linear(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+    torch.testing.assert_close(out, F.relu(expected) if relu else expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_packed_weights_follow_weight_changes_and_stay_out_of_the_state_dict():
+    layer = gemm.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        before = layer(x)
+    first = layer.panels()
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # as an optimizer step would
+    with torch.inference_mode():
+        after = layer(x)
+    torch.testing.assert_close(after - layer.bias.detach(), 2.0 * (before - layer.bias.detach()))
+    assert layer.panels() is not first and layer.panels() is layer.panels()
+    assert set(layer.state_dict()) == {"weight", "bias"}

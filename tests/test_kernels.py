@@ -10,6 +10,7 @@ import shutil
 import sys
 import threading
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -24,9 +25,6 @@ from translator.translate import batch_tensor
 
 HAS_COMPILER = shutil.which(kernels.compiler()) is not None
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the kernel is not built here")
-# The native decoder step multiplies through oneDNN's sgemm (a dependency on x86-64 Linux).
-needs_native_step = pytest.mark.skipif(kernels.library() is None or not gemm.enabled(),
-                                       reason="the kernels or oneDNN are not here")
 
 
 @pytest.fixture
@@ -266,7 +264,7 @@ def decode_steps(model, src: torch.Tensor, joining: torch.Tensor | None, steps: 
     return torch.cat(out), tabled
 
 
-@needs_native_step
+@needs_kernels
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("join", [False, True], ids=["beams", "joined-rows"])
 def test_native_decoder_step_equals_torchs_layers(norm_first, join, monkeypatch):
@@ -329,11 +327,32 @@ def test_a_new_search_sees_weight_changes_and_the_model_still_copies(monkeypatch
 
 
 @needs_kernels
-def test_threads_decoding_with_one_model_at_once_get_their_own_results():
+def test_a_search_keeps_the_packed_weights_it_reads_alive():
+    model = tiny_model()
+    layers = [layer.native_weights() for layer in model.decoder.layers]
+    weights = kernels.DecoderWeights.of(layers)
+    packed = weakref.ref(layers[0][kernels.LAYER_WEIGHTS.index("self_q_w")])
+    del layers
+    for m in model.modules():  # as another thread's search would: the weights packed again
+        if isinstance(m, gemm.Linear):
+            with torch.no_grad():
+                m.weight.add_(0.0)  # a new version
+            m.panels()
+    assert packed() is not None and weights.layers  # the step's pointers still point into live memory
+
+
+@needs_kernels
+@pytest.mark.parametrize("packed_first", [True, False], ids=["packed", "packing-at-once"])
+def test_threads_decoding_with_one_model_at_once_get_their_own_results(packed_first):
     model = tiny_model()
     batches = [source_rows(model, lengths=lengths, seed=seed) for seed, lengths in enumerate([(5, 9, 3), (12, 4), (7,)])]
     opts = DecodeOptions(beam_size=2)
     alone = [run(model, rows, opts).tokens for rows in batches]
+    if not packed_first:  # every thread packs the weights again at once, each search keeping its own
+        for m in model.modules():
+            if isinstance(m, gemm.Linear):
+                with torch.no_grad():
+                    m.weight.add_(0.0)  # a new version: the packed copies are out of date
     results: dict[int, list] = {}
 
     def decode(i: int) -> None:

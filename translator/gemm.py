@@ -187,7 +187,24 @@ def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
 
 
 class Linear(torch.nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose inference runs through `linear`."""
+    """`nn.Linear` (same parameters, same state dict) whose inference runs over its weight
+    packed once (`kernels.panel_linear`, kept until the weight changes), else through `linear`."""
+
+    _panels: tuple[tuple[int, int], Tensor | None] | None = None  # (weight's (storage, version), packed)
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            packed = self.panels()
+            out = None if packed is None else kernels.panel_linear(x, packed, self.bias, self.out_features, relu)
+            if out is not None:
+                return out
         return linear(x, self.weight, self.bias, relu)
+
+    def panels(self) -> Tensor | None:
+        """The weight packed by `kernels.panels`, packed again whenever the weight has changed
+        (training, loading); None where the kernels are not built."""
+        weight = self.weight
+        source = (weight.data_ptr(), weight._version)
+        if self._panels is None or self._panels[0] != source:
+            self._panels = (source, kernels.panels(weight.detach()))
+        return self._panels[1]

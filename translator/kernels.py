@@ -7,7 +7,9 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
   over the cache's own strides, in one OpenMP loop; torch's fused kernel, built for long runs of
   queries, spends most of its time per item there;
 - a linear layer as one call: the bias written, oneDNN's sgemm (translator.gemm) called, the
-  ReLU applied;
+  ReLU applied; or, over a weight packed once in panels (`panels`, `panel_linear`), a product
+  that does not pack it again at every call as the sgemm does (a decoding step's layers and the
+  model's linear layers at inference);
 - LayerNorm of inference;
 - greedy search's choice: each row's argmax and its log-probability from the logits, without
   writing the log-softmax;
@@ -115,7 +117,9 @@ SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
     "linear": ([PTR] * 5 + [I64] * 3 + [INT, INT], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
-    "decoder_layer_step": ([PTR] * 5, INT),
+    "decoder_layer_step": ([PTR] * 4, INT),
+    "pack_panels": ([PTR, PTR, I64, I64], None),
+    "panel_linear": ([PTR] * 4 + [I64] * 3 + [INT, INT], None),
     "move_rows": ([I64] + [PTR] * 7 + [I64], None),
     "argmax_log_prob": ([PTR, I64, I64, I64, PTR, PTR, INT], None),
 }
@@ -188,6 +192,41 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
         mask_ptr, mask_strides, out.data_ptr(), B, H, T, S, Dh, 1 / math.sqrt(Dh), scratch.data_ptr(), threads, None,
     )
     return None if status else out.transpose(1, 2)
+
+
+PANEL = 16  # output columns per panel of a packed weight (csrc/kernels.c)
+
+
+def panels(weight: Tensor) -> Tensor | None:
+    """weight (N, K) packed for `panel_linear`: (ceil(N / PANEL) * K * PANEL,) floats; None where
+    the kernels are not built or the weight is not a contiguous float32 CPU matrix."""
+    lib = library()
+    if lib is None or not (plain_f32(weight) and weight.dim() == 2 and weight.is_contiguous()):
+        return None
+    N, K = weight.shape
+    packed = weight.new_empty(-(-N // PANEL) * K * PANEL)
+    with torch.no_grad():
+        lib.pack_panels(weight.data_ptr(), packed.data_ptr(), N, K)
+    return packed
+
+
+def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: bool = False) -> Tensor | None:
+    """x (..., K) @ weight.T + bias -> (..., N), then ReLU if relu, for the (N, K) weight `panels`
+    packed, outside autograd; None where the kernel does not apply (x not float32 on the CPU)."""
+    lib = library()
+    K = x.size(-1)
+    if (
+        lib is None or not K or not plain_f32(x) or torch.is_grad_enabled()
+        or packed.numel() != -(-N // PANEL) * K * PANEL
+    ):
+        return None
+    if bias is not None and not (plain_f32(bias) and bias.is_contiguous() and bias.numel() == N):
+        return None
+    a = x if x.is_contiguous() else x.contiguous()
+    out = x.new_empty(*x.shape[:-1], N)
+    lib.panel_linear(a.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                     a.numel() // K if K else 0, N, K, relu, torch.get_num_threads())
+    return out
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -288,20 +327,23 @@ LAYER_WEIGHTS = (
 @dataclass(frozen=True)
 class DecoderWeights:
     """A decoder's parameters for the native step: per layer a `LayerStep` with the weight
-    pointers filled in (each step fills a copy with its caches, so threads decoding with one
+    pointers (the matrices' packed panels) filled in (each step fills a copy with its caches, so threads decoding with one
     model at once share nothing mutable), and d_ff. Made at a search's first step and kept with
     its cache: reading 120 parameters from the modules costs half a millisecond."""
 
     layers: list[LayerStep]
     d_ff: int
+    tensors: list[Tensor]  # what the pointers point into: packed panels live as long as this does
 
     @classmethod
     def of(cls, layers: list[list[Tensor]]) -> DecoderWeights | None:
-        """From each layer's parameters in LAYER_WEIGHTS order; None where one is not a
-        contiguous float32 CPU tensor (a quantized or otherwise swapped layer)."""
-        if not all(plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
+        """From each layer's parameters in LAYER_WEIGHTS order, its weight matrices (*_w but the
+        norms') packed by `panels`; None where one is not a contiguous float32 CPU tensor (a
+        quantized or otherwise swapped layer)."""
+        if not all(isinstance(w, Tensor) and plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
             return None
-        return cls([cls.template(ws) for ws in layers], layers[0][LAYER_WEIGHTS.index("ff_in_w")].size(0))
+        return cls([cls.template(ws) for ws in layers], layers[0][LAYER_WEIGHTS.index("ff_in_b")].numel(),
+                   [w for ws in layers for w in ws])
 
     @staticmethod
     def template(weights: list[Tensor]) -> LayerStep:
@@ -324,7 +366,6 @@ def decoder_steps(
     n_heads: int,
     norm_first: bool,
     eps: float,
-    sgemm_address: int,
 ) -> bool:
     """Run the decoder layers natively over x (R, D) in place for one new position per row;
     False (nothing done) where the step does not apply. caches: per layer self_k, self_v
@@ -365,7 +406,7 @@ def decoder_steps(
         layer.self_slot_stride, layer.self_row_stride = self_k.stride(0), self_k.stride(1)
         layer.cross_k, layer.cross_v = cross_k.data_ptr(), cross_v.data_ptr()
         layer.cross_k_strides, layer.cross_v_strides = I64x4(*cross_k.stride()), I64x4(*cross_v.stride())
-        if lib.decoder_layer_step(sgemm_address, ctypes.byref(step), ctypes.byref(layer), x.data_ptr(),
+        if lib.decoder_layer_step(ctypes.byref(step), ctypes.byref(layer), x.data_ptr(),
                                   scratch.data_ptr()):
-            raise RuntimeError("native decoder step failed (dnnl_sgemm or attention status)")
+            raise RuntimeError("native decoder step failed (attention's status)")
     return True

@@ -460,14 +460,20 @@ class DecoderLayer(nn.Module):
         x = self.sublayers[1](x, lambda y: self.cross_attn(y, memory, src_mask))
         return self.sublayers[2](x, self.feed_forward)
 
-    def native_weights(self) -> list[Tensor]:
-        """The parameters in the order the native step reads them (kernels.LAYER_WEIGHTS)."""
+    def native_weights(self) -> list[Tensor | None]:
+        """The parameters in the order the native step reads them (kernels.LAYER_WEIGHTS), the
+        linear layers' weights packed (gemm.Linear.panels); None for a swapped linear layer."""
         norms = [s.norm for s in self.sublayers]
         sa, ca, ff = self.self_attn, self.cross_attn, self.feed_forward
+
+        def packed(layer: nn.Module) -> list[Tensor | None]:
+            if not isinstance(layer, gemm.Linear):  # a quantized copy's: torch's layers run it
+                return [None, None]
+            return [layer.panels(), layer.bias]
+
         return [*(n.weight for n in norms), *(n.bias for n in norms),
-                sa.q_proj.weight, sa.q_proj.bias, sa.kv_proj.weight, sa.kv_proj.bias, sa.out_proj.weight, sa.out_proj.bias,
-                ca.q_proj.weight, ca.q_proj.bias, ca.out_proj.weight, ca.out_proj.bias,
-                ff.w_1.weight, ff.w_1.bias, ff.w_2.weight, ff.w_2.bias]
+                *packed(sa.q_proj), *packed(sa.kv_proj), *packed(sa.out_proj),
+                *packed(ca.q_proj), *packed(ca.out_proj), *packed(ff.w_1), *packed(ff.w_2)]
 
     def step(
         self, x: Tensor, cache: DecoderCache, layer: int, self_mask: Tensor | None, record: list | None
@@ -563,7 +569,7 @@ class Decoder(nn.Module):
         """Every layer's step on one new position per row, x (R, 1, D), in place, natively
         (kernels.decoder_steps: the same arithmetic without a torch op between the products);
         False, nothing done, where it does not apply (autograd, dropout, no native kernels)."""
-        if self.training or torch.is_grad_enabled() or not x.is_contiguous() or not gemm.enabled():
+        if self.training or torch.is_grad_enabled() or not x.is_contiguous():
             return False
         if cache.native is None:  # once per search: the weights as the modules hold them now
             cache.native = kernels.DecoderWeights.of([layer.native_weights() for layer in self.layers]) or False
@@ -579,7 +585,7 @@ class Decoder(nn.Module):
         rows = cache.slot_rows_until(cache.length + 1) if cache.slot_rows is not None else None
         return kernels.decoder_steps(cache.native, caches, x.view(R, D), cache.length, cache.src_mask,
                                      cache.self_attention_mask(1), rows, H, first.sublayers[0].norm_first,
-                                     first.sublayers[0].norm.eps, gemm.sgemm_address())
+                                     first.sublayers[0].norm.eps)
 
 
 FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step forms
@@ -589,10 +595,12 @@ class Generator(nn.Module):
     """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V).
 
     Decoding steps (no autograd) take faster forms of the same product, measured by
-    benchmarks/generator.py: through oneDNN (translator.gemm), a (D, V) row-major copy of the
-    weight up to gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past
-    them; without oneDNN, through MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the
-    logits computed transposed. Copies are kept until the weight changes (V x D floats each).
+    benchmarks/generator.py: from two rows on, the weight packed in panels for the native kernel
+    (kernels.panel_linear: 16 rows 1.40 -> 0.96 ms, 320 rows 22.9 -> 19.4 against oneDNN's sgemm);
+    without it, through oneDNN (translator.gemm), a (D, V) row-major copy of the weight up to
+    gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past them; without
+    either, through MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the logits computed
+    transposed. Copies are kept until the weight changes (V x D floats each).
     """
 
     def __init__(self, embedding: nn.Embedding) -> None:
@@ -605,6 +613,11 @@ class Generator(nn.Module):
         if torch.is_grad_enabled():
             return F.linear(x, weight)
         rows = x.numel() // x.size(-1)
+        if rows > 1:
+            packed = self.copy("panels", kernels.panels)
+            out = None if packed is None else kernels.panel_linear(x, packed, None, weight.size(0))
+            if out is not None:
+                return out
         if gemm.enabled():
             packed = self.copy("packed", gemm.pack) if rows > gemm.PACKED_ROWS else None
             if packed is not None:

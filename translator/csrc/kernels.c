@@ -190,6 +190,100 @@ int linear(void *sgemm, const float *x, const float *w, const float *bias, float
     return 0;
 }
 
+/* Linear layers over weights packed once in panels of PANEL output columns: panel p holds
+   w[p * PANEL + j, k] at wp[(p * K + k) * PANEL + j] (the last panel zero-padded), so that a
+   product reads each weight once, in order, as two 8-float vectors per k, while six rows'
+   sums stay in twelve registers. oneDNN's sgemm packs the weight again at every call: at a
+   decoding step's 1 to 64 rows against 256 to 512 columns that is a fifth to a half of its time
+   (64 x 256 x 256: 156 against 126 us; 16 rows: 65 against 37). */
+#define PANEL 16
+#define PANEL_ROWS 6
+
+void pack_panels(const float *w, float *wp, int64_t N, int64_t K)
+{
+    for (int64_t p = 0; p < (N + PANEL - 1) / PANEL; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < PANEL; j++) {
+                const int64_t n = p * PANEL + j;
+                wp[(p * K + k) * PANEL + j] = n < N ? w[n * K + k] : 0.f;
+            }
+}
+
+/* out[r, :cols] = x[r] . panel + bias (then ReLU), for `rows` (at most PANEL_ROWS) rows of x
+   K floats apart and of out N floats apart; bias: this panel's cols floats, or NULL. */
+static inline __attribute__((always_inline)) void panel_rows(
+    const float *x, const float *wp, const float *bias, float *out, int64_t K, int64_t N, const int rows,
+    int64_t cols, int relu)
+{
+    v8 acc[PANEL_ROWS][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = (v8){0};
+    for (int64_t k = 0; k < K; k++) {
+        const v8 w0 = load8(wp + k * PANEL), w1 = load8(wp + k * PANEL + 8);
+        for (int r = 0; r < rows; r++) {
+            const float xv = x[r * K + k];
+            acc[r][0] += xv * w0;
+            acc[r][1] += xv * w1;
+        }
+    }
+    float b[PANEL] = {0};
+    if (bias) memcpy(b, bias, sizeof(float) * cols);
+    const v8 b0 = load8(b), b1 = load8(b + 8), zero = {0};
+    for (int r = 0; r < rows; r++) {
+        v8 o0 = acc[r][0] + b0, o1 = acc[r][1] + b1;
+        if (relu) { o0 = select8(o0 > zero, o0, zero); o1 = select8(o1 > zero, o1, zero); }
+        if (cols == PANEL) {
+            store8(out + r * N, o0);
+            store8(out + r * N + 8, o1);
+        } else {
+            float o[PANEL];
+            store8(o, o0);
+            store8(o + 8, o1);
+            memcpy(out + r * N, o, sizeof(float) * cols);
+        }
+    }
+}
+
+/* Rows [0, M) of x against one panel w (its bias b, or NULL), into out's cols columns. */
+static void panel_block(const float *x, const float *w, const float *b, float *out, int64_t M, int64_t N,
+                        int64_t K, int64_t cols, int relu)
+{
+    int64_t m = 0;
+    for (; m + PANEL_ROWS <= M; m += PANEL_ROWS)
+        panel_rows(x + m * K, w, b, out + m * N, K, N, PANEL_ROWS, cols, relu);
+    const float *xm = x + m * K;
+    float *om = out + m * N;
+    switch (M - m) {  /* each count its own unrolled copy */
+    case 5: panel_rows(xm, w, b, om, K, N, 5, cols, relu); break;
+    case 4: panel_rows(xm, w, b, om, K, N, 4, cols, relu); break;
+    case 3: panel_rows(xm, w, b, om, K, N, 3, cols, relu); break;
+    case 2: panel_rows(xm, w, b, om, K, N, 2, cols, relu); break;
+    case 1: panel_rows(xm, w, b, om, K, N, 1, cols, relu); break;
+    default: break;
+    }
+}
+
+/* out (M, N) = x (M, K) @ w (N, K)^T + bias (N) (or none), then max(out, 0) if relu, for w as
+   pack_panels left it in wp. The threads take whole panels, block by block of rows: a block's
+   rows (256 KB of x) stay in each core's L2 while every panel passes over them (without blocks,
+   6,400 x 256 x 256 ran at 53 GFLOP/s against oneDNN's 68). */
+void panel_linear(const float *x, const float *wp, const float *bias, float *out, int64_t M, int64_t N,
+                  int64_t K, int relu, int threads)
+{
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+    int64_t block = (65536 / (K ? K : 1)) / PANEL_ROWS * PANEL_ROWS;
+    if (block < PANEL_ROWS) block = PANEL_ROWS;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t m0 = 0; m0 < M; m0 += block) {
+        const int64_t rows = M - m0 < block ? M - m0 : block;
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t cols = N - p * PANEL < PANEL ? N - p * PANEL : PANEL;
+            panel_block(x + m0 * K, wp + p * K * PANEL, bias ? bias + p * PANEL : NULL, out + m0 * N + p * PANEL,
+                        rows, N, K, cols, relu);
+        }
+    }
+}
+
 /* out (M, D) = LayerNorm(x (M, D)) * weight + bias, rows normalised by their own mean and
    (biased) variance, as torch's layer_norm, in two passes over each row (mean, then the squared
    deviations), with four sums in flight where D is a multiple of 32. x may be out. */
@@ -236,14 +330,14 @@ void layer_norm(const float *x, const float *weight, const float *bias, float *o
 
 /* One decoding step of a Transformer decoder layer for one new position per row, as
    translator.model.DecoderLayer.step computes it (pre- or post-norm), with its products through
-   `sgemm`: self-attention over the row's cached positions (the new key and value written into
+   panel_linear (the *_w weights as pack_panels left them): self-attention over the row's cached positions (the new key and value written into
    the cache at slot `past` first), cross-attention over its source (`group` consecutive rows
    per source), feed-forward; x (R, D) is updated in place. */
 typedef struct {
     const float *norm_w[3], *norm_b[3];
     const float *self_q_w, *self_q_b, *self_kv_w, *self_kv_b, *self_out_w, *self_out_b;
     const float *cross_q_w, *cross_q_b, *cross_out_w, *cross_out_b;
-    const float *ff_in_w, *ff_in_b, *ff_out_w, *ff_out_b;
+    const float *ff_in_w, *ff_in_b, *ff_out_w, *ff_out_b;  /* *_w: in panels */
     float *self_k, *self_v;            /* (capacity, rows, H, Dh): slot and row strides below */
     int64_t self_slot_stride, self_row_stride;
     const float *cross_k, *cross_v;    /* (N, H, S, Dh) by their strides */
@@ -265,8 +359,8 @@ static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* scratch: R * (6 * D + F) + threads * 4 * max(S, past + 1) floats */
-int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x, float *scratch)
+/* scratch: R * (6 * D + F) + threads * 4 * max(S, past + 1) floats. Returns attention's status. */
+int decoder_layer_step(const step_t *st, const layer_t *L, float *x, float *scratch)
 {
     const int64_t R = st->R, D = st->D, H = st->H, Dh = D / H, group = R / st->N, slots = st->past + 1;
     float *y = scratch, *q = y + R * D, *kv = q + R * D, *att = kv + 2 * R * D, *o = att + R * D;
@@ -277,8 +371,8 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
     /* self-attention */
     in = x;
     if (st->norm_first) { layer_norm(x, L->norm_w[0], L->norm_b[0], y, R, D, st->eps, st->threads); in = y; }
-    status |= linear(sgemm, in, L->self_q_w, L->self_q_b, q, R, D, D, 0, st->threads);
-    status |= linear(sgemm, in, L->self_kv_w, L->self_kv_b, kv, R, 2 * D, D, 0, st->threads);
+    panel_linear(in, L->self_q_w, L->self_q_b, q, R, D, D, 0, st->threads);
+    panel_linear(in, L->self_kv_w, L->self_kv_b, kv, R, 2 * D, D, 0, st->threads);
     for (int64_t r = 0; r < R; r++) {
         memcpy(L->self_k + st->past * L->self_slot_stride + r * L->self_row_stride, kv + r * 2 * D, sizeof(float) * D);
         memcpy(L->self_v + st->past * L->self_slot_stride + r * L->self_row_stride, kv + r * 2 * D + D, sizeof(float) * D);
@@ -287,27 +381,27 @@ int decoder_layer_step(void *sgemm, const step_t *st, const layer_t *L, float *x
     const int64_t ks[4] = {L->self_row_stride, Dh, L->self_slot_stride, 1};
     status |= few_query_attention(q, qs, L->self_k, ks, L->self_v, ks, st->self_mask, st->self_mask_strides,
                                   att, R, H, 1, slots, Dh, 1.f / sqrtf((float)Dh), tmp, st->threads, st->self_rows);
-    status |= linear(sgemm, att, L->self_out_w, L->self_out_b, o, R, D, D, 0, st->threads);
+    panel_linear(att, L->self_out_w, L->self_out_b, o, R, D, D, 0, st->threads);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[0], L->norm_b[0], x, R, D, st->eps, st->threads);
 
     /* cross-attention: the group rows of a source are its queries */
     in = x;
     if (st->norm_first) { layer_norm(x, L->norm_w[1], L->norm_b[1], y, R, D, st->eps, st->threads); in = y; }
-    status |= linear(sgemm, in, L->cross_q_w, L->cross_q_b, q, R, D, D, 0, st->threads);
+    panel_linear(in, L->cross_q_w, L->cross_q_b, q, R, D, D, 0, st->threads);
     const int64_t cqs[4] = {group * D, Dh, D, 1};
     status |= few_query_attention(q, cqs, L->cross_k, L->cross_k_strides, L->cross_v, L->cross_v_strides,
                                   st->src_mask, st->src_mask_strides, att, st->N, H, group, st->S, Dh,
                                   1.f / sqrtf((float)Dh), tmp, st->threads, NULL);
-    status |= linear(sgemm, att, L->cross_out_w, L->cross_out_b, o, R, D, D, 0, st->threads);
+    panel_linear(att, L->cross_out_w, L->cross_out_b, o, R, D, D, 0, st->threads);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[1], L->norm_b[1], x, R, D, st->eps, st->threads);
 
     /* feed-forward */
     in = x;
     if (st->norm_first) { layer_norm(x, L->norm_w[2], L->norm_b[2], y, R, D, st->eps, st->threads); in = y; }
-    status |= linear(sgemm, in, L->ff_in_w, L->ff_in_b, h, R, st->F, D, 1, st->threads);
-    status |= linear(sgemm, h, L->ff_out_w, L->ff_out_b, o, R, D, st->F, 0, st->threads);
+    panel_linear(in, L->ff_in_w, L->ff_in_b, h, R, st->F, D, 1, st->threads);
+    panel_linear(h, L->ff_out_w, L->ff_out_b, o, R, D, st->F, 0, st->threads);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps, st->threads);
     return status;
