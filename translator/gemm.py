@@ -1,4 +1,10 @@
-"""Linear layers of inference through oneDNN's sgemm, where it is installed.
+"""Linear layers of inference: over weights packed once (`Linear`, through
+`kernels.panel_linear`), else through oneDNN's sgemm where it is installed.
+
+`Linear` keeps its weight packed in panels for the native kernel and multiplies over them at
+inference: oneDNN's sgemm packs the weight again at every call, a fifth to a half of the time of
+a decoding step's products (docs/RESULTS.md, round 7). What follows is the path without the
+native kernels, and the products that have no packed weight.
 
 oneDNN's JIT sgemm (what CTranslate2 multiplies with on non-Intel CPUs) runs the products of a
 decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, faster than MKL,
