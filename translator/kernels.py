@@ -225,7 +225,7 @@ def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: b
     a = x if x.is_contiguous() else x.contiguous()
     out = x.new_empty(*x.shape[:-1], N)
     lib.panel_linear(a.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                     a.numel() // K if K else 0, N, K, relu, torch.get_num_threads())
+                     a.numel() // K, N, K, relu, torch.get_num_threads())
     return out
 
 
@@ -327,9 +327,10 @@ LAYER_WEIGHTS = (
 @dataclass(frozen=True)
 class DecoderWeights:
     """A decoder's parameters for the native step: per layer a `LayerStep` with the weight
-    pointers (the matrices' packed panels) filled in (each step fills a copy with its caches, so threads decoding with one
-    model at once share nothing mutable), and d_ff. Made at a search's first step and kept with
-    its cache: reading 120 parameters from the modules costs half a millisecond."""
+    pointers (the matrices' packed panels) filled in (each step fills a copy with its caches, so
+    threads decoding with one model at once share nothing mutable), d_ff, and the tensors the
+    pointers point into. Made at a search's first step and kept with its cache: reading 120
+    parameters from the modules costs half a millisecond."""
 
     layers: list[LayerStep]
     d_ff: int

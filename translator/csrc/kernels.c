@@ -18,8 +18,9 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 
-/* Elementwise passes (a linear layer's bias and ReLU, LayerNorm) over this many floats or more
-   are split over the threads; below, waking a second thread costs more than it saves. */
+/* Elementwise passes (a linear layer's bias and ReLU, LayerNorm, greedy's argmax) over this many
+   floats or more are split over the threads; below, waking a second thread costs more than it
+   saves. */
 #define THREADED_FROM (1 << 16)
 
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
@@ -172,7 +173,6 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
    read cost 5-13% of a 1024-row product). Returns the sgemm's status. */
 typedef int (*sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t,
                         const float *, int64_t, float, float *, int64_t);
-
 
 int linear(void *sgemm, const float *x, const float *w, const float *bias, float *out,
            int64_t M, int64_t N, int64_t K, int relu, int threads)
@@ -330,9 +330,10 @@ void layer_norm(const float *x, const float *weight, const float *bias, float *o
 
 /* One decoding step of a Transformer decoder layer for one new position per row, as
    translator.model.DecoderLayer.step computes it (pre- or post-norm), with its products through
-   panel_linear (the *_w weights as pack_panels left them): self-attention over the row's cached positions (the new key and value written into
-   the cache at slot `past` first), cross-attention over its source (`group` consecutive rows
-   per source), feed-forward; x (R, D) is updated in place. */
+   panel_linear (the *_w weights as pack_panels left them): self-attention over the row's cached
+   positions (the new key and value written into the cache at slot `past` first),
+   cross-attention over its source (`group` consecutive rows per source), feed-forward; x (R, D)
+   is updated in place. */
 typedef struct {
     const float *norm_w[3], *norm_b[3];
     const float *self_q_w, *self_q_b, *self_kv_w, *self_kv_b, *self_out_w, *self_out_b;
@@ -431,7 +432,7 @@ void move_rows(int64_t n, float *const *base, const int64_t *row_stride, const i
 void argmax_log_prob(const float *x, int64_t n, int64_t V, int64_t row_stride, int64_t *idx, float *lp,
                      int threads)
 {
-    #pragma omp parallel for num_threads(threads) schedule(static) if (n * V >= 65536)
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * V >= THREADED_FROM)
     for (int64_t i = 0; i < n; i++) {
         const float *row = x + i * row_stride;
         const int64_t whole = V / 8 * 8;
