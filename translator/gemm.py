@@ -192,11 +192,22 @@ def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "").view(*x.shape[:-1], -1)
 
 
+Copies = dict[str, tuple[tuple[int, int], Tensor | None]]  # name: (weight's (storage, version), copy)
+
+
+def weight_copy(copies: Copies, name: str, weight: Tensor, make: Callable[[Tensor], Tensor | None]) -> Tensor | None:
+    """make(weight), kept in `copies` under name and made again whenever the weight has changed
+    (training, loading): a packed or transposed copy for inference."""
+    source = (weight.data_ptr(), weight._version)
+    kept = copies.get(name)
+    if kept is None or kept[0] != source:
+        kept = copies[name] = (source, make(weight.detach()))
+    return kept[1]
+
+
 class Linear(torch.nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose inference runs over its weight
     packed once (`kernels.panel_linear`, kept until the weight changes), else through `linear`."""
-
-    _panels: tuple[tuple[int, int], Tensor | None] | None = None  # (weight's (storage, version), packed)
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -209,8 +220,4 @@ class Linear(torch.nn.Linear):
     def panels(self) -> Tensor | None:
         """The weight packed by `kernels.panels`, packed again whenever the weight has changed
         (training, loading); None where the kernels are not built."""
-        weight = self.weight
-        source = (weight.data_ptr(), weight._version)
-        if self._panels is None or self._panels[0] != source:
-            self._panels = (source, kernels.panels(weight.detach()))
-        return self._panels[1]
+        return weight_copy(self.__dict__.setdefault("_copies", {}), "panels", self.weight, kernels.panels)

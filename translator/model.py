@@ -606,7 +606,7 @@ class Generator(nn.Module):
     def __init__(self, embedding: nn.Embedding) -> None:
         super().__init__()
         self.embedding = embedding
-        self._copies: dict[str, tuple[tuple[int, int], Tensor | None]] = {}  # name: (weight's (storage, version), copy)
+        self._copies: gemm.Copies = {}
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.embedding.weight  # (V, D)
@@ -636,12 +636,7 @@ class Generator(nn.Module):
 
     def copy(self, name: str, make: Callable[[Tensor], Tensor | None]) -> Tensor | None:
         """make(weight), made again whenever the weight has changed (training, loading)."""
-        weight = self.embedding.weight
-        source = (weight.data_ptr(), weight._version)
-        kept = self._copies.get(name)
-        if kept is None or kept[0] != source:
-            kept = self._copies[name] = (source, make(weight.detach()))
-        return kept[1]
+        return gemm.weight_copy(self._copies, name, self.embedding.weight, make)
 
 
 class EncoderDecoder(nn.Module):
