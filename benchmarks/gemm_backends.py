@@ -1,9 +1,11 @@
-"""The linear layers of a decoding step through two libraries: Intel MKL (what torch's `F.linear`
-runs on CPU) and oneDNN's `dnnl_sgemm` as `translator.gemm.linear` calls it (bias copy and
-ctypes call included; what CTranslate2 multiplies with on non-Intel CPUs). Same shapes as the
-CPU preset's layers (d_model 256, d_ff 512, fused 768-wide self-attention projection) at the
-row counts decoding sees (1: batch-1 greedy; 320: beam 5 over 64 sentences). Median
-microseconds per product, on an idle machine:
+"""The linear layers of a decoding step through Intel MKL (what torch's `F.linear` runs on CPU),
+oneDNN's `dnnl_sgemm` (what CTranslate2 multiplies with on non-Intel CPUs) and our kernel over
+weights packed once (`kernels.panel_linear`): the last two called directly through ctypes, the
+product alone (no bias), as the native decoding step calls them; and our layer from Python
+(`translator.gemm.Linear` at inference: packed weights, bias, the module call). Same shapes as the CPU preset's layers
+(d_model 256, d_ff 512, fused 512-wide key/value projection) at the row counts decoding sees
+(1: batch-1 greedy; 320: beam 5 over 64 sentences). Median microseconds per product, on an idle
+machine:
 
     python benchmarks/gemm_backends.py --threads 2
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from timing import median_us  # benchmarks/timing.py, beside this script
 
-from translator import gemm
+from translator import gemm, kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,18 +27,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,8,64,320")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not gemm.enabled():
+    sgemm = gemm.sgemm()
+    if sgemm is None:
         raise SystemExit("oneDNN is not available here (translator.gemm): pip install onednn-cpu-gomp")
-    gemm.MIN_ROWS = 1  # every row count through oneDNN, to compare
-    print(f"{'rows':>5} {'in':>4} {'out':>5} {'MKL us':>8} {'oneDNN us':>10} {'MKL / oneDNN':>13}")
+    if kernels.library() is None:
+        raise SystemExit("the native kernels are not built here (translator.kernels): is a C compiler installed?")
+    lib = kernels.library()
+    print(f"{'rows':>5} {'in':>4} {'out':>5} {'MKL us':>8} {'oneDNN us':>10} {'packed us':>10} "
+          f"{'oneDNN / packed':>16} {'layer us':>9}")
     for rows in map(int, args.rows.split(",")):
-        for k, n in ((256, 256), (256, 512), (256, 768), (512, 256)):
-            x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+        for k, n in ((256, 256), (256, 512), (512, 256)):
+            layer = gemm.Linear(k, n)
+            x, w, b = torch.randn(rows, k), layer.weight.detach(), layer.bias.detach()
+            out = torch.empty(rows, n)
+
+            def onednn(x=x, w=w, out=out, rows=rows, k=k, n=n) -> None:
+                sgemm(b"N", b"T", rows, n, k, 1.0, x.data_ptr(), k, w.data_ptr(), k, 0.0, out.data_ptr(), n)
+
+            panels = layer.panels()
+
+            def packed(x=x, panels=panels, out=out, rows=rows, k=k, n=n) -> None:
+                lib.panel_linear(x.data_ptr(), panels.data_ptr(), None, out.data_ptr(), rows, n, k, 0, args.threads)
+
             with torch.inference_mode():
-                torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
+                torch.testing.assert_close(layer(x), F.linear(x, w, b), atol=1e-3, rtol=1e-4)
                 mkl = median_us(lambda x=x, w=w, b=b: F.linear(x, w, b), 200)
-                dnnl = median_us(lambda x=x, w=w, b=b: gemm.linear(x, w, b), 200)
-            print(f"{rows:>5} {k:>4} {n:>5} {mkl:>8.1f} {dnnl:>10.1f} {mkl / dnnl:>13.2f}")
+                dnnl = median_us(onednn, 200)
+                pk = median_us(packed, 200)
+                module = median_us(lambda x=x, layer=layer: layer(x), 200)
+            print(f"{rows:>5} {k:>4} {n:>5} {mkl:>8.1f} {dnnl:>10.1f} {pk:>10.1f} {dnnl / pk:>16.2f} {module:>9.1f}")
     return 0
 
 

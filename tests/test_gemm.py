@@ -1,4 +1,4 @@
-"""Linear layers through oneDNN's sgemm: the same products as torch, and torch wherever it cannot go."""
+"""Packed-weight linear layers and oneDNN's sgemm: torch's products, and torch wherever they cannot go."""
 
 from __future__ import annotations
 
@@ -15,39 +15,13 @@ from translator import gemm, kernels
 
 ONEDNN_PLATFORM = sys.platform.startswith("linux") and platform.machine() == "x86_64"
 needs_onednn = pytest.mark.skipif(not gemm.enabled(), reason="oneDNN is not installed here")
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the native kernels are not built here")
 
 
 @pytest.mark.skipif(not ONEDNN_PLATFORM or os.environ.get(gemm.ENV) == "0", reason="a dependency only on x86-64 Linux")
 def test_onednn_is_installed_and_agrees_with_torch_where_it_is_a_dependency():
     assert gemm.library_path() is not None
     assert gemm.enabled()  # loaded, and its check product matched torch's
-
-
-@needs_onednn
-@pytest.mark.parametrize("rows", [gemm.MIN_ROWS, 7, 64, 321])
-@pytest.mark.parametrize(("k", "n"), [(16, 48), (256, 8)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_equals_torch(rows, k, n, with_bias):
-    g = torch.Generator().manual_seed(rows * n)
-    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
-    b = torch.randn(n, generator=g) if with_bias else None
-    with torch.inference_mode():
-        out = gemm.linear(x, w, b)
-    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
-
-
-@needs_onednn
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("shape", [(2, 9, 16, 24), (3, 200, 32, 512)], ids=["small", "threaded-epilogue"])
-def test_linear_with_relu_equals_torch(with_bias, shape):
-    *lead, k, n = shape
-    g = torch.Generator().manual_seed(3)
-    x, w = torch.randn(*lead, k, generator=g), torch.randn(n, k, generator=g)
-    b = torch.randn(n, generator=g) if with_bias else None
-    with torch.inference_mode():
-        out = gemm.linear(x, w, b, relu=True)
-    assert (out == 0).any() and (out > 0).any()
-    torch.testing.assert_close(out, F.relu(F.linear(x, w, b)), atol=1e-4, rtol=1e-5)
 
 
 def test_linear_with_relu_keeps_autograd_when_training():
@@ -59,14 +33,15 @@ def test_linear_with_relu_keeps_autograd_when_training():
     torch.testing.assert_close(layer.bias.grad, active.sum(0))
 
 
-@needs_onednn
-def test_linear_reads_batched_and_strided_inputs():
+@needs_kernels
+def test_layer_reads_batched_and_strided_inputs():
+    layer = gemm.Linear(16, 8)
     x = torch.randn(3, 16, 5).transpose(1, 2)  # (3, 5, 16), not contiguous
-    w, b = torch.randn(8, 16), torch.randn(8)
     padded = torch.randn(6, 40)[:, 8:24]  # rows 40 floats apart
-    with torch.no_grad():
-        torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(gemm.linear(padded, w, b), F.linear(padded, w, b), atol=1e-4, rtol=1e-5)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(padded), F.linear(padded, w, b), atol=1e-5, rtol=1e-5)
 
 
 @needs_onednn
@@ -130,7 +105,7 @@ torch.set_num_threads(1)
 x, w, seen = torch.randn(8, 16), torch.randn(4, 16), []
 def decode():
     with torch.inference_mode():
-        gemm.linear(x, w)
+        gemm.matmul(x, w.t().contiguous())
     seen.append(ctypes.CDLL("libgomp.so.1").omp_get_max_threads())
 thread = threading.Thread(target=decode)
 thread.start()
@@ -153,9 +128,6 @@ def test_loading_onednn_and_the_kernels_leaves_the_random_stream_alone():
     assert float(out.stdout) == torch.rand(1).item()
 
 
-needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the native kernels are not built here")
-
-
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 64])  # every count of rows a panel's last block can hold
 @pytest.mark.parametrize("n", [16, 37, 512])  # whole panels, a partial last one
@@ -170,6 +142,18 @@ def test_layer_over_packed_weights_equals_torch(rows, n, with_bias, relu):
         out = layer(x, relu=relu)
     expected = F.linear(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
     torch.testing.assert_close(out, F.relu(expected) if relu else expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [256, 512])  # row blocks of 256 and 128 rows
+def test_layer_over_packed_weights_takes_rows_block_by_block(k):
+    g = torch.Generator().manual_seed(k)
+    layer = gemm.Linear(k, 40)
+    x = torch.randn(2 * 256 + 65, k, generator=g)
+    with torch.inference_mode():
+        out = layer(x, relu=True)
+    torch.testing.assert_close(out, F.relu(F.linear(x, layer.weight.detach(), layer.bias.detach())),
+                               atol=1e-4, rtol=1e-5)
 
 
 @needs_kernels

@@ -1,20 +1,17 @@
-"""Linear layers of inference: over weights packed once (`Linear`, through
-`kernels.panel_linear`), else through oneDNN's sgemm where it is installed.
+"""Linear layers of inference over weights packed once, and the output projection's products
+through oneDNN's sgemm where it is installed.
 
-`Linear` keeps its weight packed in panels for the native kernel and multiplies over them at
-inference: oneDNN's sgemm packs the weight again at every call, a fifth to a half of the time of
-a decoding step's products (docs/RESULTS.md, round 7). What follows is the path without the
-native kernels, and the products that have no packed weight.
+`Linear` keeps its weight packed in panels for the native kernel (`kernels.panel_linear`) and
+multiplies over them at inference: oneDNN's sgemm packs the weight again at every call, which
+at a decoding step's few rows costs it up to 1.6x (4 rows; even at 1 and 320 rows;
+benchmarks/gemm_backends.py, docs/RESULTS.md round 7). Training, other dtypes and devices,
+tracing, or no native kernels: `F.linear`.
 
-oneDNN's JIT sgemm (what CTranslate2 multiplies with on non-Intel CPUs) runs the products of a
-decoding step, a few to a few hundred rows against 256- to 8,000-wide weights, faster than MKL,
-torch's CPU BLAS: in the decoding loop the layers of a step 1.15-1.3x, the output projection
-1.5-3x (benchmarks/gemm_backends.py, benchmarks/generator.py; docs/RESULTS.md). `linear` takes that
-path for plain float32 CPU tensors outside autograd, through a native wrapper that writes the
-bias and applies the ReLU in the same call (translator.kernels), and `F.linear` for everything
-else: training, other dtypes and devices, tensor subclasses, tracing, or when the library is
-missing (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux), `NMT_ONEDNN=0` turns it off
-or the native kernels are not built.
+The output projection multiplies through oneDNN's JIT sgemm (what CTranslate2 multiplies with
+on non-Intel CPUs) over a row-major (D, V) copy of its weight, and past PACKED_ROWS rows through
+torch's own oneDNN primitive over a packed weight (`matmul`, `pack`, `packed_linear`;
+benchmarks/generator.py): both measured faster there than the native panels.
+The `onednn-cpu-gomp` wheel is a dependency on x86-64 Linux; `NMT_ONEDNN=0` turns it off.
 
 The wheel's library links `libgomp.so.1`; torch's CPU wheels load their own copy under that
 name first, so both share one OpenMP thread pool and `torch.set_num_threads` governs both.
@@ -77,12 +74,6 @@ def sgemm() -> Callable | None:
     return fn
 
 
-@functools.cache
-def sgemm_address() -> int:
-    """Where `dnnl_sgemm` is, for the native kernels that call it."""
-    return ctypes.cast(sgemm(), ctypes.c_void_p).value
-
-
 _thread = threading.local()
 
 
@@ -95,47 +86,11 @@ def thread_ready() -> None:
 
 
 def enabled() -> bool:
-    """Whether `linear` can take the oneDNN path in this process."""
+    """Whether oneDNN's sgemm is loaded in this process (`matmul` takes it)."""
     return sgemm() is not None
 
 
-# Below this many rows MKL is faster once the call's own overhead is counted (with the bias
-# copied from Python, ~15 us): greedy batch 1 ran 123 tok/s with one-row layers on MKL,
-# 112 with them on oneDNN (docs/RESULTS.md).
-MIN_ROWS = 4
-
-PLAIN, F32 = kernels.PLAIN, torch.float32
-plain = kernels.plain_f32  # `linear`, called 42 times a decoding step, spells it out for x and the weight
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
-    """x (..., K) @ weight (N, K).T + bias (N,) -> (..., N), as `F.linear`; then ReLU if relu."""
-    N, K = weight.shape
-    M = x.numel() // K if K else 0
-    if (
-        M < MIN_ROWS
-        or torch.is_grad_enabled()
-        or type(x) not in PLAIN or x.dtype is not F32 or not x.is_cpu
-        or type(weight) not in PLAIN or weight.dtype is not F32 or not weight.is_contiguous()
-        or not weight.is_cpu
-        or (bias is not None and not (plain(bias) and bias.is_contiguous()))
-        or torch.compiler.is_compiling()
-        or sgemm() is None
-        or kernels.library() is None
-    ):
-        y = F.linear(x, weight, bias)
-        return F.relu(y) if relu else y
-    # Each torch call from Python costs a few microseconds, as much as a small product's
-    # arithmetic: one native call writes the bias, multiplies and applies the ReLU.
-    out = torch.empty(*x.shape[:-1], N)
-    a = x if x.is_contiguous() else x.contiguous()
-    thread_ready()
-    status = kernels.library().linear(sgemm_address(), a.data_ptr(), weight.data_ptr(),
-                                      None if bias is None else bias.data_ptr(), out.data_ptr(), M, N, K, relu,
-                                      torch.get_num_threads())
-    if status:
-        raise RuntimeError(f"dnnl_sgemm failed with status {status} on a ({M}, {K}) x ({K}, {N}) product")
-    return out
+plain = kernels.plain_f32
 
 
 def matmul(x: Tensor, columns: Tensor) -> Tensor:
@@ -207,7 +162,7 @@ def weight_copy(copies: Copies, name: str, weight: Tensor, make: Callable[[Tenso
 
 class Linear(torch.nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose inference runs over its weight
-    packed once (`kernels.panel_linear`, kept until the weight changes), else through `linear`."""
+    packed once (`kernels.panel_linear`, kept until the weight changes), else through `F.linear`."""
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -215,7 +170,8 @@ class Linear(torch.nn.Linear):
             out = None if packed is None else kernels.panel_linear(x, packed, self.bias, self.out_features, relu)
             if out is not None:
                 return out
-        return linear(x, self.weight, self.bias, relu)
+        y = F.linear(x, self.weight, self.bias)
+        return F.relu(y) if relu else y
 
     def panels(self) -> Tensor | None:
         """The weight packed by `kernels.panels`, packed again whenever the weight has changed

@@ -6,10 +6,8 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
   source: a few) over a short cache, each item's scores, softmax and weighted sum in registers,
   over the cache's own strides, in one OpenMP loop; torch's fused kernel, built for long runs of
   queries, spends most of its time per item there;
-- a linear layer as one call: the bias written, oneDNN's sgemm (translator.gemm) called, the
-  ReLU applied; or, over a weight packed once in panels (`panels`, `panel_linear`), a product
-  that does not pack it again at every call as the sgemm does (a decoding step's layers and the
-  model's linear layers at inference);
+- a linear layer as one call (bias and ReLU included) over its weight packed once in panels
+  (`panels`, `panel_linear`): oneDNN's sgemm packs it again at every call;
 - LayerNorm of inference;
 - greedy search's choice: each row's argmax and its log-probability from the logits, without
   writing the log-softmax;
@@ -115,7 +113,6 @@ I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_i
 STRIDES = ctypes.c_int64 * 4
 SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
     "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
-    "linear": ([PTR] * 5 + [I64] * 3 + [INT, INT], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
     "decoder_layer_step": ([PTR] * 4, INT),
     "pack_panels": ([PTR, PTR, I64, I64], None),

@@ -595,12 +595,12 @@ class Generator(nn.Module):
     """Output projection tied to the shared embedding: (B, T, D) -> logits (B, T, V).
 
     Decoding steps (no autograd) take faster forms of the same product, measured by
-    benchmarks/generator.py: from two rows on, the weight packed in panels for the native kernel
-    (kernels.panel_linear: 16 rows 1.40 -> 0.96 ms, 320 rows 22.9 -> 19.4 against oneDNN's sgemm);
-    without it, through oneDNN (translator.gemm), a (D, V) row-major copy of the weight up to
-    gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past them; without
-    either, through MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the logits computed
-    transposed. Copies are kept until the weight changes (V x D floats each).
+    benchmarks/generator.py: through oneDNN (translator.gemm), a (D, V) row-major copy of the
+    weight up to gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past
+    them (the native kernel's packed panels, `kernels.panel_linear`, measured 0.72-0.97x the
+    sgemm at 1-64 rows and 0.92-0.97x the primitive past 256: not taken); without oneDNN, through
+    MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the logits computed transposed.
+    Copies are kept until the weight changes (V x D floats each).
     """
 
     def __init__(self, embedding: nn.Embedding) -> None:
@@ -613,11 +613,6 @@ class Generator(nn.Module):
         if torch.is_grad_enabled():
             return F.linear(x, weight)
         rows = x.numel() // x.size(-1)
-        if rows > 1:
-            packed = self.copy("panels", kernels.panels)
-            out = None if packed is None else kernels.panel_linear(x, packed, None, weight.size(0))
-            if out is not None:
-                return out
         if gemm.enabled():
             packed = self.copy("packed", gemm.pack) if rows > gemm.PACKED_ROWS else None
             if packed is not None:

@@ -18,9 +18,8 @@
 
 typedef float v8 __attribute__((vector_size(32)));
 
-/* Elementwise passes (a linear layer's bias and ReLU, LayerNorm, greedy's argmax) over this many
-   floats or more are split over the threads; below, waking a second thread costs more than it
-   saves. */
+/* Row-wise passes (LayerNorm, greedy's argmax) over this many floats or more are split over the
+   threads; below, waking a second thread costs more than it saves. */
 #define THREADED_FROM (1 << 16)
 
 static inline v8 load8(const float *p) { v8 x; memcpy(&x, p, sizeof x); return x; }
@@ -166,36 +165,12 @@ int few_query_attention(const float *q, const int64_t *qs, const float *k, const
     return 0;
 }
 
-/* out (M, N) = x (M, K) @ w (N, K)^T + bias (N), then max(out, 0) if relu, through the sgemm at
-   `sgemm` (oneDNN's dnnl_sgemm, row-major), so that a layer is one call from Python. The bias
-   and ReLU are one pass over the product, split over the threads where the output is an
-   encoder's (with the bias written first and added by the sgemm, a serial copy and a second
-   read cost 5-13% of a 1024-row product). Returns the sgemm's status. */
-typedef int (*sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t,
-                        const float *, int64_t, float, float *, int64_t);
-
-int linear(void *sgemm, const float *x, const float *w, const float *bias, float *out,
-           int64_t M, int64_t N, int64_t K, int relu, int threads)
-{
-    int status = ((sgemm_fn)sgemm)('N', 'T', M, N, K, 1.f, x, K, w, K, 0.f, out, N);
-    if (status || (!bias && !relu)) return status;
-    #pragma omp parallel for num_threads(threads) schedule(static) if (M * N >= THREADED_FROM)
-    for (int64_t m = 0; m < M; m++) {
-        float *row = out + m * N;
-        if (bias)
-            for (int64_t n = 0; n < N; n++) row[n] += bias[n];
-        if (relu)
-            for (int64_t n = 0; n < N; n++) row[n] = row[n] > 0.f ? row[n] : 0.f;
-    }
-    return 0;
-}
-
 /* Linear layers over weights packed once in panels of PANEL output columns: panel p holds
    w[p * PANEL + j, k] at wp[(p * K + k) * PANEL + j] (the last panel zero-padded), so that a
    product reads each weight once, in order, as two 8-float vectors per k, while six rows'
-   sums stay in twelve registers. oneDNN's sgemm packs the weight again at every call: at a
-   decoding step's 1 to 64 rows against 256 to 512 columns that is a fifth to a half of its time
-   (64 x 256 x 256: 156 against 126 us; 16 rows: 65 against 37). */
+   sums stay in twelve registers. oneDNN's sgemm packs the weight again at every call; called
+   the same way (benchmarks/gemm_backends.py), this runs a decoding step's 4 rows against 256 to
+   512 columns 1.6x as fast, 16 rows 1.1-1.3x, 64 rows 1.02-1.07x, 1 and 320 rows even. */
 #define PANEL 16
 #define PANEL_ROWS 6
 
