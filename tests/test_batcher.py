@@ -91,13 +91,27 @@ def test_every_job_gets_its_own_results_exactly_once():
     batcher.stop()
 
 
-def test_sentences_arriving_within_the_delay_share_one_batch():
+def test_while_a_batch_decodes_sentences_arriving_within_the_delay_share_one_batch():
     decoder = ReverseDecoder()
-    batcher = make(decoder, max_queue_delay_ms=300.0)
+    decoder.gate = threading.Event()
+    batcher = make(decoder, max_queue_delay_ms=300.0, take_turns=False)
+    first = batcher.submit(Job([[9]], options="other"))
+    assert decoder.started.wait(5)
     jobs = [batcher.submit(Job([[1, 2, i]], options="greedy")) for i in range(5)]
-    for job in jobs:
+    decoder.gate.set()
+    for job in [first, *jobs]:
         job.wait()
-    assert [len(srcs) for _, srcs in decoder.batches] == [5]
+    assert [len(srcs) for _, srcs in decoder.batches] == [1, 5]
+    batcher.stop()
+
+
+def test_a_request_reaching_an_idle_batcher_starts_at_once():
+    decoder = ReverseDecoder(joins=True)
+    batcher = make(decoder, max_queue_delay_ms=10_000.0, max_join_delay_ms=10_000.0)
+    for sources in ([[1, 2, 3]], [[4], [5, 6]]):
+        job = batcher.submit(Job(sources, options="g"))
+        assert job.wait() == [s[::-1] for s in sources]
+        assert job.stats.queue_ms < 1_000.0
     batcher.stop()
 
 
@@ -229,7 +243,7 @@ def test_two_workers_decode_two_batches_side_by_side():
         both_running.wait()
         return decoder(sources, options, cancelled, on_step, on_result, admit)
 
-    batcher = Batcher(decode, BatcherConfig(workers=2, max_queue_delay_ms=0.0),
+    batcher = Batcher(decode, BatcherConfig(workers=2, take_turns=False, max_queue_delay_ms=0.0),
                       worker_init=lambda: inits.append(threading.current_thread().name))
     jobs = [batcher.submit(Job([[1, 2]], options="a")), batcher.submit(Job([[3]], options="b"))]
     assert [job.wait() for job in jobs] == [[[2, 1]], [[3]]]
@@ -324,8 +338,9 @@ def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on(
     batcher.stop()
 
 
-def test_a_request_with_other_options_stops_the_joining_once_it_has_waited_its_delay():
-    decoder, batcher, first = running(30, options="greedy", max_queue_delay_ms=10.0, max_join_delay_ms=0.0)
+def test_with_every_worker_busy_a_request_with_other_options_stops_the_joining_once_it_has_waited():
+    decoder, batcher, first = running(30, options="greedy", workers=1, max_queue_delay_ms=10.0,
+                                      max_join_delay_ms=0.0)
     other = batcher.submit(Job([[1, 2]], options="beam"))
     time.sleep(0.05)
     late = batcher.submit(Job([[3, 4]], options="greedy"))  # would join, but the beam request is older
@@ -361,3 +376,61 @@ def test_sentences_join_at_once_when_the_batch_has_no_room_to_wait_for():
 def test_join_delay_must_not_be_negative():
     with pytest.raises(ConfigError, match="batching.max_join_delay_ms"):
         BatcherConfig(max_join_delay_ms=-1.0)
+
+
+def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():
+    """Batches take turns by compute used: 3 steps of a cheap batch do not wait out 100 costly ones."""
+    decoder = ReverseDecoder(joins=True)
+    seconds = {"beam16": 0.03, "greedy": 0.0}
+
+    def decode(sources, options, cancelled, on_step, on_result, admit):
+        decoder.step_seconds = seconds[options]  # only one batch steps at a time: safe to switch
+        return decoder(sources, options, cancelled, on_step, on_result, admit)
+
+    batcher = Batcher(decode, BatcherConfig(max_queue_delay_ms=0.0, max_join_delay_ms=0.0))
+    long = batcher.submit(Job([list(range(100))], options="beam16"))
+    assert decoder.started.wait(5)
+    time.sleep(0.1)
+    start = time.monotonic()
+    short = batcher.submit(Job([[1, 2, 3]], options="greedy"))
+    assert short.wait() == [[3, 2, 1]]
+    assert time.monotonic() - start < 1.0 and not long.done  # the long one needs 3 s in all
+    long.cancel()
+    assert batcher.wait_idle(5)
+    batcher.stop()
+
+
+def test_a_cancelled_request_gives_its_queue_places_back_at_once():
+    decoder = ReverseDecoder()
+    decoder.gate = threading.Event()
+    batcher = make(decoder, workers=1, max_queue_sentences=5, max_queue_delay_ms=0.0)
+    running_job = batcher.submit(Job([[1, 2]], options="g"))
+    assert decoder.started.wait(5)  # decoding, held at its first step
+    queued = batcher.submit(Job([[3], [4], [5]], options="g"))
+    assert batcher.pending == 4
+    queued.cancel()
+    assert batcher.pending == 1  # before any step ran
+    running_job.cancel()
+    assert batcher.pending == 0  # the running batch has not even reached its next step
+    after = batcher.submit(Job([[6], [7], [8], [9], [10]], options="g"))
+    decoder.gate.set()
+    assert after.wait() == [[6], [7], [8], [9], [10]]
+    assert all([3] not in srcs for _, srcs in decoder.batches)
+    assert batcher.wait_idle(5)
+    batcher.stop()
+
+
+def test_a_queued_request_past_its_deadline_gives_its_places_back_without_a_step():
+    decoder = ReverseDecoder()
+    decoder.gate = threading.Event()
+    batcher = make(decoder, workers=1, max_queue_sentences=3, max_queue_delay_ms=0.0)
+    first = batcher.submit(Job([[1, 2]], options="g"))
+    assert decoder.started.wait(5)
+    batcher.submit(Job([[3], [4]], options="g", deadline=time.monotonic() + 0.05))
+    deadline = time.monotonic() + 5
+    while batcher.pending > 1 and time.monotonic() < deadline:  # nobody waits on the job: the batcher notices
+        time.sleep(0.01)
+    assert batcher.pending == 1
+    decoder.gate.set()
+    assert first.wait() == [[2, 1]]
+    batcher.stop()

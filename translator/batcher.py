@@ -3,18 +3,21 @@
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
 letting latency grow without bound. A worker (`workers` of them, each decoding its own batch)
 groups queued sentences that share decoding options into batches of at most `max_batch_tokens`
-(sentences x longest source x beam), waiting at most `max_queue_delay_ms` for a batch to fill.
-Cancellation and deadlines are checked once per decode step: a stopped request's sentences leave
-the running batch at once and its queued ones are dropped.
+(sentences x longest source x beam). A request that finds no batch decoding starts at once;
+while others decode, a new batch waits at most `max_queue_delay_ms` to fill. Workers take turns
+(`take_turns`, translator.turns): one step at a time with every thread, the batch with the least
+compute so far first, so that short requests keep moving beside a long one.
+A request that ends early (cancelled, past its deadline) gives its places in the queue back at
+once; its sentences leave the queue, and a running batch at its next step.
 
 With `continuous` on, a running batch also takes queued sentences with its options between steps
 (iteration-level batching), as far as its token budget allows, if the decode function asks
-(`admit`; greedy search does): under steady load the batch stays full instead of running down to
-its longest sentence while new requests wait. Sentences join together once the first of them has
-waited `max_join_delay_ms` (at once when the batch is full or has run out): each join costs an
-encoder pass, and one pass over several sentences costs little more than over one. Joining stops
-once the oldest queued request wants other options and has waited `max_queue_delay_ms`, so that
-its batch goes next.
+(`admit`; greedy and beam search do): under steady load the batch stays full instead of running
+down to its longest sentence while new requests wait. Sentences join together once the first of
+them has waited `max_join_delay_ms` (at once when the batch is full or has run out): each join
+costs an encoder pass, and one pass over several sentences costs little more than over one. When
+every worker is busy and the oldest queued request wants other options, joining stops once it has
+waited `max_queue_delay_ms`, so that its batch goes next.
 
 Knows nothing of gRPC, tokenizers or models: it is given a `decode` function.
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from translator.config import ConfigError
+from translator.turns import Turns
 
 # decode(sources, options, cancelled, on_step, on_result, admit) -> one result per source, in order.
 # cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source;
@@ -73,9 +77,13 @@ class DecodeFailed(BatcherError):
 class BatcherConfig:
     max_queue_sentences: int = 256  # admitted and not yet finished, across all requests
     max_batch_tokens: int = 4096  # sentences x longest source x beam size, per decode call
-    max_queue_delay_ms: float = 5.0  # how long a sentence may wait for a batch to fill
-    workers: int = 1  # decode threads taking batches from the one queue
-    continuous: bool = True  # queued sentences join a running batch between steps (greedy)
+    # How long a new batch may wait to fill while another is decoding (an idle decoder starts at once).
+    max_queue_delay_ms: float = 5.0
+    workers: int = 4  # decode threads taking batches from the one queue: batches with other options at once
+    # Workers run one step at a time, each with every thread, least-served batch first; false:
+    # side by side (then give each worker its share of the cores with `threads`).
+    take_turns: bool = True
+    continuous: bool = True  # queued sentences join a running batch between steps
     # Joins stop past this many sentences in one decode call, which then runs down and ends: its
     # per-step bookkeeping grows with every sentence it has taken.
     max_sentences_per_decode: int = 1024
@@ -129,6 +137,8 @@ class Job:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._events: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+        self._items: list[_Item] = []  # its sentences, once admitted
+        self._on_end: Callable[[Job], None] | None = None  # the batcher's, told when it fails
 
     @property
     def done(self) -> bool:
@@ -153,6 +163,8 @@ class Job:
                 return
             self.error = error
             self._done.set()
+        if self._on_end is not None:
+            self._on_end(self)
         self._emit(("end", -1, None))
 
     def wait(self) -> list[Any]:
@@ -210,14 +222,25 @@ class Job:
 class _Item:
     job: Job
     index: int  # sentence index within the job
+    queued: bool = True  # waiting in the admission queue
+    held: bool = True  # holding a place in it (queued or decoding, until finished or stopped)
 
     @property
     def length(self) -> int:
         return len(self.job.sources[self.index])
 
 
+class _Lane:
+    """One worker thread and the batch it is decoding (key None: idle)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.key: Hashable | None = None  # the decoding options of its batch
+        self.joinable = False  # its batch takes queued sentences between steps
+
+
 class Batcher:
-    """Admission queue plus `config.workers` decode worker threads.
+    """Admission queue plus `config.workers` decode worker threads, one batch each.
 
     worker_init, when given, runs first in every worker thread (per-thread settings such as
     the number of intra-op threads a decode may use).
@@ -229,13 +252,18 @@ class Batcher:
         self.decode = decode
         self.config = config or BatcherConfig()
         self._queue: deque[_Item] = deque()
-        self._pending = 0  # admitted sentences not yet finished (queued or decoding)
+        self._pending = 0  # admitted sentences holding a place (queued or decoding)
         self._closed = False
         self._stopping = False
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # reentrant: a job failing under it comes back through _forget
         self._worker_init = worker_init
-        self._workers = [threading.Thread(target=self._run, name=f"batcher-{i}", daemon=True)
-                         for i in range(self.config.workers)]
+        self._turns = Turns() if self.config.take_turns else None
+        self._lanes = [_Lane(i) for i in range(self.config.workers)]
+        self._workers = [threading.Thread(target=self._run, args=(lane,), name=f"batcher-{lane.index}", daemon=True)
+                         for lane in self._lanes]
+        # Queued requests past their deadline give their places back when it passes, even while
+        # every worker is busy (the gRPC layer cancels them too; a direct caller may not).
+        self._workers.append(threading.Thread(target=self._expire, name="batcher-deadlines", daemon=True))
         for worker in self._workers:
             worker.start()
 
@@ -255,9 +283,13 @@ class Batcher:
                     f"waiting); retry later"
                 )
             job._submitted = time.monotonic()
+            job._items = [_Item(job, i) for i in range(n)]
             self._pending += n
-            self._queue.extend(_Item(job, i) for i in range(n))
-            self._cond.notify()
+            self._queue.extend(job._items)
+            job._on_end = self._forget
+            self._cond.notify_all()
+        if job.done:  # cancelled before it got here: it held its places for no time
+            self._forget(job)
         return job
 
     def close(self) -> None:
@@ -274,45 +306,83 @@ class Batcher:
         """Refuse new jobs, fail the queued ones, stop the workers after their current step."""
         with self._cond:
             self._closed = self._stopping = True
-            for item in self._queue:
-                item.job.fail(ShuttingDown("the server shut down before the request was decoded"))
+            for job in {id(item.job): item.job for item in self._queue}.values():
+                job.fail(ShuttingDown("the server shut down before the request was decoded"))
             self._cond.notify_all()
         for worker in self._workers:
             worker.join()
 
-    def _run(self) -> None:
+    def _forget(self, job: Job) -> None:
+        """A job ended: its queued sentences leave the queue and every place it held is given back
+        at once, its running sentences' too (they leave their batch at its next step)."""
+        with self._cond:
+            if any(item.queued for item in job._items):
+                self._queue = deque(item for item in self._queue if item.job is not job)
+            self._release([item for item in job._items if item.held])
+
+    def _release(self, items: list[_Item]) -> None:
+        for item in items:
+            item.held = item.queued = False
+        if items:
+            self._pending -= len(items)
+            self._cond.notify_all()
+
+    def _run(self, lane: _Lane) -> None:
         if self._worker_init is not None:
             self._worker_init()
         while True:
-            batch = self._next_batch()
+            batch = self._next_batch(lane)
             if batch is None:
                 return
-            self._decode(batch)
+            try:
+                self._decode(lane, batch)
+            finally:
+                with self._cond:
+                    lane.key, lane.joinable = None, False
+                    self._cond.notify_all()  # its options may start a batch in another lane now
 
-    def _next_batch(self) -> list[_Item] | None:
-        """Wait for the oldest sentence's batch to fill or for its delay to pass, then take it."""
+    def _expire(self) -> None:
+        with self._cond:
+            while not self._stopping:
+                self._drop_stopped()
+                self._cond.wait(self._next_deadline())
+
+    def _next_batch(self, lane: _Lane) -> list[_Item] | None:
+        """The oldest waiting sentence's batch, at once when no batch is decoding (nothing to wait
+        for), else when it is full or the oldest has waited max_queue_delay_ms; None on stop."""
         delay = self.config.max_queue_delay_ms / 1000.0
         with self._cond:
             while True:
                 self._drop_stopped()
                 if self._stopping:
                     return None
-                if not self._queue:
+                key = self._unserved_key()
+                if key is None:
                     self._cond.wait()
                     continue
-                batch, full = self._gather()
-                wait = self._queue[0].job._submitted + delay - time.monotonic()
-                if full or wait <= 0:
+                batch, full = self._gather(key)
+                busy = any(other.key is not None for other in self._lanes)
+                wait = batch[0].job._submitted + delay - time.monotonic()
+                if full or not busy or wait <= 0:
                     self._take(batch)
+                    lane.key = key
                     return batch
                 self._cond.wait(wait)
 
-    def _gather(self, key: Hashable | None = None, rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
-        """Queued sentences with options `key` (the oldest one's when None), oldest first, that fit
-        the token budget beside `rows` sentences of up to `longest` tokens already decoding; and
-        whether one more would not have fit."""
-        if key is None:
-            key = self._queue[0].job.options
+    def _unserved_key(self) -> Hashable | None:
+        """Options of the oldest queued sentence that no running batch can take in; None if none."""
+        taken = {lane.key for lane in self._lanes if lane.joinable}
+        return next((item.job.options for item in self._queue if item.job.options not in taken), None)
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the first queued deadline (when its places go back), None if none."""
+        deadlines = [item.job.deadline for item in self._queue if item.job.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _gather(self, key: Hashable, rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
+        """Queued sentences with options `key`, oldest first, that fit the token budget beside
+        `rows` sentences of up to `longest` tokens already decoding; and whether one more would
+        not have fit."""
         batch: list[_Item] = []
         for item in self._queue:
             if item.job.options != key:
@@ -330,31 +400,32 @@ class Batcher:
         self._queue = deque(item for item in self._queue if id(item) not in taken)
         now = time.monotonic()
         for item in batch:
+            item.queued = False
             item.job._start(now)
 
     def _drop_stopped(self) -> None:
-        kept = deque(item for item in self._queue if not item.job.stopped())
-        self._finish(len(self._queue) - len(kept))
-        self._queue = kept
+        """Queued jobs past their deadline end now (and leave the queue through _forget)."""
+        for job in {id(item.job): item.job for item in self._queue}.values():
+            job.stopped()
 
-    def _finish(self, n: int) -> None:
-        if n:
-            self._pending -= n
-            self._cond.notify_all()
-
-    def _admit(self, batch: list[_Item], alive: int, longest: int) -> list[list[int]]:
+    def _admit(self, lane: _Lane, batch: list[_Item], alive: int, longest: int) -> list[list[int]]:
         """Queued sentences with the batch's options that join it now; appended to batch.
         longest: the longest source the batch has taken (the width its cross-attention keys pad to)."""
         if not self.config.continuous or len(batch) >= self.config.max_sentences_per_decode:
+            lane.joinable = False
             return []
-        key = batch[0].job.options
+        key = lane.key
         with self._cond:
+            lane.joinable = True
             self._drop_stopped()
             if self._stopping or not self._queue:
                 return []
             head = self._queue[0].job
-            if head.options != key and time.monotonic() - head._submitted > self.config.max_queue_delay_ms / 1000.0:
-                return []  # the oldest request wants other options: run down, so that its batch goes next
+            all_busy = all(other.key is not None for other in self._lanes)
+            waited = time.monotonic() - head._submitted
+            if head.options != key and all_busy and waited > self.config.max_queue_delay_ms / 1000.0:
+                lane.joinable = False
+                return []  # the oldest request wants other options and no lane is free: run down for it
             joining, full = self._gather(key, alive, longest)
             joining = joining[: self.config.max_sentences_per_decode - len(batch)]
             wait = self.config.max_join_delay_ms / 1000.0
@@ -364,7 +435,20 @@ class Batcher:
         batch.extend(joining)
         return [item.job.sources[item.index] for item in joining]
 
-    def _decode(self, batch: list[_Item]) -> None:
+    def _decode(self, lane: _Lane, batch: list[_Item]) -> None:
+        if self._turns is None:
+            self._search(lane, batch)
+            return
+        self._turns.enter(lane)
+        try:
+            # Requests that ended while the batch waited for its turn cost nothing, not even an encoder pass.
+            batch = [item for item in batch if not item.job.stopped()]
+            if batch:
+                self._search(lane, batch)
+        finally:
+            self._turns.leave(lane)
+
+    def _search(self, lane: _Lane, batch: list[_Item]) -> None:
         # The batch's sentences still decoding, by index: per-step work stays with them rather than
         # with every sentence a long-running batch has taken. A sentence leaves it, and gives its
         # place in the admission queue back, when it finishes or stops, not when the call ends.
@@ -374,7 +458,7 @@ class Batcher:
 
         def admit(alive: int) -> list[list[int]]:
             nonlocal longest
-            joining = self._admit(batch, alive, longest)
+            joining = self._admit(lane, batch, alive, longest)
             longest = max([longest, *map(len, joining)])
             return joining
 
@@ -385,11 +469,14 @@ class Batcher:
 
         def release(k: int) -> _Item:
             item = active.pop(k)
-            with self._cond:
-                self._finish(1)
+            if item.held:
+                with self._cond:
+                    self._release([item])
             return item
 
-        def cancelled() -> list[bool]:
+        def cancelled() -> list[bool]:  # once before every step: the batch's turn ends here
+            if self._turns is not None:
+                self._turns.pause(lane)
             take_joined()
             flags = [False] * len(batch)
             for k in [k for k, item in active.items() if item.job.stopped()]:
@@ -414,7 +501,7 @@ class Batcher:
                     item.job._set_result(item.index, result)
 
         try:
-            results = self.decode([item.job.sources[item.index] for item in batch], batch[0].job.options,
+            results = self.decode([item.job.sources[item.index] for item in batch], lane.key,
                                   cancelled, on_step, on_result, admit)
         except Exception as e:  # noqa: BLE001 - the error goes to every caller in the batch
             for job in {id(item.job): item.job for item in batch}.values():

@@ -213,7 +213,8 @@ def _model_info(info: ModelInfo) -> pb.ModelInfo:
                                      d_ff=arch.d_ff, max_positions=arch.max_positions),
         limits=pb.Limits(max_sentences=lim.max_sentences, max_sentence_chars=lim.max_sentence_chars,
                          max_source_tokens=info.max_source_tokens, max_beam_size=lim.max_beam_size,
-                         max_length=info.max_length, max_message_bytes=lim.max_message_bytes),
+                         max_length=info.max_length, max_message_bytes=lim.max_message_bytes,
+                         max_request_cost=lim.max_request_cost),
         defaults=defaults,
         metrics=info.metrics,
     )

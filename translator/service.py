@@ -23,6 +23,7 @@ from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
 from translator.decoding import DecodeOptions, search
 from translator.hypotheses import Hypothesis
+from translator.length import output_budgets
 from translator.model import ModelConfig
 from translator.translate import Translator
 
@@ -43,6 +44,11 @@ class Limits:
     max_beam_size: int = 16
     max_length: int = 256
     max_message_bytes: int = 1 << 20
+    # The decoding work one request may ask for, summed over its sentences: source tokens x beam
+    # size x output budget (steps). 16 sentences of 1,000 characters at beam 16 with a 255-token
+    # minimum come to ~16 million and held a decoder for 33 s; 64 sentences of 100 tokens at beam 5
+    # to 5 million.
+    max_request_cost: int = 8_000_000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -269,7 +275,22 @@ class TranslationService:
             if len(ids) > limit:
                 raise InvalidArgument(f"texts[{i}] has {len(ids)} tokens; the model takes at most {limit}")
             sources.append(ids + [eos])
+        cost = self.request_cost(sources, opts)
+        if cost > lim.max_request_cost:
+            raise InvalidArgument(
+                f"the request asks for {cost:,} units of decoding (source tokens x options.beam_size x output "
+                f"budget, summed over texts); at most {lim.max_request_cost:,}: send fewer or shorter texts, "
+                f"or lower options.beam_size or options.max_length"
+            )
         return _Prepared(sources, opts, options)
+
+    def request_cost(self, sources: list[list[int]], opts: DecodeOptions) -> int:
+        """Source tokens x beam size x output budget, summed over sentences: a bound on the work
+        of decoding them, known before any is done."""
+        lengths = torch.tensor([len(s) for s in sources])
+        budgets = output_budgets(lengths, opts.max_len_a, opts.max_len_b, opts.max_len,
+                                 self.translator.model.cfg.max_positions)
+        return int((lengths * budgets).sum()) * opts.beam_size
 
     def decode_options(self, req: RequestOptions) -> DecodeOptions:
         """The server's defaults overridden by the request's fields, each checked against the limits."""
