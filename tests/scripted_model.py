@@ -23,18 +23,25 @@ Table = dict[tuple[int, ...], dict[int, float]]
 
 @dataclass
 class ScriptedCache:
-    history: Tensor  # (rows, 1 + t): the sentence key, then the tokens fed after BOS
+    history: list[list[int]]  # per row: the sentence key, then the tokens fed after BOS
     src_mask: Tensor  # (rows, 1, 1, S)
-    length: int = 0
+    group: int = 1  # rows per source
     alignments: list[Tensor] = field(default_factory=list)
 
     def select(self, index: Tensor, group: int | None = None) -> None:
-        self.history, self.src_mask = self.history[index], self.src_mask[index]
+        self.history = [list(self.history[i]) for i in index.tolist()]
+        self.src_mask = self.src_mask[index]
+        self.group = group or self.group
 
     def drop(self, keep: Tensor) -> Tensor:
         order = keep.nonzero().squeeze(1)
         self.select(order)
         return order
+
+    def extend(self, new: ScriptedCache) -> None:
+        """Sources joining, `group` rows each; their sources as long as the others (`sources` makes them so)."""
+        self.history += [list(h) for h in new.history for _ in range(self.group)]
+        self.src_mask = torch.cat([self.src_mask, new.src_mask.repeat_interleave(self.group, dim=0)])
 
 
 class ScriptedModel(nn.Module):
@@ -49,15 +56,15 @@ class ScriptedModel(nn.Module):
         return src[:, :, None].float(), (src != PAD)[:, None, None, :]  # (B, S, 1), (B, 1, 1, S)
 
     def init_cache(self, memory: Tensor, src_mask: Tensor, capacity: int = 64) -> ScriptedCache:
-        return ScriptedCache(memory[:, :1, 0].long(), src_mask)
+        return ScriptedCache(memory[:, :1, 0].long().tolist(), src_mask)
 
     def decode_step(self, tgt_new: Tensor, cache: ScriptedCache, record_alignment: bool = False) -> Tensor:
         self.batch_sizes.append(tgt_new.size(0))
-        if cache.length:  # the first input is BOS, which the table leaves out
-            cache.history = torch.cat([cache.history, tgt_new], dim=1)
-        cache.length += 1
+        for history, token in zip(cache.history, tgt_new[:, -1].tolist()):
+            if token != BOS:  # a row's first input, which the table leaves out
+                history.append(token)
         rows = []
-        for prefix in cache.history.tolist():
+        for prefix in cache.history:
             probs = self.table.get(tuple(prefix), {EOS: 1.0})
             rows.append([math.log(probs[v]) if probs.get(v, 0) > 0 else -math.inf for v in range(VOCAB)])
         if record_alignment:

@@ -159,6 +159,25 @@ def test_on_step_streams_only_settled_tokens(search, expected):
     assert reports == expected
 
 
+def test_joining_sentences_are_scored_exactly_and_stream_only_their_own_tokens():
+    # Sentences 6 and 7 join sentence 9 before its second step, with two rows each (beam 1 dead).
+    # Sentence 6's tokens are certain: its one live beam and its dead one agree on every column,
+    # the columns past its own step included; only its own tokens are final.
+    model = ScriptedModel(TABLE | {(6,): {C: 1.0}, (6, C): {A: 1.0}})
+    calls = []
+
+    def admit(alive):
+        calls.append(alive)
+        return sources(6, 7) if len(calls) == 2 else None
+
+    reports = []
+    hyps = beam_search(model, sources(9), RAW.replace(beam_size=2), on_step=reports.append, admit=admit)
+    assert hyps.tokens == [[C, C], [C, A], [B]]  # each as alone: 7 ranks A-EOS over its tie A-C
+    assert hyps.scores == pytest.approx([log(0.7 * 0.8), 0.0, log(0.4 * 0.9)])
+    assert model.batch_sizes == [1, 6, 6, 2]
+    assert reports == [[[]], [[], [C], []], [[C, C], [C, A], [B]], [[C, C], [C, A], [B]]]
+
+
 def ranked_by_stable_sort(scores, logp, n):
     """Reference: all k * V candidates of each sentence, best first, ties in flat order."""
     b, k, V = logp.shape

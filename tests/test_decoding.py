@@ -174,6 +174,20 @@ def join_schedule(model: EncoderDecoder, rows: list[list[int]], at: list[int]):
     return admit, order
 
 
+def assert_decoded_as_if_alone(model: EncoderDecoder, rows: list[list[int]], order: list[int], hyps: Hypotheses,
+                               opts: DecodeOptions) -> None:
+    """hyps.nbest[j] is what decoding rows[order[j]] alone gives: every entry of its n-best list."""
+    assert len(hyps.nbest) == len(order)
+    for i, nbest in zip(order, hyps.nbest):
+        alone = run(model, [rows[i]], opts).nbest[0]
+        assert [h.tokens for h in nbest] == [h.tokens for h in alone]
+        for h, a in zip(nbest, alone):
+            assert h.score == pytest.approx(a.score, abs=1e-4)
+            assert h.log_probs == pytest.approx(a.log_probs, abs=1e-4)
+            if opts.alignment:
+                torch.testing.assert_close(h.alignment, a.alignment, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "changes",
     [{}, {"min_len": 4}, {"no_repeat_ngram": 2}, {"alignment": True}, {"max_len_a": 0.5, "max_len_b": 2}],
@@ -185,27 +199,51 @@ def test_sentences_joining_a_running_greedy_search_decode_as_if_alone(changes):
     opts = DecodeOptions(**changes)
     admit, order = join_schedule(model, rows, at=[0, 0, 2, 3, 3])
     hyps = run(model, rows[:1], opts, admit=admit)
-    assert order == [0, 1, 2, 3, 4] and len(hyps.nbest) == 5
-    for i, nbest in zip(order, hyps.nbest):
-        alone = run(model, [rows[i]], opts).nbest[0][0]
-        assert nbest[0].tokens == alone.tokens
-        assert nbest[0].score == pytest.approx(alone.score, abs=1e-4)
-        assert nbest[0].log_probs == pytest.approx(alone.log_probs, abs=1e-4)
-        if opts.alignment:
-            torch.testing.assert_close(nbest[0].alignment, alone.alignment, atol=1e-5, rtol=1e-4)
+    assert order == [0, 1, 2, 3, 4]
+    assert_decoded_as_if_alone(model, rows, order, hyps, opts)
 
 
-def test_a_sentence_joining_the_step_after_the_batch_emptied_decodes_as_if_alone():
+@pytest.mark.parametrize(
+    "opts",
+    [
+        DecodeOptions(beam_size=5, n_best=3),
+        DecodeOptions(beam_size=4, n_best=2, length_penalty=0.6, length_penalty_form="gnmt"),
+        DecodeOptions(beam_size=3, n_best=2, length_penalty=0.0),
+        DecodeOptions(beam_size=3, min_len=4),
+        DecodeOptions(beam_size=3, n_best=3, no_repeat_ngram=2),
+        DecodeOptions(beam_size=3, alignment=True),
+        DecodeOptions(beam_size=3, n_best=2, max_len_a=0.5, max_len_b=2),
+    ],
+    ids=["beam5", "beam4-gnmt", "no_penalty", "min_len", "no_repeat", "alignment", "short_budget"],
+)
+def test_sentences_joining_a_running_beam_search_decode_as_if_alone(opts):
+    """Joiners before the first step (one row each, as the first sentence) and after several
+    steps (all beams, the dead ones at -inf), the last one's source the longest of all."""
+    model = tiny_model()
+    rows = source_rows(model, lengths=(5, 9, 3, 12, 4, 15))
+    admit, order = join_schedule(model, rows, at=[0, 0, 2, 5, 5, 9])
+    hyps = run(model, rows[:1], opts, admit=admit)
+    assert order == [0, 1, 2, 3, 4, 5]
+    assert_decoded_as_if_alone(model, rows, order, hyps, opts)
+
+
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_a_sentence_joining_the_step_after_the_batch_emptied_decodes_as_if_alone(opts):
     model = tiny_model()
     rows = source_rows(model)[:2]
-    opts = DecodeOptions(max_len_a=0.0, max_len_b=3)  # every sentence takes 3 steps
-    admit, order = join_schedule(model, rows, at=[0, 3])
+    alive_seen: list[int] = []
+
+    def admit(alive: int):  # the second sentence once the first has finished
+        alive_seen.append(alive)
+        return batch_tensor(rows[1:], model.cfg.pad_id) if alive_seen.count(0) == 1 and alive == 0 else None
+
     hyps = run(model, rows[:1], opts, admit=admit)
-    assert order == [0, 1]
-    assert hyps.tokens == [run(model, [row], opts).tokens[0] for row in rows]
+    assert alive_seen[0] == 1 and alive_seen.count(0) == 2  # emptied twice: before it joined, at the end
+    assert_decoded_as_if_alone(model, rows, [0, 1], hyps, opts)
 
 
-def test_joining_sentences_are_handed_over_cancelled_and_streamed_like_the_first():
+@pytest.mark.parametrize("opts", SEARCHES)
+def test_joining_sentences_are_handed_over_cancelled_and_streamed_like_the_first(opts):
     model = tiny_model()
     rows = source_rows(model)
     admit, order = join_schedule(model, rows, at=[0, 1, 1, 2])
@@ -219,19 +257,16 @@ def test_joining_sentences_are_handed_over_cancelled_and_streamed_like_the_first
         steps += 1
         reports.append(prefixes)
 
-    hyps = run(model, rows[:1], DecodeOptions(), admit=admit, cancelled=cancelled, on_step=on_step,
+    hyps = run(model, rows[:1], opts, admit=admit, cancelled=cancelled, on_step=on_step,
                on_done=lambda i, nbest: done.setdefault(i, nbest))
     assert hyps.cancelled == [False, False, True, False] and hyps.nbest[2] == []
     assert sorted(done) == [0, 1, 3]
     for i in (0, 1, 3):
         assert done[i] == hyps.nbest[i] and reports[-1][i] == hyps.tokens[i]
+        seen = [r[i] for r in reports if len(r) > i]
+        for before, after in pairwise(seen):
+            assert after[: len(before)] == before
     assert [len(r) for r in reports[:3]] == [1, 3, 4]  # each report covers the sentences so far
-
-
-def test_only_greedy_search_takes_joining_sentences():
-    model = tiny_model()
-    with pytest.raises(DecodeOptionError, match="beam_size 1"):
-        run(model, source_rows(model)[:1], DecodeOptions(beam_size=2), admit=lambda alive: None)
 
 
 def test_sampling_is_reproducible_with_a_seed():

@@ -144,14 +144,39 @@ def test_rows_joining_a_running_cache_decode_as_if_alone(norm_first, remove):
             torch.testing.assert_close(torch.stack(logits[r]), full, atol=1e-5, rtol=1e-5)
 
 
-def test_only_single_row_caches_take_joining_rows():
+@pytest.mark.parametrize("norm_first", NORMS)
+def test_a_source_joining_a_cache_of_beams_takes_a_group_of_rows_starting_at_the_next_slot(norm_first):
+    """Two beams per source after two steps; a longer source joins with two rows of its own at
+    position 0; reordered within their groups, every row scores as a full pass over its history."""
+    model, src, tgt = model_and_batch(norm_first)
+    cfg = model.cfg
+    longer = torch.randint(4, cfg.vocab_size, (1, 10))
+    with torch.no_grad():
+        cache = model.init_cache(*model.encode(src[:2]))
+        model.decode_step(tgt[:2, :2], cache)
+        cache.select(torch.tensor([0, 0, 1, 1]), group=2)  # two beams each for sources 0 and 1
+        cache.extend(model.init_cache(*model.encode(longer)))
+        assert cache.group == 2 and cache.start.tolist() == [0, 0, 0, 0, 2, 2]
+        model.decode_step(torch.tensor([[5], [6], [7], [8], [cfg.bos_id], [cfg.bos_id]]), cache)
+        cache.select(torch.tensor([1, 0, 3, 3, 5, 4]))  # swap, duplicate, swap
+        last = torch.tensor([[9], [10], [11], [12], [13], [14]])
+        step = model.decode_step(last, cache)[:, 0]  # (6, V)
+        first, second = tgt[0, :2].tolist(), tgt[1, :2].tolist()
+        histories = [first + [6], first + [5], second + [8], second + [8], [cfg.bos_id], [cfg.bos_id]]
+        sources = [src[0:1]] * 2 + [src[1:2]] * 2 + [longer] * 2
+        for row, (source, history) in enumerate(zip(sources, histories)):
+            full = model(source, torch.tensor([history + last[row].tolist()]))[0, -1]  # (V,)
+            torch.testing.assert_close(step[row], full, atol=1e-5, rtol=1e-5)
+
+
+def test_only_fresh_one_row_per_source_caches_join():
     model, src, tgt = model_and_batch(True)
     with torch.no_grad():
         cache = model.init_cache(*model.encode(src))
-        model.decode_step(tgt[:, :1], cache)
-        cache.select(torch.tensor([0, 0, 1, 1]), group=2)
+        started = model.init_cache(*model.encode(src[:1]))
+        model.decode_step(tgt[:1, :1], started)
         with pytest.raises(ValueError, match="one-row-per-source"):
-            cache.extend(model.init_cache(*model.encode(src[:1])))
+            cache.extend(started)
 
 
 def test_cache_select_rejects_rows_that_do_not_fill_groups():

@@ -281,11 +281,12 @@ def test_cancelled_stream_stops_decoding(client, offline, caplog):
     assert_serves_normally(client, offline)
 
 
-def test_greedy_requests_join_the_running_batch_and_match_offline(checkpoint, offline):
-    """With the one decode worker busy on a long sentence (output budget: twice its source),
-    short greedy requests are answered before it ends: they joined its batch between steps,
-    and decode exactly as offline."""
-    decoding = DecodeOptions(beam_size=1, max_len_a=2.0, max_len_b=0, max_len=LONG)
+@pytest.mark.parametrize("beam_size", [1, 5])
+def test_requests_join_the_running_batch_and_match_offline(checkpoint, offline, beam_size):
+    """With the decoder busy on a long sentence (output budget: twice its source), short
+    requests with its options are answered before it ends: they joined its batch between
+    steps, and decode exactly as offline."""
+    decoding = DecodeOptions(beam_size=beam_size, max_len_a=2.0, max_len_b=0, max_len=LONG)
     srv, port = create_server(server_config(checkpoint, decoding=decoding))
     srv.start()
     try:

@@ -113,7 +113,8 @@ class Job:
     """One request: source sentences sharing decoding options, finished once with results or an error.
 
     With `stream=True`, `events()` yields ("prefix", i, tokens) as sentence i's final tokens grow
-    and ("result", i, value) when it is done.
+    and ("result", i, value) when it is done. A `listener` is called instead with every event, and
+    ("end", -1, None) last, from whichever thread emits it (an event loop's waiter, for example).
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class Job:
         cost: int = 1,
         deadline: float | None = None,
         stream: bool = False,
+        listener: Callable[[tuple[str, int, Any]], None] | None = None,
     ) -> None:
         self.sources = sources
         self.options = options
@@ -136,7 +138,9 @@ class Job:
         self._started: float | None = None  # when its first sentence started decoding
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._events: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+        self._events: queue.SimpleQueue | None = queue.SimpleQueue() if stream and listener is None else None
+        self._listener = listener
+        self.streaming = stream  # wants ("prefix", ...) events
         self._items: list[_Item] = []  # its sentences, once admitted
         self._on_end: Callable[[Job], None] | None = None  # the batcher's, told when it fails
 
@@ -214,7 +218,9 @@ class Job:
             self._emit(("end", -1, None))
 
     def _emit(self, event: tuple[str, int, Any]) -> None:
-        if self._events is not None:
+        if self._listener is not None:
+            self._listener(event)
+        elif self._events is not None:
             self._events.put(event)
 
 
@@ -490,7 +496,7 @@ class Batcher:
                 if not job.done:
                     job.stats.steps += 1
             for k, item in active.items():
-                if not item.job.done:
+                if item.job.streaming and not item.job.done:
                     item.job._emit(("prefix", item.index, prefixes[k]))
 
         def on_result(i: int, result: Any) -> None:

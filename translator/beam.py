@@ -11,6 +11,9 @@ Each step (per sentence, K = beam_size):
          (exact: scores only fall as tokens are added);
        otherwise: when it holds K finished hypotheses (fairseq; CTranslate2 with patience 1).
   Stopped sentences leave the batch: their rows are dropped from the cache with the reordering.
+Sentences may join the batch before any step (`admit`): each enters with as many rows as the
+others, beam 0 alive at score 0 and the rest dead (-inf), which ranks its candidates exactly as a
+first step on one row does, and goes on at its own step.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ import torch
 from torch import Tensor
 
 from translator.decode_options import DecodeOptions
-from translator.hooks import Cancelled, OnDone, OnStep
+from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
-from translator.model import EncoderDecoder
+from translator.model import EncoderDecoder, padded
 from translator.search_setup import SearchSetup, on_source_device, start_search
 
 NEG_INF = float("-inf")
@@ -87,27 +90,86 @@ def top_n_stable(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Beams:
-    """Live hypotheses of the b active sentences, k each; row r is sentence r // k, beam r % k."""
+    """Live hypotheses of the b active sentences, k each; row r is sentence r // k, beam r % k.
+
+    Histories are left-aligned: a sentence that has taken n steps holds them in its rows' first n
+    columns. Sentences that joined later are at fewer steps (`steps`); later columns are unread.
+    """
 
     sentence: Tensor  # (b,) batch index of each active sentence
     scores: Tensor  # (b, k) summed log-probabilities, -inf for a dead beam
     tokens: Tensor  # (b*k, t)
     log_probs: Tensor  # (b*k, t)
     alignment: Tensor | None  # (b*k, t, S)
+    last: Tensor  # (b*k, 1) input of the next step
+    steps: Tensor | None = None  # (b,) steps each sentence has taken; None: every one has taken t
 
     @classmethod
-    def start(cls, B: int, S: int, alignment: bool) -> Beams:
-        return cls(torch.arange(B), torch.zeros(B, 1), torch.zeros(B, 0, dtype=torch.long),
-                   torch.zeros(B, 0), torch.zeros(B, 0, S) if alignment else None)
+    def start(cls, sentence: Tensor, k: int, S: int | None, bos_id: int) -> Beams:
+        """Sentences (n,) before their first step, k rows each: beam 0 at score 0, the others dead."""
+        n = sentence.numel()
+        scores = torch.full((n, k), NEG_INF)
+        scores[:, 0] = 0
+        return cls(sentence, scores, torch.zeros(n * k, 0, dtype=torch.long), torch.zeros(n * k, 0),
+                   None if S is None else torch.zeros(n * k, 0, S), torch.full((n * k, 1), bos_id, dtype=torch.long))
+
+    @property
+    def count(self) -> int:
+        return self.sentence.numel()
+
+    def step(self) -> int | Tensor:
+        """The step every sentence is at, or each sentence's (b,) when they differ."""
+        return self.tokens.size(1) if self.steps is None else self.steps
 
     def rows(self, parent: Tensor, tokens: Tensor, log_probs: Tensor, step_align: Tensor | None):
         """History of rows `parent` (r,) extended by tokens / log_probs (r,) and step_align (b*k, S)."""
         toks = torch.cat([self.tokens[parent], tokens[:, None]], dim=1)  # (r, t + 1)
         lps = torch.cat([self.log_probs[parent], log_probs[:, None]], dim=1)
-        align = None
+        align = new_align = None
         if self.alignment is not None and step_align is not None:
-            align = torch.cat([self.alignment[parent], step_align[parent][:, None]], dim=1)  # (r, t + 1, S)
+            new_align = step_align[parent]  # (r, S)
+            align = torch.cat([self.alignment[parent], new_align[:, None]], dim=1)  # (r, t + 1, S)
+        if self.steps is not None:  # each at its sentence's own step (and, unread, in the last column)
+            r, at = torch.arange(parent.numel()), self.steps[parent // self.scores.size(1)]  # (r,) each
+            toks[r, at], lps[r, at] = tokens, log_probs
+            if align is not None:
+                align[r, at] = new_align
         return toks, lps, align
+
+    def keep(self, stay: Tensor, rows: Tensor) -> Beams:
+        """The sentences flagged in stay (b,), whose rows are `rows` (b'*k,)."""
+        kept = Beams(self.sentence[stay], self.scores[stay], self.tokens[rows], self.log_probs[rows],
+                     None if self.alignment is None else self.alignment[rows], self.last[rows],
+                     None if self.steps is None else self.steps[stay])
+        kept.compact()
+        return kept
+
+    def join(self, new: Beams) -> Beams:
+        """These sentences followed by `new` ones at step 0, with as many rows each."""
+        t = self.tokens.size(1)
+        steps = self.steps if self.steps is not None else torch.full((self.count,), t, dtype=torch.long)
+        align = None
+        if self.alignment is not None and new.alignment is not None:
+            S = max(self.alignment.size(2), new.alignment.size(2))
+            align = torch.cat([padded(padded(a, 1, t), 2, S) for a in (self.alignment, new.alignment)])
+        joined = Beams(torch.cat([self.sentence, new.sentence]), torch.cat([self.scores, new.scores]),
+                       torch.cat([self.tokens, padded(new.tokens, 1, t)]),
+                       torch.cat([self.log_probs, padded(new.log_probs, 1, t)]), align,
+                       torch.cat([self.last, new.last]), torch.cat([steps, steps.new_zeros(new.count)]))
+        joined.compact()
+        return joined
+
+    def compact(self) -> None:
+        """Cut the history columns no sentence has reached; steps None once all are at one step."""
+        if self.steps is None:
+            return
+        t = int(self.steps.max()) if self.count else 0
+        if t < self.tokens.size(1):
+            self.tokens, self.log_probs = self.tokens[:, :t], self.log_probs[:, :t]
+            if self.alignment is not None:
+                self.alignment = self.alignment[:, :t]
+        if bool((self.steps == t).all()):
+            self.steps = None
 
 
 class Finished:
@@ -118,6 +180,12 @@ class Finished:
         self.hyps: list[list[Hypothesis]] = [[] for _ in range(B)]
         self.count = torch.zeros(B, dtype=torch.long)
         self.nth_best = torch.full((B,), NEG_INF)  # score of the n_best-th best, -inf if fewer
+
+    def extend(self, n: int) -> None:
+        """n more sentences joined the search."""
+        self.hyps += [[] for _ in range(n)]
+        self.count = torch.cat([self.count, self.count.new_zeros(n)])
+        self.nth_best = torch.cat([self.nth_best, self.nth_best.new_full((n,), NEG_INF)])
 
     def add(self, sentences: list[int], hyps: list[Hypothesis]) -> None:
         for s, h in zip(sentences, hyps):
@@ -147,43 +215,56 @@ def beam_search(
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
     on_done: OnDone | None = None,
+    admit: Admit | None = None,
 ) -> Hypotheses:
     """Beam search over src (B, S) with K = opts.beam_size; returns opts.n_best hypotheses each.
 
-    The first step runs on B rows (one beam each), later ones on b*K. See the module docstring
-    for the rules, translator.hooks for `cancelled`, `on_step` and `on_done`, translator.constraints for `prefix`.
+    The first step runs on B rows (one beam each), later ones on b*K; sentences `admit` hands over
+    join before a step with as many rows as the others, at their own step 0. See the module
+    docstring for the rules, translator.hooks for the hooks, translator.constraints for `prefix`.
     """
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
     run = start_search(model, src, opts, prefix, cancelled, on_step, on_done)
-    beams = Beams.start(B, S, opts.alignment)
+    beams = Beams.start(torch.arange(B), 1, S if opts.alignment else None, model.cfg.bos_id)
     finished = Finished(B, opts)
-    last = torch.full((B, 1), model.cfg.bos_id, dtype=torch.long)  # (b*k, 1)
-    for step in range(int(run.budget.max())):
+    while True:
+        new = admit(beams.count) if admit is not None else None
+        if new is not None and new.size(0):
+            beams = join(model, new, beams, run, finished, opts)
         stay = run.hooks.poll(beams.sentence)
         if stay is not None:
-            beams, last = drop_sentences(beams, last, stay, run)
-        if not beams.sentence.numel():
+            beams = drop_sentences(beams, stay, run)
+        if not beams.count:
             break
-        logits = model.decode_step(last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b*k, V)
-        beams = advance(beams, logits, step, run, finished, opts, model.cfg.eos_id)
-        last = beams.tokens[:, -1:]
+        logits = model.decode_step(beams.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b*k, V)
+        beams = advance(beams, logits, run, finished, opts, model.cfg.eos_id)
         if run.hooks.streaming:
             run.hooks.report(settled_prefixes(beams, finished, run.hooks.flags))
     nbest = [[] if gone else hyps[: opts.n_best] for hyps, gone in zip(finished.hyps, run.hooks.flags)]
     return Hypotheses(nbest, list(run.hooks.flags))
 
 
-def advance(
-    beams: Beams, logits: Tensor, step: int, run: SearchSetup, finished: Finished, opts: DecodeOptions, eos: int
-) -> Beams:
+def join(model: EncoderDecoder, src: Tensor, beams: Beams, run: SearchSetup, finished: Finished,
+         opts: DecodeOptions) -> Beams:
+    """Sentences src (n, S') join the search as sentences B, B + 1, ..., with as many rows as the others."""
+    first, n = run.hooks.batch_size, src.size(0)
+    run.admit(model, src, opts)  # the cache gives each its group of rows
+    finished.extend(n)
+    S = run.cache.src_mask.size(-1) if opts.alignment else None
+    return beams.join(Beams.start(torch.arange(first, first + n), beams.scores.size(1), S, model.cfg.bos_id))
+
+
+def advance(beams: Beams, logits: Tensor, run: SearchSetup, finished: Finished, opts: DecodeOptions, eos: int) -> Beams:
     """One beam step: register finished candidates, pick the next beams, drop stopped sentences."""
     b, k = beams.scores.shape
     K = opts.beam_size
+    step = beams.step()  # shared, or (b,) per sentence
     logp = logits.float().log_softmax(dim=-1)  # (b*k, V)
     V = logp.size(-1)
-    run.rules.apply(logp, step, beams.sentence.repeat_interleave(k), beams.tokens)
+    run.rules.apply(logp, step if isinstance(step, int) else step.repeat_interleave(k),
+                    beams.sentence.repeat_interleave(k), beams.tokens)
     step_align = run.cache.alignments.pop() if opts.alignment else None  # (b*k, S)
     n = min(2 * K, k * V)
     cand = beam_candidates(beams.scores, logp.view(b, k, V), n)
@@ -197,8 +278,9 @@ def advance(
         r, j = finish.nonzero(as_tuple=True)
         toks, lps, align = beams.rows(parent[r, j], cand.tokens[r, j], cand_logp[r, j], step_align)
         sentence = beams.sentence[r]
-        hyps = make_hypotheses(toks, lps, torch.full_like(r, step + 1), is_eos[r, j], cand.scores[r, j], opts,
-                               align, run.src_lengths[sentence])
+        taken = torch.full_like(r, step + 1) if isinstance(step, int) else step[r] + 1  # (f,) steps
+        hyps = make_hypotheses(toks, lps, taken, is_eos[r, j], cand.scores[r, j], opts, align,
+                               run.src_lengths[sentence])
         finished.add(sentence.tolist(), hyps)
     # Next beams: the non-EOS candidates in rank order (EOS ones sort last and, if taken, are dead).
     live = (is_eos.long() * n + torch.arange(n)).argsort(dim=1)[:, :K]  # (b, K)
@@ -213,17 +295,18 @@ def advance(
     toks, lps, align = beams.rows(rows, cand.tokens[keep].gather(1, chosen).flatten(),
                                   cand_logp[keep].gather(1, chosen).flatten(), step_align)
     run.cache.select(rows, group=K)
-    return Beams(beams.sentence[keep], live_scores[keep], toks, lps, align)
+    after = Beams(beams.sentence[keep], live_scores[keep], toks, lps, align, toks[:, -1:],
+                  None if beams.steps is None else beams.steps[keep] + 1)
+    after.compact()
+    return after
 
 
-def drop_sentences(beams: Beams, last: Tensor, stay: Tensor, run: SearchSetup) -> tuple[Beams, Tensor]:
+def drop_sentences(beams: Beams, stay: Tensor, run: SearchSetup) -> Beams:
     """Keep the sentences where stay (b,) is True, with their k beams each, in beams and the cache."""
     k = beams.scores.size(1)
     rows = (stay.nonzero() * k + torch.arange(k)).flatten()  # (b'*k,)
     run.cache.select(rows)
-    align = beams.alignment[rows] if beams.alignment is not None else None
-    kept = Beams(beams.sentence[stay], beams.scores[stay], beams.tokens[rows], beams.log_probs[rows], align)
-    return kept, last[rows]
+    return beams.keep(stay, rows)
 
 
 def settled_prefixes(beams: Beams, finished: Finished, cancelled: list[bool]) -> list[list[int]]:
@@ -236,6 +319,8 @@ def settled_prefixes(beams: Beams, finished: Finished, cancelled: list[bool]) ->
     dead = ~torch.isfinite(beams.scores)  # (b, K)
     agree = ((toks == toks[:, :1]) | dead[:, :, None]).all(dim=1)  # (b, t)
     shared = agree.long().cumprod(dim=1).sum(dim=1)  # (b,)
+    if beams.steps is not None:  # columns past a sentence's own steps are not its tokens
+        shared = torch.minimum(shared, beams.steps)
     for s, lead, n in zip(beams.sentence.tolist(), toks[:, 0].tolist(), shared.tolist()):
         prefix = lead[:n]
         if finished.hyps[s]:

@@ -46,7 +46,7 @@ def search(
     on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
     far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
     on_done(i, nbest): sentence i's final n-best list, as soon as it is known.
-    admit(alive): greedy search only; more sources joining the running batch before a step.
+    admit(alive): more sources joining the running batch before a step, decoded as if alone.
     (Details in translator.hooks.)
     A sentence's result does not depend on the other sentences of the batch or on padding (up to
     float rounding), except when sampling.
@@ -54,6 +54,5 @@ def search(
     if opts.beam_size == 1:
         return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
                              admit=admit)
-    if admit is not None:
-        raise DecodeOptionError("sentences can join a running search only with beam_size 1 (greedy)")
-    return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done)
+    return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
+                       admit=admit)

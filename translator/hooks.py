@@ -15,11 +15,12 @@
         (a server can answer it while longer sentences of the batch are still decoding); the
         same list the search returns for it. Cancelled sentences are not reported.
     admit(alive: int) -> Tensor | None
-        Greedy search only. Called before every step with the number of sentences still
-        decoding; it may return more sources (b, S') (EOS-terminated, right-padded, any S') that
-        join the running batch at that step as sentences B, B + 1, ... in the order given, each
-        from its own first position, so that a server keeps one batch full while requests come
-        and go. The other hooks then cover them too; their results are as if decoded alone.
+        Called before every step with the number of sentences still decoding; it may return
+        more sources (b, S') (EOS-terminated, right-padded, any S') that join the running batch
+        at that step as sentences B, B + 1, ... in the order given, each from its own first
+        position (in beam search with all its beams), so that a server keeps one batch full
+        while requests come and go. The other hooks then cover them too; their results (n-best
+        lists and scores) are as if decoded alone.
 """
 
 from __future__ import annotations

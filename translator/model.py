@@ -344,16 +344,20 @@ class DecoderCache:
         self.slot_rows = None
 
     def extend(self, new: DecoderCache) -> None:
-        """Append the rows of `new` (a fresh cache of other sources, one row each), which start
-        at the next slot. Source lengths are padded to the longer of the two (masked)."""
-        if self.group != 1 or new.group != 1 or new.length:
-            raise ValueError("only one-row-per-source caches extend, by caches that have not decoded yet")
+        """Append the sources of `new` (a fresh cache of other sources, one row each) with `group`
+        rows each, which start at the next slot: a joining sentence takes as many rows as every
+        other (its beams). Source lengths are padded to the longer of the two (masked)."""
+        if new.group != 1 or new.length:
+            raise ValueError("a cache extends only by a one-row-per-source cache that has not decoded yet")
         self.settle()
-        R, added = self.src_mask.size(0), new.src_mask.size(0)
+        n = new.src_mask.size(0)
+        R, added = self.src_mask.size(0) * self.group, n * self.group
+        if not R:  # no row left: every slot goes, and the new rows start at slot 0
+            self.length, self.start = 0, None
         S = max(self.src_mask.size(-1), new.src_mask.size(-1))
         self.src_mask = torch.cat([padded(self.src_mask, 3, S, False), padded(new.src_mask, 3, S, False)])
         for lc, lnew in zip(self.layers, new.layers):
-            lc.cross_k = with_sources(lc.cross_k, lnew.cross_k)  # (N + added, H, S, Dh)
+            lc.cross_k = with_sources(lc.cross_k, lnew.cross_k)  # (N + n, H, S, Dh)
             lc.cross_v = with_sources(lc.cross_v, lnew.cross_v)
             if lc.self_k is not None:
                 lc.self_k = with_rows(lc.self_k, added, self.length)  # (capacity, R + added, H, Dh)
@@ -407,7 +411,8 @@ class DecoderCache:
         sentence, finished sentences dropped); sources no row reads are dropped. Slots before
         the earliest start of the rows kept are dropped too. Self-attention keys/values stay
         where they are, the new order composed into `slot_rows`, unless rows have their own
-        starts or outnumber the buffers' rows: then they are copied into the new order.
+        starts, slots are dropped or rows outnumber the buffers' rows: then they are copied into
+        the new order.
         """
         group = group or self.group
         if index.numel() % group:
@@ -423,10 +428,10 @@ class DecoderCache:
             first = int(start.min()) if start.numel() else 0
             start = start - first
             self.start = start if bool(start.any()) else None
-        # Rows that keep their start and fit the buffers are reordered in the slot table alone:
+        # Rows that keep their slots and fit the buffers are reordered in the slot table alone:
         # copying every key and value of every layer is memory-bound (~27 GB/s), a beam step's 5%.
         buffers = self.layers[0].self_k
-        in_table = self.start is None and buffers is not None and index.numel() <= buffers.size(1)
+        in_table = self.start is None and not first and buffers is not None and index.numel() <= buffers.size(1)
         if in_table:
             self.slot_rows = self.slot_rows_until(self.length)[:, index]  # (length, R')
         else:

@@ -44,8 +44,9 @@ class SearchSetup:
     cache: DecoderCache  # encoder output projected for every decoder layer, B sources
 
     def admit(self, model: EncoderDecoder, src: Tensor, opts: DecodeOptions) -> None:
-        """Sentences src (b, S') join the search (greedy only): encoded, budgeted, and appended to
-        the cache as rows that start at its next slot. They take batch indices B, B + 1, ..."""
+        """Sentences src (b, S') join the search: encoded, budgeted, and appended to the cache, with
+        as many rows each as its other sources (their beams), that start at its next slot. They
+        take batch indices B, B + 1, ..."""
         src_lengths = (src != model.cfg.pad_id).sum(dim=1)  # (b,)
         budget = output_budgets(src_lengths, opts.max_len_a, opts.max_len_b, opts.max_len, model.cfg.max_positions)
         memory, src_mask = model.encode(src)  # (b, S', D), (b, 1, 1, S')

@@ -7,11 +7,12 @@ Requests are checked against the limits before any work is queued; errors are `I
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,24 +228,65 @@ class TranslationService:
         return self._stream(prepared, self._submit(prepared, call, stream=True), call)
 
     def _stream(self, prepared: _Prepared, job: Job, call: Call) -> Iterator[StreamEvent]:
-        sent = [""] * len(prepared.sources)  # text streamed so far per sentence
-        seen = [0] * len(prepared.sources)  # prefix length it was decoded from
+        text = _StreamedText(self, prepared)
         try:
             for kind, i, value in job.events():
-                if kind == "prefix":
-                    if len(value) <= seen[i]:
-                        continue
-                    seen[i] = len(value)
-                    text = self.tokenizer.decode([value])[0]
-                    if text.startswith(sent[i]) and len(text) > len(sent[i]):
-                        yield StreamEvent(i, text[len(sent[i]):])
-                        sent[i] = text
-                else:
-                    result = self._candidates(prepared, i, value)
-                    best = result[0].text
-                    yield StreamEvent(i, best[len(sent[i]):] if best.startswith(sent[i]) else "", result)
+                if event := text.event(kind, i, value):
+                    yield event
         finally:
             job.cancel()  # a no-op once finished; stops decoding if the consumer stopped early
+            _record(call, job)
+
+    # -- the same for an asyncio caller: no thread waits; a cancelled task cancels the request --
+
+    async def translate_async(
+        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
+    ) -> list[list[Candidate]]:
+        """translate(), awaited on an event loop."""
+        call = call or Call()
+        prepared = self.prepare(texts, options)
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def listener(event: tuple[str, int, Any]) -> None:  # on the decoding thread
+            if event[0] == "end":
+                _call_soon(loop, _settle, ended)
+
+        job = self._submit(prepared, call, stream=False, listener=listener)
+        try:
+            await ended
+            raw = job.wait()  # at once: the job has ended
+        finally:
+            job.cancel()  # a no-op once finished; stops decoding if the task was cancelled
+            _record(call, job)
+        return [self._candidates(prepared, i, r) for i, r in enumerate(raw)]
+
+    def translate_stream_async(
+        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """translate_stream(), iterated on an event loop. Checks and queues the request before
+        returning, so errors raise here, not mid-stream."""
+        call = call or Call()
+        prepared = self.prepare(texts, options)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+        job = self._submit(prepared, call, stream=True,
+                           listener=lambda event: _call_soon(loop, events.put_nowait, event))
+        return self._stream_async(prepared, job, call, events)
+
+    async def _stream_async(self, prepared: _Prepared, job: Job, call: Call,
+                            events: asyncio.Queue) -> AsyncIterator[StreamEvent]:
+        text = _StreamedText(self, prepared)
+        try:
+            while True:
+                kind, i, value = await events.get()
+                if kind == "end":
+                    job.wait()  # at once; raises the job's error, if it failed
+                    return
+                if event := text.event(kind, i, value):
+                    yield event
+        finally:
+            job.cancel()
             _record(call, job)
 
     def prepare(self, texts: Sequence[str], options: RequestOptions) -> _Prepared:
@@ -317,11 +359,12 @@ class TranslationService:
         except ValueError as e:  # a combination with the server's defaults, e.g. n_best > beam_size
             raise InvalidArgument(f"options.{e}") from None
 
-    def _submit(self, prepared: _Prepared, call: Call, stream: bool) -> Job:
+    def _submit(self, prepared: _Prepared, call: Call, stream: bool,
+                listener: Callable[[tuple[str, int, Any]], None] | None = None) -> Job:
         call.sentences = len(prepared.sources)
         call.src_tokens = sum(len(s) for s in prepared.sources)
         job = Job(prepared.sources, prepared.options, cost=prepared.options.beam_size,
-                  deadline=call.deadline, stream=stream)
+                  deadline=call.deadline, stream=stream, listener=listener)
         self.batcher.submit(job)
         # gRPC's add_callback says False when the call has already ended.
         if call.on_cancel is not None and call.on_cancel(job.cancel) is False:
@@ -330,13 +373,13 @@ class TranslationService:
 
     def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result, admit) -> list[Any]:
         """The batcher's decode function: one search over a padded batch, split per sentence.
-        Greedy search takes queued sentences in between its steps."""
+        Queued sentences join it between its steps (not when sampling)."""
         def joining(alive: int) -> torch.Tensor | None:
             new = admit(alive)
             return self.translator.source_batch(new) if new else None  # (b, S')
 
         hyps = search(self.translator.model, self.translator.source_batch(sources), opts, cancelled=cancelled,
-                      on_step=on_step, on_done=on_result, admit=joining if opts.beam_size == 1 else None)
+                      on_step=on_step, on_done=on_result, admit=None if opts.sample else joining)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
@@ -370,6 +413,43 @@ def _check_int(name: str, value: int | None, lo: int, hi: int, hi_name: str | No
         bound = f"{hi_name} ({hi})" if hi_name else str(hi)
         raise InvalidArgument(f"{name} must be between {lo} and {bound}, got {value}")
     return value
+
+
+class _StreamedText:
+    """A streaming job's events as text: what became final of a sentence since it was last sent."""
+
+    def __init__(self, service: TranslationService, prepared: _Prepared) -> None:
+        self.service = service
+        self.prepared = prepared
+        self.sent = [""] * len(prepared.sources)  # text streamed so far per sentence
+        self.seen = [0] * len(prepared.sources)  # prefix length it was decoded from
+
+    def event(self, kind: str, i: int, value: Any) -> StreamEvent | None:
+        if kind == "prefix":
+            if len(value) <= self.seen[i]:
+                return None
+            self.seen[i] = len(value)
+            text = self.service.tokenizer.decode([value])[0]
+            if not (text.startswith(self.sent[i]) and len(text) > len(self.sent[i])):
+                return None
+            new, self.sent[i] = text[len(self.sent[i]):], text
+            return StreamEvent(i, new)
+        result = self.service._candidates(self.prepared, i, value)
+        best = result[0].text
+        return StreamEvent(i, best[len(self.sent[i]):] if best.startswith(self.sent[i]) else "", result)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """fn(*args) on loop's thread, from any thread; dropped once the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _record(call: Call, job: Job) -> None:
