@@ -29,7 +29,7 @@ from translator.config import ConfigError
 class ReverseDecoder:
     """Emits each source reversed, one token per step; honours cancelled(), reports on_step, hands
     each sentence over with on_result the step it is done, and with `joins` takes queued
-    sentences before every step, as greedy search does."""
+    sentences before every step, as greedy search does; a generator, yielding between steps."""
 
     def __init__(self, step_seconds: float = 0.0, joins: bool = False) -> None:
         self.step_seconds = step_seconds
@@ -51,6 +51,7 @@ class ReverseDecoder:
         out: list[list[int]] = [[] for _ in sources]
         alive = set(range(len(sources)))
         while True:
+            yield  # a step ends here: the engine may step another batch
             new = admit(len(alive)) if self.joins else []
             if new:
                 self.joined.append(len(new))
@@ -94,7 +95,7 @@ def test_every_job_gets_its_own_results_exactly_once():
 def test_while_a_batch_decodes_sentences_arriving_within_the_delay_share_one_batch():
     decoder = ReverseDecoder()
     decoder.gate = threading.Event()
-    batcher = make(decoder, max_queue_delay_ms=300.0, take_turns=False)
+    batcher = make(decoder, max_queue_delay_ms=300.0)
     first = batcher.submit(Job([[9]], options="other"))
     assert decoder.started.wait(5)
     jobs = [batcher.submit(Job([[1, 2, i]], options="greedy")) for i in range(5)]
@@ -233,33 +234,55 @@ def test_closed_batcher_refuses_new_jobs_and_finishes_admitted_ones():
     batcher.stop()
 
 
-def test_two_workers_decode_two_batches_side_by_side():
-    """A second batch starts while the first is still decoding; every worker ran worker_init first."""
-    both_running = threading.Barrier(2, timeout=10)  # one worker alone would break it
-    decoder = ReverseDecoder()
-    inits: list[str] = []
+def test_the_engine_decodes_on_one_thread_after_worker_init():
+    """Batches of any options, one after another or side by side, decode on the engine's thread."""
+    threads: set[str] = set()
+    decoder = ReverseDecoder(joins=True)
 
     def decode(sources, options, cancelled, on_step, on_result, admit):
-        both_running.wait()
-        return decoder(sources, options, cancelled, on_step, on_result, admit)
+        threads.add(threading.current_thread().name)
+        return (yield from decoder(sources, options, cancelled, on_step, on_result, admit))
 
-    batcher = Batcher(decode, BatcherConfig(workers=2, take_turns=False, max_queue_delay_ms=0.0),
+    inits: list[str] = []
+    batcher = Batcher(decode, BatcherConfig(max_queue_delay_ms=0.0),
                       worker_init=lambda: inits.append(threading.current_thread().name))
-    jobs = [batcher.submit(Job([[1, 2]], options="a")), batcher.submit(Job([[3]], options="b"))]
-    assert [job.wait() for job in jobs] == [[[2, 1]], [[3]]]
-    assert sorted(inits) == ["batcher-0", "batcher-1"]
+    jobs = [batcher.submit(Job([[i, 2]], options=opts)) for i, opts in enumerate("abcab")]
+    assert [job.wait() for job in jobs] == [[[2, i]] for i in range(5)]
+    assert inits == ["batcher"] and threads == {"batcher"}
     batcher.stop()
 
 
-def test_workers_must_be_positive():
-    with pytest.raises(ConfigError, match="batching.workers"):
-        BatcherConfig(workers=0)
+def test_an_engine_run_by_its_caller_decodes_until_stopped():
+    batcher = Batcher(ReverseDecoder(), BatcherConfig(max_queue_delay_ms=0.0), thread=False)
+    engine = threading.Thread(target=batcher.run, name="caller")
+    engine.start()
+    assert batcher.submit(Job([[1, 2, 3]], options="g")).wait() == [[3, 2, 1]]
+    batcher.stop()
+    engine.join(5)
+    assert not engine.is_alive()
+
+
+def test_stop_fails_the_requests_still_decoding_and_ends_the_engine():
+    decoder = ReverseDecoder(step_seconds=0.01)
+    batcher = make(decoder, max_queue_delay_ms=0.0)
+    job = batcher.submit(Job([list(range(1000))], options="g"))
+    assert decoder.started.wait(5)
+    batcher.stop()
+    with pytest.raises(ShuttingDown):
+        job.wait()
+    assert len(decoder.alive_per_step) < 1000 and batcher.pending == 0
+
+
+def test_max_batches_must_be_positive():
+    with pytest.raises(ConfigError, match="batching.max_batches"):
+        BatcherConfig(max_batches=0)
 
 
 def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends():
     release = threading.Event()
 
     def decode(sources, options, cancelled, on_step, on_result, admit):
+        yield
         on_result(0, "short")  # the first sentence is final at once
         assert release.wait(10)  # the rest of the batch is still decoding
         return ["short", "long"]
@@ -339,7 +362,7 @@ def test_a_finished_sentence_gives_its_queue_place_back_while_its_batch_runs_on(
 
 
 def test_with_every_worker_busy_a_request_with_other_options_stops_the_joining_once_it_has_waited():
-    decoder, batcher, first = running(30, options="greedy", workers=1, max_queue_delay_ms=10.0,
+    decoder, batcher, first = running(30, options="greedy", max_batches=1, max_queue_delay_ms=10.0,
                                       max_join_delay_ms=0.0)
     other = batcher.submit(Job([[1, 2]], options="beam"))
     time.sleep(0.05)
@@ -379,13 +402,19 @@ def test_join_delay_must_not_be_negative():
 
 
 def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():
-    """Batches take turns by compute used: 3 steps of a cheap batch do not wait out 100 costly ones."""
+    """Batches step in turn by compute used: 3 steps of a cheap batch do not wait out 100 costly ones."""
     decoder = ReverseDecoder(joins=True)
     seconds = {"beam16": 0.03, "greedy": 0.0}
 
     def decode(sources, options, cancelled, on_step, on_result, admit):
-        decoder.step_seconds = seconds[options]  # only one batch steps at a time: safe to switch
-        return decoder(sources, options, cancelled, on_step, on_result, admit)
+        steps = decoder(sources, options, cancelled, on_step, on_result, admit)
+        while True:
+            decoder.step_seconds = seconds[options]  # this batch's next step costs this much
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield
 
     batcher = Batcher(decode, BatcherConfig(max_queue_delay_ms=0.0, max_join_delay_ms=0.0))
     long = batcher.submit(Job([list(range(100))], options="beam16"))
@@ -403,7 +432,7 @@ def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():
 def test_a_cancelled_request_gives_its_queue_places_back_at_once():
     decoder = ReverseDecoder()
     decoder.gate = threading.Event()
-    batcher = make(decoder, workers=1, max_queue_sentences=5, max_queue_delay_ms=0.0)
+    batcher = make(decoder, max_batches=1, max_queue_sentences=5, max_queue_delay_ms=0.0)
     running_job = batcher.submit(Job([[1, 2]], options="g"))
     assert decoder.started.wait(5)  # decoding, held at its first step
     queued = batcher.submit(Job([[3], [4], [5]], options="g"))
@@ -423,7 +452,7 @@ def test_a_cancelled_request_gives_its_queue_places_back_at_once():
 def test_a_queued_request_past_its_deadline_gives_its_places_back_without_a_step():
     decoder = ReverseDecoder()
     decoder.gate = threading.Event()
-    batcher = make(decoder, workers=1, max_queue_sentences=3, max_queue_delay_ms=0.0)
+    batcher = make(decoder, max_batches=1, max_queue_sentences=3, max_queue_delay_ms=0.0)
     first = batcher.submit(Job([[1, 2]], options="g"))
     assert decoder.started.wait(5)
     batcher.submit(Job([[3], [4]], options="g", deadline=time.monotonic() + 0.05))

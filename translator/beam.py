@@ -27,7 +27,7 @@ from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
-from translator.search_setup import SearchSetup, on_source_device, start_search
+from translator.search_setup import SearchSetup, Steps, on_source_device, run_to_end, start_search
 
 NEG_INF = float("-inf")
 
@@ -204,8 +204,6 @@ class Finished:
         return self.count[sentence] >= self.opts.beam_size
 
 
-@on_source_device
-@torch.inference_mode()
 def beam_search(
     model: EncoderDecoder,
     src: Tensor,
@@ -223,6 +221,24 @@ def beam_search(
     join before a step with as many rows as the others, at their own step 0. See the module
     docstring for the rules, translator.hooks for the hooks, translator.constraints for `prefix`.
     """
+    return run_to_end(beam_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
+                                 on_done=on_done, admit=admit))
+
+
+@on_source_device
+@torch.inference_mode()
+def beam_steps(
+    model: EncoderDecoder,
+    src: Tensor,
+    opts: DecodeOptions,
+    *,
+    prefix: list[list[int]] | None = None,
+    cancelled: Cancelled | None = None,
+    on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
+    admit: Admit | None = None,
+) -> Steps:
+    """beam_search one step at a time (translator.search_setup.Steps)."""
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
@@ -230,6 +246,7 @@ def beam_search(
     beams = Beams.start(torch.arange(B), 1, S if opts.alignment else None, model.cfg.bos_id)
     finished = Finished(B, opts)
     while True:
+        yield
         new = admit(beams.count) if admit is not None else None
         if new is not None and new.size(0):
             beams = join(model, new, beams, run, finished, opts)

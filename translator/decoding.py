@@ -2,6 +2,7 @@
 
     search(model, src, opts, *, prefix=None, cancelled=None, on_step=None, on_done=None,
            admit=None) -> Hypotheses
+    search_steps(...) -> Steps: the same search, one decoding step per next()
 
 dispatches on the options: greedy search for beam_size 1 (sampling when opts.sample), beam search
 otherwise. Modules: decode_options (DecodeOptions), length (budgets, length penalty), constraints
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from translator.beam import beam_search
+from translator.beam import beam_search, beam_steps
 from translator.decode_options import PRESETS, DecodeOptionError, DecodeOptions
-from translator.greedy import greedy_search
+from translator.greedy import greedy_search, greedy_steps
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis
 from translator.model import EncoderDecoder
+from translator.search_setup import Steps, run_to_end
 
 __all__ = [
     "PRESETS", "DecodeOptionError", "DecodeOptions", "Hypotheses", "Hypothesis",
-    "beam_search", "greedy_search", "search",
+    "beam_search", "greedy_search", "search", "search_steps",
 ]
 
 
@@ -51,8 +53,24 @@ def search(
     A sentence's result does not depend on the other sentences of the batch or on padding (up to
     float rounding), except when sampling.
     """
-    if opts.beam_size == 1:
-        return greedy_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
-                             admit=admit)
-    return beam_search(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
-                       admit=admit)
+    return run_to_end(search_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
+                                   on_done=on_done, admit=admit))
+
+
+def search_steps(
+    model: EncoderDecoder,
+    src: Tensor,
+    opts: DecodeOptions,
+    *,
+    prefix: list[list[int]] | None = None,
+    cancelled: Cancelled | None = None,
+    on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
+    admit: Admit | None = None,
+) -> Steps:
+    """`search` one step at a time: each next() runs up to the next decoding step (the first
+    encodes src too); the generator returns the Hypotheses. A server interleaves the steps of
+    searches with different options on one thread this way."""
+    steps = greedy_steps if opts.beam_size == 1 else beam_steps
+    return steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
+                 admit=admit)

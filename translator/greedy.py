@@ -13,7 +13,7 @@ from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
 from translator.sampling import best_tokens, make_picker
-from translator.search_setup import on_source_device, start_search
+from translator.search_setup import Steps, on_source_device, run_to_end, start_search
 
 
 @dataclass
@@ -91,8 +91,6 @@ class Rows:
         )
 
 
-@on_source_device
-@torch.inference_mode()
 def greedy_search(
     model: EncoderDecoder,
     src: Tensor,
@@ -110,6 +108,24 @@ def greedy_search(
     is cancelled; sentences `admit` hands over join it before a step, at their own position 0.
     See translator.hooks for the hooks, translator.constraints for `prefix`.
     """
+    return run_to_end(greedy_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
+                                   on_done=on_done, admit=admit))
+
+
+@on_source_device
+@torch.inference_mode()
+def greedy_steps(
+    model: EncoderDecoder,
+    src: Tensor,
+    opts: DecodeOptions,
+    *,
+    prefix: list[list[int]] | None = None,
+    cancelled: Cancelled | None = None,
+    on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
+    admit: Admit | None = None,
+) -> Steps:
+    """greedy_search one step at a time (translator.search_setup.Steps)."""
     cfg = model.cfg
     B, S = src.shape
     if B == 0:
@@ -120,6 +136,7 @@ def greedy_search(
     streamed: list[list[int]] = [[] for _ in range(B)]
     pick = make_picker(opts)
     while True:
+        yield
         new = admit(rows.count) if admit is not None else None
         if new is not None and new.size(0):
             first, n = run.hooks.batch_size, new.size(0)

@@ -3,8 +3,9 @@ and what sentences joining a running search bring to it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,25 +15,50 @@ from torch import Tensor
 from translator.constraints import StepRules
 from translator.decode_options import DecodeOptionError, DecodeOptions
 from translator.hooks import Cancelled, OnDone, OnStep, SearchHooks
+from translator.hypotheses import Hypotheses
 from translator.length import output_budgets
 from translator.model import DecoderCache, EncoderDecoder
 
 Search = TypeVar("Search", bound=Callable)
+# A search run step by step: each next() runs up to the next decoding step (the first one encodes
+# the sources too) and the generator returns its Hypotheses.
+Steps = Generator[None, None, Hypotheses]
 
 
 def on_source_device(search: Search) -> Search:
-    """Run search(model, src, ...) with src's device as the default for the tensors it makes (row
-    indices, scores, masks), so that a model on a GPU decodes there. On the CPU, the default
+    """Run a step generator search(model, src, ...) with src's device as the default for the
+    tensors it makes (row indices, scores, masks), so that a model on a GPU decodes there; the
+    device applies while a step runs, not to the caller between steps. On the CPU, the default
     already, it runs as it is: the device context intercepts every torch call from Python."""
 
     @functools.wraps(search)
-    def on_device(model: EncoderDecoder, src: Tensor, *args, **kwargs):
+    def on_device(model: EncoderDecoder, src: Tensor, *args, **kwargs) -> Steps:
+        steps = search(model, src, *args, **kwargs)
         if src.device.type == "cpu":
-            return search(model, src, *args, **kwargs)
-        with torch.device(src.device):
-            return search(model, src, *args, **kwargs)
+            return steps
+        return steps_within(lambda: torch.device(src.device), steps)
 
     return on_device  # type: ignore[return-value]
+
+
+def steps_within(context: Callable[[], contextlib.AbstractContextManager], steps: Steps) -> Steps:
+    """steps, each of them run inside a fresh context()."""
+    while True:
+        with context():
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+        yield
+
+
+def run_to_end(steps: Steps) -> Hypotheses:
+    """Run a step generator to its end: the search's Hypotheses."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 @dataclass

@@ -58,29 +58,45 @@ def serve_main(argv: list[str] | None = None) -> int:
     from translator.checkpoint import CheckpointError
     from translator.runtime import keep_freed_memory
     from translator.server import create_server
+    from translator.service import TranslationService
 
     keep_freed_memory()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if kernels.library() is not None:  # built or loaded now, not on the first request
         logging.getLogger("translator.kernels").info("native decoding kernels loaded")
+    # The decoding engine runs on this thread, which loads the model: one thread doing all the
+    # OpenMP work keeps libgomp spinning between parallel regions (translator.batcher).
+    service = None
     try:
-        server, port = create_server(cfg)
+        service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding,
+                                                     cfg.threads, engine_thread=False)
+        server, port = create_server(cfg, service)
     except (ConfigError, CheckpointError, OSError) as e:
+        if service is not None:
+            service.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    stop = threading.Event()
+    service.translator.translate(["warm-up"])  # first-call costs (packed weights, caches) before serving
+    drainer = threading.Thread(target=_drain, args=(server, cfg.grace_seconds), name="drain")
+
+    def on_signal(*_: Any) -> None:
+        if drainer.ident is None:  # the first signal starts the drain; later ones change nothing
+            drainer.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     server.start()
     metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    log = logging.getLogger("translator.server")
-    log.info("draining: up to %.1f s for in-flight requests", cfg.grace_seconds)
-    server.drain(cfg.grace_seconds)
+    service.run_engine()  # until the drain stops the service
+    drainer.join()
     return 0
+
+
+def _drain(server, grace: float) -> None:
+    logging.getLogger("translator.server").info("draining: up to %.1f s for in-flight requests", grace)
+    server.drain(grace)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from translator.batcher import Batcher, BatcherConfig, Job
 from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
-from translator.decoding import DecodeOptions, search
+from translator.decoding import DecodeOptions, search_steps
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
@@ -148,8 +148,11 @@ class TranslationService:
         checkpoint_config: dict[str, Any] | None = None,
         checkpoint_metrics: dict[str, Any] | None = None,
         threads: int = 0,
+        engine_thread: bool = True,
     ) -> None:
-        """threads: intra-op threads of each decode worker (batching.workers of them); 0 = torch's default."""
+        """threads: intra-op threads of the decoding engine; 0 = torch's default. engine_thread:
+        decode on a thread of the service's own; False: the caller runs `run_engine()` (best on
+        the thread that loaded the model: see translator.batcher)."""
         if threads < 0:
             raise ConfigError(f"threads must be >= 0, got {threads}")
         self.translator = translator
@@ -177,7 +180,8 @@ class TranslationService:
             metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
         )
-        self.batcher = Batcher(self._decode, batching, (lambda: torch.set_num_threads(threads)) if threads else None)
+        self.batcher = Batcher(self._decode, batching, (lambda: torch.set_num_threads(threads)) if threads else None,
+                               thread=engine_thread)
 
     @classmethod
     def from_checkpoint(
@@ -187,6 +191,7 @@ class TranslationService:
         batching: BatcherConfig | None = None,
         defaults: DecodeOptions | None = None,
         threads: int = 0,
+        engine_thread: bool = True,
     ) -> TranslationService:
         """Load the checkpoint once (weights-only unpickling) and build the service around it."""
         path = Path(path)
@@ -199,7 +204,7 @@ class TranslationService:
         identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
                                  data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
-        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads)
+        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -371,15 +376,17 @@ class TranslationService:
             job.cancel()
         return job
 
-    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result, admit) -> list[Any]:
-        """The batcher's decode function: one search over a padded batch, split per sentence.
-        Queued sentences join it between its steps (not when sampling)."""
+    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result,
+                admit) -> Generator[None, None, list[Any]]:
+        """The batcher's decode function: one search over a padded batch, a step at a time, split
+        per sentence. Queued sentences join it between its steps (not when sampling)."""
         def joining(alive: int) -> torch.Tensor | None:
             new = admit(alive)
             return self.translator.source_batch(new) if new else None  # (b, S')
 
-        hyps = search(self.translator.model, self.translator.source_batch(sources), opts, cancelled=cancelled,
-                      on_step=on_step, on_done=on_result, admit=None if opts.sample else joining)
+        hyps = yield from search_steps(self.translator.model, self.translator.source_batch(sources), opts,
+                                       cancelled=cancelled, on_step=on_step, on_done=on_result,
+                                       admit=None if opts.sample else joining)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
@@ -396,6 +403,10 @@ class TranslationService:
         return out
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def run_engine(self) -> None:
+        """Decode on this thread until stop() (for a service made with engine_thread=False)."""
+        self.batcher.run()
 
     def close(self) -> None:
         """Refuse new requests (ShuttingDown); admitted ones still finish."""
