@@ -319,7 +319,10 @@ def test_overload_is_refused_at_once_and_no_request_is_lost(checkpoint, offline,
             while srv.service.batcher.pending == 0:
                 time.sleep(0.01)
             # The blocker holds one of the queue's two places: one more sentence fits, eleven do not.
-            requests = [pb.TranslateRequest(texts=[SENTENCES[i % 6]], request_id=f"burst-{i}")
+            # 100 steps each, so that the one that fits cannot finish (and give its place back)
+            # before the last of the burst has arrived.
+            options = pb.DecodingOptions(max_length=100)
+            requests = [pb.TranslateRequest(texts=[SENTENCES[i % 6]], options=options, request_id=f"burst-{i}")
                         for i in range(12)]
             burst = [stub.Translate.future(r, timeout=120) for r in requests]
             while sum(f.done() for f in burst) < 11:
@@ -334,7 +337,7 @@ def test_overload_is_refused_at_once_and_no_request_is_lost(checkpoint, offline,
             assert all("queue is full" in burst[i].details() for i in refused)
             blocker.cancel()
             (served,) = set(range(12)) - set(refused)
-            want = offline([SENTENCES[served % 6]])[0].text
+            want = offline([SENTENCES[served % 6]], max_len=options.max_length)[0].text
             assert burst[served].result(timeout=60).translations[0].hypotheses[0].text == want
         ids = [json.loads(r.getMessage())["id"] for r in caplog.records if r.name == "translator.server"]
         assert sorted(i for i in ids if i.startswith("burst-")) == sorted(f"burst-{i}" for i in range(12))

@@ -21,7 +21,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.test_server import SENTENCES, server_config, write_checkpoint
 from translator.client import ClientTls, TranslatorClient
 from translator.server import TlsConfig, create_server
-from translator.service import TranslationService
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +30,14 @@ def checkpoint(tmp_path_factory, toy_tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def start(checkpoint):
-    """start(**ServerConfig changes) -> (server, target); the servers share one loaded model."""
-    cfg = server_config(checkpoint)
-    service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding)
+    """start(**ServerConfig changes) -> (server, target): a started server on the tiny checkpoint."""
 
     def start_server(**changes):
-        srv, port = create_server(server_config(checkpoint, **changes), service=service)
+        srv, port = create_server(server_config(checkpoint, **changes))
         srv.start()
         return srv, f"127.0.0.1:{port}"
 
-    yield start_server
-    service.stop()
+    return start_server
 
 
 def pem(obj) -> bytes:
@@ -106,7 +102,7 @@ def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(start, pki):
         assert translates(target) == grpc.StatusCode.UNAVAILABLE  # plaintext never reaches a handler
         assert translates(target, tls=ClientTls(ca_file=pki["rogue"])) == grpc.StatusCode.UNAVAILABLE
     finally:
-        srv.grpc.stop(None)
+        srv.stop()
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(start, pki):
@@ -119,7 +115,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(start, pki
         rogue = ClientTls(ca_file=pki["ca"], cert_file=pki["rogue"], key_file=pki["rogue_key"])
         assert translates(target, tls=rogue) == grpc.StatusCode.UNAVAILABLE
     finally:
-        srv.grpc.stop(None)
+        srv.stop()
 
 
 def test_bearer_token_is_required_except_for_health_checks(start, tmp_path):
@@ -137,7 +133,7 @@ def test_bearer_token_is_required_except_for_health_checks(start, tmp_path):
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
-        srv.grpc.stop(None)
+        srv.stop()
 
 
 def test_client_retries_unavailable_until_the_server_is_up(start):
@@ -155,7 +151,7 @@ def test_client_retries_unavailable_until_the_server_is_up(start):
     finally:
         late.join()
         for srv, _ in servers:
-            srv.grpc.stop(None)
+            srv.stop()
 
 
 def test_client_gives_up_after_its_retries():

@@ -1,11 +1,11 @@
-"""Counters and latency histograms, exposed in the Prometheus text format over stdlib HTTP."""
+"""Counters and latency histograms, exposed in the Prometheus text format over HTTP on an asyncio loop."""
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Seconds; spans a sub-millisecond queue wait to a long beam-search batch.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -114,25 +114,107 @@ class Metrics:
         return "\n".join(line for f in families for line in f.render()) + "\n"
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve GET /metrics on host:port (0 picks a free port: see .server_address) in a daemon thread."""
+class MetricsEndpoint:
+    """GET /metrics (Prometheus text) over HTTP/1.1, served by coroutines on an asyncio loop: an
+    open connection costs a socket and a suspended coroutine, never a thread. One response per
+    connection; a connection that sends no complete request within idle_s seconds is closed."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404, "only /metrics is served here")
-                return
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    LINGER_S = 2.0
+    MAX_HEAD_LINES = 100
 
-        def log_message(self, format: str, *args) -> None:  # scrapes are not worth a log line each
-            pass
+    def __init__(self, metrics: Metrics, idle_s: float = 30.0) -> None:
+        self.metrics = metrics
+        self.idle_s = idle_s
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
 
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
-    return httpd
+    async def bind(self, host: str, port: int) -> int:
+        """Listen on host:port (0 picks a free port) without answering yet; returns the port."""
+        # A deep accept queue: past asyncio's default of 100, a burst of connections waits for
+        # the client's SYN retry (a second or more) while the loop is busy.
+        self._server = await asyncio.start_server(self._serve, host, port, backlog=1024, start_serving=False)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def start(self) -> None:
+        await self._server.start_serving()
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections (idle ones would otherwise hold the close)."""
+        self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            try:
+                request_line = await asyncio.wait_for(self._read_head(reader), self.idle_s)
+            except _BadRequest as e:
+                answer = _response(400, "Bad Request", f"{e}\n".encode())
+            else:
+                if request_line is None:
+                    return
+                answer = self._answer(request_line)
+            writer.write(answer)
+            writer.write_eof()
+            await writer.drain()
+            # Read on until the client closes (for at most LINGER_S): closing a socket with unread
+            # input (a request body, the rest of a refused head) resets the connection, and the
+            # reset can destroy the answer on its way.
+            await asyncio.wait_for(_discard(reader), self.LINGER_S)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass  # idle too long, or the client went away
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The request line, once the whole head (request line and headers) has arrived; None
+        if the client closed the connection first."""
+        request_line = None
+        for _ in range(self.MAX_HEAD_LINES):
+            try:
+                line = await reader.readline()
+            except ValueError:  # asyncio's LimitOverrunError: a line past the reader's 64 KiB
+                raise _BadRequest("request head line too long") from None
+            if not line.endswith(b"\n"):
+                return None
+            if not line.strip():
+                if request_line is None:
+                    continue  # blank lines before the request line are allowed (RFC 9112 2.2)
+                return request_line
+            request_line = request_line or line
+        raise _BadRequest("request head too long")
+
+    def _answer(self, request_line: bytes) -> bytes:
+        parts = request_line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return _response(400, "Bad Request", b"malformed HTTP/1.x request line\n")
+        method, target, _ = parts
+        if method != "GET":
+            return _response(405, "Method Not Allowed", b"only GET is served here\n", "Allow: GET\r\n")
+        if target.split("?")[0] != "/metrics":
+            return _response(404, "Not Found", b"only /metrics is served here\n")
+        return _response(200, "OK", self.metrics.render().encode(),
+                         content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+class _BadRequest(Exception):
+    pass
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
+
+
+def _response(status: int, reason: str, body: bytes, extra_headers: str = "",
+              content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra_headers}\r\n")
+    return head.encode("latin-1") + body

@@ -1,0 +1,284 @@
+"""The gRPC adapter on grpc.aio: proto -> TranslationService call -> proto.
+
+Errors become status codes in one place (`status_of`); every call leaves one structured log line
+(logger "translator.server") and its metrics. The server around it is `translator.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message as pb_message
+from google.protobuf import unknown_fields
+
+from translator.batcher import Cancelled, DeadlineExceeded, DecodeFailed, QueueFull, ShuttingDown
+from translator.metrics import Metrics
+from translator.proto.translator.v1 import translator_pb2 as pb
+from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
+from translator.service import (
+    Call,
+    Candidate,
+    InvalidArgument,
+    ModelIdentity,
+    ModelInfo,
+    RequestOptions,
+    TranslationService,
+)
+
+log = logging.getLogger("translator.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name  # translator.v1.Translator
+# gRPC core's deadline timer and Python's clock disagree by a little; a cancel this close to the
+# deadline is the deadline.
+DEADLINE_SLACK_S = 0.05
+
+
+# -- errors: the one place where outcomes become status codes --------------------------------
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DecodeFailed, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_of(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """Status code and client-facing message; unexpected errors are logged, never sent as traces."""
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code, str(error)
+    log.exception("request %s failed", request_id, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
+
+
+@dataclass
+class _Rpc:
+    id: str
+    call: Call
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+class _Malformed:
+    """What the request deserializer returns for bytes that do not parse, so the handler can say why."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"request is not a valid {type_name}: {error}"
+
+
+def _parser(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except pb_message.DecodeError as e:
+            return _Malformed(cls.DESCRIPTOR.full_name, e)
+
+    return parse
+
+
+def check_request(request: Any) -> None:
+    """Refuse malformed bytes and fields this server does not know (a newer client's options)."""
+    if isinstance(request, _Malformed):
+        raise InvalidArgument(request.message)
+    unknown = _unknown_field(request, request.DESCRIPTOR.name)
+    if unknown:
+        raise InvalidArgument(f"unknown field {unknown}: this server does not support it")
+
+
+def _unknown_field(msg: pb_message.Message, path: str) -> str | None:
+    for f in unknown_fields.UnknownFieldSet(msg):
+        return f"{path}.#{f.field_number}"
+    for desc, value in msg.ListFields():
+        if desc.message_type is not None and not desc.message_type.GetOptions().map_entry:
+            for i, sub in enumerate(value if desc.is_repeated else [value]):
+                name = f"{path}.{desc.name}" + (f"[{i}]" if desc.is_repeated else "")
+                if found := _unknown_field(sub, name):
+                    return found
+    return None
+
+
+# -- proto <-> domain -------------------------------------------------------------------------
+
+
+def _request_options(o: pb.DecodingOptions) -> RequestOptions:
+    def opt(name: str) -> Any:
+        return getattr(o, name) if o.HasField(name) else None
+
+    return RequestOptions(
+        beam_size=opt("beam_size"), length_penalty=opt("length_penalty"), max_length=opt("max_length"),
+        n_best=opt("n_best"), min_length=opt("min_length"),
+        return_scores=o.return_scores, return_alignments=o.return_alignments,
+    )
+
+
+def _translation(candidates: list[Candidate], scores: bool) -> pb.Translation:
+    out = pb.Translation()
+    for c in candidates:
+        h = out.hypotheses.add(text=c.text)
+        if scores:
+            h.score = c.score
+        if c.alignment is not None:
+            a = c.alignment
+            h.alignment.CopyFrom(pb.Alignment(source_tokens=a.source_tokens, target_tokens=a.target_tokens,
+                                              weights=[w for row in a.weights for w in row]))
+    return out
+
+
+def _identity(ident: ModelIdentity) -> pb.ModelIdentity:
+    return pb.ModelIdentity(name=ident.name, checkpoint_sha256=ident.checkpoint_sha256,
+                            source_language=ident.source_language, target_language=ident.target_language)
+
+
+def _model_info(info: ModelInfo) -> pb.ModelInfo:
+    arch, lim, d = info.architecture, info.limits, info.defaults
+    defaults = pb.DecodingOptions(beam_size=d.beam_size, max_length=min(d.max_len, info.max_length),
+                                  n_best=d.n_best, min_length=d.min_len, length_penalty=d.length_penalty)
+    return pb.ModelInfo(
+        model=_identity(info.identity),
+        vocabulary_size=info.vocabulary_size,
+        preset=info.preset,
+        tokenizer_sha256=info.tokenizer_sha256,
+        architecture=pb.Architecture(d_model=arch.d_model, n_heads=arch.n_heads, n_layers=arch.n_layers,
+                                     d_ff=arch.d_ff, max_positions=arch.max_positions),
+        limits=pb.Limits(max_sentences=lim.max_sentences, max_sentence_chars=lim.max_sentence_chars,
+                         max_source_tokens=info.max_source_tokens, max_beam_size=lim.max_beam_size,
+                         max_length=info.max_length, max_message_bytes=lim.max_message_bytes,
+                         max_request_cost=lim.max_request_cost),
+        defaults=defaults,
+        metrics=info.metrics,
+    )
+
+
+# -- the servicer -----------------------------------------------------------------------------
+
+
+class TranslatorServicer(pb_grpc.TranslatorServicer):
+    """translator.v1.Translator over a TranslationService, on grpc.aio; one structured log line per
+    call. Lives on the server's event loop: a cancelled handler task (the client left, its deadline
+    passed) cancels the request inside the service."""
+
+    def __init__(self, service: TranslationService, metrics: Metrics | None = None) -> None:
+        self.service = service
+        self.metrics = metrics or Metrics()
+        self.model = _identity(service.identity)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def Translate(self, request: pb.TranslateRequest,
+                        context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
+        async with self._rpc("Translate", request, context) as rpc:
+            check_request(request)
+            results = await self.service.translate_async(list(request.texts), _request_options(request.options),
+                                                         rpc.call)
+            scores = request.options.return_scores
+            return pb.TranslateResponse(translations=[_translation(r, scores) for r in results],
+                                        model=self.model)
+
+    async def TranslateStream(self, request: pb.TranslateRequest,
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
+        async with self._rpc("TranslateStream", request, context) as rpc:
+            check_request(request)
+            options = _request_options(request.options)
+            events = self.service.translate_stream_async(list(request.texts), options, rpc.call)
+            async with contextlib.aclosing(events):
+                model: pb.ModelIdentity | None = self.model
+                async for ev in events:
+                    msg = pb.TranslateStreamResponse(index=ev.index, text=ev.text, model=model)
+                    if ev.result is not None:
+                        msg.done = True
+                        msg.translation.CopyFrom(_translation(ev.result, request.options.return_scores))
+                    model = None
+                    yield msg
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async with self._rpc("GetModelInfo", request, context):
+            check_request(request)
+            return _model_info(self.service.info)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until no call of this servicer is running; True if none is."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Rpc]:
+        rpc = _Rpc(getattr(request, "request_id", "") or uuid.uuid4().hex[:16], Call(deadline=_deadline(context)))
+        self._begin(context)
+        start = time.perf_counter()
+        try:
+            yield rpc
+        except (asyncio.CancelledError, GeneratorExit):
+            # gRPC cancelled the handler (the client left, or its deadline passed) or closed the
+            # stream's generator; the service's own cleanup has cancelled the request.
+            rpc.code = grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:  # noqa: BLE001 - every error leaves through status_of
+            if isinstance(e, Cancelled) and _past_deadline(context):
+                e = DeadlineExceeded("deadline exceeded")
+            rpc.code, message = status_of(e, rpc.id)
+            await context.abort(rpc.code, message)
+        finally:
+            self._log(method, rpc, time.perf_counter() - start)
+
+    def _begin(self, context: grpc.aio.ServicerContext) -> None:
+        """Count the call as in flight until gRPC has sent its status (what drain waits for)."""
+        self._in_flight += 1
+        self._idle.clear()
+        context.add_done_callback(self._end)
+
+    def _end(self, context: grpc.aio.ServicerContext) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _log(self, method: str, rpc: _Rpc, seconds: float) -> None:
+        s = rpc.call
+        self.metrics.record(method, rpc.code.name, seconds, s.sentences, s.queue_ms, s.decode_ms)
+        log.info(json.dumps({
+            "event": "rpc", "id": rpc.id, "method": method, "status": rpc.code.name,
+            "sentences": s.sentences, "src_tokens": s.src_tokens, "queue_ms": round(s.queue_ms, 2),
+            "decode_ms": round(s.decode_ms, 2), "steps": s.steps, "total_ms": round(seconds * 1000.0, 2),
+        }))
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining < DEADLINE_SLACK_S
+
+
+def generic_handler(servicer: TranslatorServicer) -> grpc.GenericRpcHandler:
+    """Like the generated add_TranslatorServicer_to_server, but unparseable requests reach the
+    servicer (as _Malformed) so that they get INVALID_ARGUMENT instead of gRPC's INTERNAL."""
+    handlers = {
+        "Translate": grpc.unary_unary_rpc_method_handler(
+            servicer.Translate, _parser(pb.TranslateRequest), pb.TranslateResponse.SerializeToString),
+        "TranslateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.TranslateStream, _parser(pb.TranslateRequest),
+            pb.TranslateStreamResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, _parser(pb.GetModelInfoRequest), pb.ModelInfo.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
