@@ -213,7 +213,7 @@ def serving(args: argparse.Namespace, batching: str) -> Iterator[Server]:
     in_flight = max(args.concurrency, default=1) * args.request_sizes[1]
     cmd = [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(args.checkpoint), "--port", "0",
            "--metrics-port", "0",
-           "--threads", str(args.threads), f"batching.max_batches={args.max_batches}",
+           "--threads", str(args.server_threads or args.threads), f"batching.max_batches={args.max_batches}",
            f"batching.continuous={str(batching == 'continuous').lower()}",
            f"batching.max_batch_tokens={args.max_batch_tokens}",
            f"batching.max_queue_delay_ms={args.max_queue_delay_ms}",
@@ -463,6 +463,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="run everything R times; the summary is medians")
     p.add_argument("--beam-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server's decoding engine")
+    p.add_argument("--server-threads", type=int, default=0,
+                   help="torch threads of the server alone (default: --threads); offline keeps --threads")
     p.add_argument("--max-batches", type=int, default=4, help="server batches decoding at once (batching.max_batches)")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
@@ -528,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {"checkpoint": str(args.checkpoint), "corpus": str(args.corpus), "beam_size": args.beam_size,
                   "sentences": len(sentences), "request_sizes": list(args.request_sizes), "seed": args.seed,
-                  "repeats": args.repeats, "threads": args.threads, "max_batches": args.max_batches,
+                  "repeats": args.repeats, "threads": args.threads, "server_threads": args.server_threads or args.threads, "max_batches": args.max_batches,
                   "server_env": args.server_env, "server_set": args.server_set,
                   "server_target": args.server_target, **summary[args.batching[0]],
                   "summary_by_batching": summary, "offline": offline, "runs": runs}

@@ -35,6 +35,7 @@ class ReverseDecoder:
         self.step_seconds = step_seconds
         self.joins = joins
         self.batches: list[tuple[object, list[list[int]]]] = []  # sources of each call, joined ones too
+        self.streams: list[bool] = []  # whether each call was given on_step
         self.alive_per_step: list[list[int]] = []
         self.joined: list[int] = []  # sentences taken in by each admit() call that took some
         self.tokens_per_step: list[int] = []  # sentences decoding x their longest source
@@ -45,6 +46,7 @@ class ReverseDecoder:
     def __call__(self, sources, options, cancelled, on_step, on_result, admit):
         sources = [list(s) for s in sources]
         self.batches.append((options, sources))
+        self.streams.append(on_step is not None)
         self.started.set()
         if self.fail:
             raise RuntimeError("scripted failure")
@@ -69,7 +71,8 @@ class ReverseDecoder:
             self.tokens_per_step.append(len(alive) * max(len(sources[i]) for i in alive))
             for i in alive:
                 out[i].append(sources[i][-1 - len(out[i])])
-            on_step([list(o) for o in out])
+            if on_step is not None:  # the batch streams
+                on_step([list(o) for o in out])
             for i in sorted(alive):
                 if len(out[i]) == len(sources[i]):
                     alive.remove(i)
@@ -462,4 +465,20 @@ def test_a_queued_request_past_its_deadline_gives_its_places_back_without_a_step
     assert batcher.pending == 1
     decoder.gate.set()
     assert first.wait() == [[2, 1]]
+    batcher.stop()
+
+
+def test_streaming_requests_batch_apart_and_only_their_batches_report_prefixes():
+    decoder = ReverseDecoder()
+    decoder.gate = threading.Event()
+    batcher = make(decoder, max_batches=1, max_queue_delay_ms=0.0)
+    first = batcher.submit(Job([[9]], options="other"))
+    assert decoder.started.wait(5)
+    plain = [batcher.submit(Job([[i, 1]], options="g")) for i in range(2)]
+    streamed = batcher.submit(Job([[5, 6]], options="g", stream=True))
+    decoder.gate.set()
+    assert [job.wait() for job in (first, *plain)] == [[[9]], [[1, 0]], [[1, 1]]]
+    assert [(kind, value) for kind, _, value in streamed.events()] == [("prefix", [6]), ("prefix", [6, 5]),
+                                                                        ("result", [6, 5])]
+    assert [len(srcs) for _, srcs in decoder.batches] == [1, 2, 1] and decoder.streams == [False, False, True]
     batcher.stop()

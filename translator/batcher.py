@@ -58,7 +58,8 @@ __all__ = [
 
 # decode(sources, options, cancelled, on_step, on_result, admit) -> a generator that yields before
 # each decoding step and returns one result per source, in order (translator.decoding.search_steps).
-# cancelled() gives one bool per source, on_step(prefixes) the final tokens so far per source;
+# cancelled() gives one bool per source, on_step(prefixes) (None unless the batch streams: requests
+# that stream are batched apart from those that do not) the final tokens so far per source;
 # on_result(i, result) may hand over source i's result early, as soon as it is final, so that
 # its request is answered while the rest of the batch is still decoding. admit(alive) gives
 # queued sources that join the batch now (alive: sources still decoding), as sources
@@ -223,10 +224,10 @@ class Batcher:
             used = min((b.used for b in self._batches), default=0.0)
             self._batches.append(_Batch(self, key, items, used))
 
-    def _unserved_key(self) -> Hashable | None:
-        """Options of the oldest queued sentence that no running batch can take in; None if none."""
+    def _unserved_key(self) -> tuple[Hashable, bool] | None:
+        """Key of the oldest queued sentence that no running batch can take in; None if none."""
         taken = {b.key for b in self._batches if b.joinable}
-        return next((item.job.options for item in self._queue if item.job.options not in taken), None)
+        return next((item.key for item in self._queue if item.key not in taken), None)
 
     # -- the queue (under the lock) -------------------------------------------------------
 
@@ -261,13 +262,13 @@ class Batcher:
         for job in {id(item.job): item.job for item in self._queue}.values():
             job.stopped()
 
-    def _gather(self, key: Hashable, rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
-        """Queued sentences with options `key`, oldest first, that fit the token budget beside
+    def _gather(self, key: tuple[Hashable, bool], rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
+        """Queued sentences with `key` (options, streaming), oldest first, that fit the token budget beside
         `rows` sentences of up to `longest` tokens already decoding; and whether one more would
         not have fit."""
         batch: list[_Item] = []
         for item in self._queue:
-            if item.job.options != key:
+            if item.key != key:
                 continue
             size = max(longest, item.length)
             if (batch or rows) and (rows + len(batch) + 1) * size * item.job.cost > self.config.max_batch_tokens:
@@ -294,10 +295,10 @@ class Batcher:
             batch.joinable = True
             if self._stopping or not self._queue:
                 return []
-            head = self._queue[0].job
+            head = self._queue[0]
             crowded = len(self._batches) >= self.config.max_batches
-            if (head.options != batch.key and crowded
-                    and time.monotonic() - head._submitted > self.config.max_queue_delay_ms / 1000.0):
+            if (head.key != batch.key and crowded
+                    and time.monotonic() - head.job._submitted > self.config.max_queue_delay_ms / 1000.0):
                 batch.joinable = False
                 return []  # the oldest request wants other options and there is no room: run down for it
             joining, full = self._gather(batch.key, alive, batch.longest)
@@ -318,7 +319,7 @@ class _Batch:
     gives its place in the admission queue back, when it finishes or stops, not when the call ends.
     """
 
-    def __init__(self, batcher: Batcher, key: Hashable, items: list[_Item], used: float) -> None:
+    def __init__(self, batcher: Batcher, key: tuple[Hashable, bool], items: list[_Item], used: float) -> None:
         self.batcher = batcher
         self.key = key
         self.items = items
@@ -339,8 +340,9 @@ class _Batch:
                 if not self.items:
                     return False
                 sources = [item.job.sources[item.index] for item in self.items]
-                self.steps = self.batcher.decode(sources, self.key, self.cancelled, self.on_step, self.on_result,
-                                                 self.admit)
+                options, streaming = self.key
+                self.steps = self.batcher.decode(sources, options, self.cancelled,
+                                                 self.on_step if streaming else None, self.on_result, self.admit)
             next(self.steps)
             return True
         except StopIteration as stop:
@@ -369,8 +371,11 @@ class _Batch:
         self.longest = max([self.longest, *(item.length for item in joining)])
         return [item.job.sources[item.index] for item in joining]
 
-    def cancelled(self) -> list[bool]:
+    def cancelled(self) -> list[bool]:  # once before every step
         self.take_joined()
+        for job in {id(item.job): item.job for item in self.active.values()}.values():
+            if not job.done:
+                job.stats.steps += 1
         flags = [False] * len(self.items)
         for k in [k for k, item in self.active.items() if item.job.stopped()]:
             flags[k] = True
@@ -379,11 +384,8 @@ class _Batch:
 
     def on_step(self, prefixes: list[list[int]]) -> None:
         self.take_joined()
-        for job in {id(item.job): item.job for item in self.active.values()}.values():
-            if not job.done:
-                job.stats.steps += 1
         for k, item in self.active.items():
-            if item.job.streaming and not item.job.done:
+            if not item.job.done:
                 item.job._emit(("prefix", item.index, prefixes[k]))
 
     def on_result(self, i: int, result: Any) -> None:

@@ -169,3 +169,9 @@ class _Item:
     @property
     def length(self) -> int:
         return len(self.job.sources[self.index])
+
+    @property
+    def key(self) -> tuple[Hashable, bool]:
+        """What sentences batched together share: decoding options, and whether they stream (a
+        batch that nobody streams skips the per-step work of final prefixes)."""
+        return self.job.options, self.job.streaming

@@ -410,9 +410,8 @@ class DecoderCache:
         Each run of `group` new rows must come from one source (beams reordered within their
         sentence, finished sentences dropped); sources no row reads are dropped. Slots before
         the earliest start of the rows kept are dropped too. Self-attention keys/values stay
-        where they are, the new order composed into `slot_rows`, unless rows have their own
-        starts, slots are dropped or rows outnumber the buffers' rows: then they are copied into
-        the new order.
+        where they are, the new order composed into `slot_rows`, unless rows outnumber the
+        buffers' rows: then they are copied into the new order.
         """
         group = group or self.group
         if index.numel() % group:
@@ -428,18 +427,23 @@ class DecoderCache:
             first = int(start.min()) if start.numel() else 0
             start = start - first
             self.start = start if bool(start.any()) else None
-        # Rows that keep their slots and fit the buffers are reordered in the slot table alone:
-        # copying every key and value of every layer is memory-bound (~27 GB/s), a beam step's 5%.
+        # Rows that fit the buffers are reordered in the slot table alone: copying every key and
+        # value of every layer is memory-bound (~27 GB/s), a beam step's 5%, and with sentences
+        # joining a running beam search (rows with their own starts) it would be every step's.
         buffers = self.layers[0].self_k
-        in_table = self.start is None and not first and buffers is not None and index.numel() <= buffers.size(1)
+        in_table = buffers is not None and index.numel() <= buffers.size(1)
         if in_table:
-            self.slot_rows = self.slot_rows_until(self.length)[:, index]  # (length, R')
+            self.slot_rows = self.slot_rows_until(self.length)[first:, index]  # (length - first, R')
         else:
             self.settle()
         for lc in self.layers:
             if not same_sources:
                 lc.cross_k, lc.cross_v = lc.cross_k[sources], lc.cross_v[sources]
-            if lc.self_k is not None and not in_table:
+            if lc.self_k is None:
+                continue
+            if in_table:  # dropped slots go as a view
+                lc.self_k, lc.self_v = lc.self_k[first:], lc.self_v[first:]
+            else:
                 lc.self_k = take_rows(lc.self_k, index, first, self.length)
                 lc.self_v = take_rows(lc.self_v, index, first, self.length)
         self.length -= first
