@@ -482,3 +482,17 @@ def test_streaming_requests_batch_apart_and_only_their_batches_report_prefixes()
                                                                         ("result", [6, 5])]
     assert [len(srcs) for _, srcs in decoder.batches] == [1, 2, 1] and decoder.streams == [False, False, True]
     batcher.stop()
+
+
+def test_a_short_request_is_not_kept_out_by_the_queued_sentences_of_a_long_one():
+    """A long request whose sentences fit the token budget one at a time keeps most of them queued;
+    they do not take every batch place: a later request with other options starts beside it."""
+    decoder = ReverseDecoder(step_seconds=0.005, joins=True)
+    batcher = make(decoder, max_batch_tokens=30, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
+    long = batcher.submit(Job([list(range(20))] * 8, options="beam"))  # two of them exceed the budget
+    assert decoder.started.wait(5)
+    short = batcher.submit(Job([[1, 2]], options="greedy"))
+    assert short.wait() == [[2, 1]]
+    assert not long.done  # 8 sentences one after another: 160 steps of 5 ms
+    assert long.wait() == [list(range(20))[::-1]] * 8
+    batcher.stop()

@@ -324,7 +324,11 @@ class _Batch:
         self.key = key
         self.items = items
         self.used = used  # compute seconds, against which the engine ranks batches
-        self.joinable = False  # takes queued sentences between steps (its decode function asked)
+        # Takes queued sentences with its key between steps: assumed from the start, so that no
+        # second batch of its key starts beside it and takes a place that other options need;
+        # dropped if its decode function does not ask at its first step (sampling).
+        self.joinable = batcher.config.continuous
+        self.asked = False  # its decode function has called admit()
         self.longest = max(item.length for item in items)  # the width its cross-attention keys pad to
         self.active: dict[int, _Item] = {}
         self.seen = 0  # items already in `active` or finished
@@ -343,6 +347,12 @@ class _Batch:
                 options, streaming = self.key
                 self.steps = self.batcher.decode(sources, options, self.cancelled,
                                                  self.on_step if streaming else None, self.on_result, self.admit)
+                next(self.steps)
+                if not self.asked:
+                    with self.batcher._cond:
+                        self.joinable = False
+                        self.batcher._cond.notify_all()
+                return True
             next(self.steps)
             return True
         except StopIteration as stop:
@@ -366,6 +376,7 @@ class _Batch:
     # -- the decode function's hooks ------------------------------------------------------
 
     def admit(self, alive: int) -> list[list[int]]:
+        self.asked = True
         joining = self.batcher._joining(self, alive)
         self.items.extend(joining)
         self.longest = max([self.longest, *(item.length for item in joining)])
