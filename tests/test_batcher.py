@@ -432,12 +432,18 @@ def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():
     batcher.stop()
 
 
-def test_a_cancelled_request_gives_its_queue_places_back_at_once():
+def held(**cfg) -> tuple[ReverseDecoder, Batcher, Job]:
+    """A batcher with one batch place, taken by a job held at its first step until decoder.gate is set."""
     decoder = ReverseDecoder()
     decoder.gate = threading.Event()
-    batcher = make(decoder, max_batches=1, max_queue_sentences=5, max_queue_delay_ms=0.0)
-    running_job = batcher.submit(Job([[1, 2]], options="g"))
-    assert decoder.started.wait(5)  # decoding, held at its first step
+    batcher = make(decoder, max_batches=1, max_queue_delay_ms=0.0, **cfg)
+    first = batcher.submit(Job([[1, 2]], options="g"))
+    assert decoder.started.wait(5)
+    return decoder, batcher, first
+
+
+def test_a_cancelled_request_gives_its_queue_places_back_at_once():
+    decoder, batcher, running_job = held(max_queue_sentences=5)
     queued = batcher.submit(Job([[3], [4], [5]], options="g"))
     assert batcher.pending == 4
     queued.cancel()
@@ -453,11 +459,7 @@ def test_a_cancelled_request_gives_its_queue_places_back_at_once():
 
 
 def test_a_queued_request_past_its_deadline_gives_its_places_back_without_a_step():
-    decoder = ReverseDecoder()
-    decoder.gate = threading.Event()
-    batcher = make(decoder, max_batches=1, max_queue_sentences=3, max_queue_delay_ms=0.0)
-    first = batcher.submit(Job([[1, 2]], options="g"))
-    assert decoder.started.wait(5)
+    decoder, batcher, first = held(max_queue_sentences=3)
     batcher.submit(Job([[3], [4]], options="g", deadline=time.monotonic() + 0.05))
     deadline = time.monotonic() + 5
     while batcher.pending > 1 and time.monotonic() < deadline:  # nobody waits on the job: the batcher notices

@@ -27,7 +27,7 @@ from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
-from translator.search_setup import SearchSetup, Steps, on_source_device, run_to_end, start_search
+from translator.search_setup import SearchSetup, Steps, on_source_device, start_search, whole
 
 NEG_INF = float("-inf")
 
@@ -204,27 +204,6 @@ class Finished:
         return self.count[sentence] >= self.opts.beam_size
 
 
-def beam_search(
-    model: EncoderDecoder,
-    src: Tensor,
-    opts: DecodeOptions,
-    *,
-    prefix: list[list[int]] | None = None,
-    cancelled: Cancelled | None = None,
-    on_step: OnStep | None = None,
-    on_done: OnDone | None = None,
-    admit: Admit | None = None,
-) -> Hypotheses:
-    """Beam search over src (B, S) with K = opts.beam_size; returns opts.n_best hypotheses each.
-
-    The first step runs on B rows (one beam each), later ones on b*K; sentences `admit` hands over
-    join before a step with as many rows as the others, at their own step 0. See the module
-    docstring for the rules, translator.hooks for the hooks, translator.constraints for `prefix`.
-    """
-    return run_to_end(beam_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
-                                 on_done=on_done, admit=admit))
-
-
 @on_source_device
 @torch.inference_mode()
 def beam_steps(
@@ -238,7 +217,13 @@ def beam_steps(
     on_done: OnDone | None = None,
     admit: Admit | None = None,
 ) -> Steps:
-    """beam_search one step at a time (translator.search_setup.Steps)."""
+    """Beam search over src (B, S) with K = opts.beam_size, a step per next(); returns opts.n_best
+    hypotheses each (translator.search_setup.Steps); `beam_search` runs it to its end.
+
+    The first step runs on B rows (one beam each), later ones on b*K; sentences `admit` hands over
+    join before a step with as many rows as the others, at their own step 0. See the module
+    docstring for the rules, translator.hooks for the hooks, translator.constraints for `prefix`.
+    """
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
@@ -346,3 +331,6 @@ def settled_prefixes(beams: Beams, finished: Finished, cancelled: list[bool]) ->
             prefix = prefix[:n]
         out[s] = prefix
     return out
+
+
+beam_search = whole(beam_steps, "beam_search")

@@ -20,41 +20,12 @@ from translator.greedy import greedy_search, greedy_steps
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis
 from translator.model import EncoderDecoder
-from translator.search_setup import Steps, run_to_end
+from translator.search_setup import Steps, whole
 
 __all__ = [
     "PRESETS", "DecodeOptionError", "DecodeOptions", "Hypotheses", "Hypothesis",
     "beam_search", "greedy_search", "search", "search_steps",
 ]
-
-
-def search(
-    model: EncoderDecoder,
-    src: Tensor,
-    opts: DecodeOptions,
-    *,
-    prefix: list[list[int]] | None = None,
-    cancelled: Cancelled | None = None,
-    on_step: OnStep | None = None,
-    on_done: OnDone | None = None,
-    admit: Admit | None = None,
-) -> Hypotheses:
-    """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses each.
-
-    prefix: per sentence, target tokens the output must start with (scored, and returned as
-    part of the tokens).
-    cancelled(): one bool per sentence, read before every step; a True sentence leaves the batch
-    at once and comes back with no hypotheses and Hypotheses.cancelled[i] set.
-    on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
-    far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
-    on_done(i, nbest): sentence i's final n-best list, as soon as it is known.
-    admit(alive): more sources joining the running batch before a step, decoded as if alone.
-    (Details in translator.hooks.)
-    A sentence's result does not depend on the other sentences of the batch or on padding (up to
-    float rounding), except when sampling.
-    """
-    return run_to_end(search_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
-                                   on_done=on_done, admit=admit))
 
 
 def search_steps(
@@ -68,9 +39,25 @@ def search_steps(
     on_done: OnDone | None = None,
     admit: Admit | None = None,
 ) -> Steps:
-    """`search` one step at a time: each next() runs up to the next decoding step (the first
-    encodes src too); the generator returns the Hypotheses. A server interleaves the steps of
-    searches with different options on one thread this way."""
+    """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses
+    each, a decoding step per next() (the first encodes src too): a server interleaves the steps of
+    searches with different options on one thread this way. `search` runs it to its end.
+
+    prefix: per sentence, target tokens the output must start with (scored, and returned as
+    part of the tokens).
+    cancelled(): one bool per sentence, read before every step; a True sentence leaves the batch
+    at once and comes back with no hypotheses and Hypotheses.cancelled[i] set.
+    on_step(prefixes): after every step, per sentence, the tokens that are final: greedy, all so
+    far; beam, the longest prefix shared by the live beams and the best finished hypothesis.
+    on_done(i, nbest): sentence i's final n-best list, as soon as it is known.
+    admit(alive): more sources joining the running batch before a step, decoded as if alone.
+    (Details in translator.hooks.)
+    A sentence's result does not depend on the other sentences of the batch or on padding (up to
+    float rounding), except when sampling.
+    """
     steps = greedy_steps if opts.beam_size == 1 else beam_steps
     return steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
                  admit=admit)
+
+
+search = whole(search_steps, "search")

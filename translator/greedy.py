@@ -13,7 +13,7 @@ from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
 from translator.model import EncoderDecoder, padded
 from translator.sampling import best_tokens, make_picker
-from translator.search_setup import Steps, on_source_device, run_to_end, start_search
+from translator.search_setup import Steps, on_source_device, start_search, whole
 
 
 @dataclass
@@ -91,27 +91,6 @@ class Rows:
         )
 
 
-def greedy_search(
-    model: EncoderDecoder,
-    src: Tensor,
-    opts: DecodeOptions,
-    *,
-    prefix: list[list[int]] | None = None,
-    cancelled: Cancelled | None = None,
-    on_step: OnStep | None = None,
-    on_done: OnDone | None = None,
-    admit: Admit | None = None,
-) -> Hypotheses:
-    """Decode src (B, S) one best token at a time (or one sampled token when opts.sample).
-
-    A sentence leaves the batch (and the cache) at the step it emits EOS, reaches its budget or
-    is cancelled; sentences `admit` hands over join it before a step, at their own position 0.
-    See translator.hooks for the hooks, translator.constraints for `prefix`.
-    """
-    return run_to_end(greedy_steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step,
-                                   on_done=on_done, admit=admit))
-
-
 @on_source_device
 @torch.inference_mode()
 def greedy_steps(
@@ -125,7 +104,13 @@ def greedy_steps(
     on_done: OnDone | None = None,
     admit: Admit | None = None,
 ) -> Steps:
-    """greedy_search one step at a time (translator.search_setup.Steps)."""
+    """Decode src (B, S) one best token at a time (or one sampled token when opts.sample), a step
+    per next() (translator.search_setup.Steps); `greedy_search` runs it to its end.
+
+    A sentence leaves the batch (and the cache) at the step it emits EOS, reaches its budget or
+    is cancelled; sentences `admit` hands over join it before a step, at their own position 0.
+    See translator.hooks for the hooks, translator.constraints for `prefix`.
+    """
     cfg = model.cfg
     B, S = src.shape
     if B == 0:
@@ -176,3 +161,6 @@ def greedy_steps(
                 run.hooks.done(i, [h])
             rows.keep(run.cache.drop(~done))
     return Hypotheses(nbest, list(run.hooks.flags))
+
+
+greedy_search = whole(greedy_steps, "greedy_search")

@@ -52,6 +52,18 @@ def steps_within(context: Callable[[], contextlib.AbstractContextManager], steps
         yield
 
 
+def whole(make_steps: Callable[..., Steps], name: str) -> Callable[..., Hypotheses]:
+    """The search that runs the step generator make_steps(...) gives to its end: same arguments,
+    returns the Hypotheses."""
+
+    def search(*args, **kwargs) -> Hypotheses:
+        return run_to_end(make_steps(*args, **kwargs))
+
+    search.__name__ = search.__qualname__ = name
+    search.__doc__ = f"`{make_steps.__name__}` run to its end, returning its Hypotheses.\n\n{make_steps.__doc__}"
+    return search
+
+
 def run_to_end(steps: Steps) -> Hypotheses:
     """Run a step generator to its end: the search's Hypotheses."""
     while True:
