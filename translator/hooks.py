@@ -66,6 +66,8 @@ class SearchHooks:
         flags = [bool(f) for f in self._cancelled()]
         if len(flags) != self.batch_size:
             raise ValueError(f"cancelled() gave {len(flags)} flags for {self.batch_size} sentences")
+        if not any(flags):  # the usual step: no tensor made
+            return None
         stop = torch.tensor(flags, dtype=torch.bool)[alive]  # (b,)
         if not stop.any():
             return None
