@@ -103,11 +103,10 @@ class StreamEvent:
 
 @dataclass
 class Call:
-    """One request as its caller steers it (deadline, cancellation) and its sizes and timings, filled
-    in as far as it got, for the request log and metrics."""
+    """One request's deadline and its sizes and timings, filled in as far as it got, for the request
+    log and metrics. (Cancelling: Job.cancel, or cancelling the task of an async call.)"""
 
     deadline: float | None = None  # a time.monotonic() value
-    on_cancel: Callable[[Callable[[], None]], Any] | None = None  # on_cancel(fn): fn() if the caller leaves
     sentences: int = 0
     src_tokens: int = 0
     queue_ms: float = 0.0
@@ -370,11 +369,7 @@ class TranslationService:
         call.src_tokens = sum(len(s) for s in prepared.sources)
         job = Job(prepared.sources, prepared.options, cost=prepared.options.beam_size,
                   deadline=call.deadline, stream=stream, listener=listener)
-        self.batcher.submit(job)
-        # gRPC's add_callback says False when the call has already ended.
-        if call.on_cancel is not None and call.on_cancel(job.cancel) is False:
-            job.cancel()
-        return job
+        return self.batcher.submit(job)
 
     def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result,
                 admit) -> Generator[None, None, list[Any]]:
