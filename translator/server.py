@@ -40,7 +40,7 @@ class ServerConfig:
     reflection: bool = False
     auth_token_file: str = ""  # when set, calls need `authorization: Bearer <token>` (health is exempt)
     grace_seconds: float = 10.0  # how long in-flight requests may take to finish on shutdown
-    threads: int = 0  # torch intra-op threads of each decode worker (batching.workers); 0 = torch's default
+    threads: int = 0  # torch intra-op threads of the decoding engine; 0 = torch's default
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
