@@ -394,6 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--keep-raw", type=Path, metavar="DIR", help="keep py-spy's raw files here")
     args = p.parse_args(argv)
+    args.server_threads = 0  # load.serving's: the server takes --threads
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency takes positive client counts")

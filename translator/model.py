@@ -339,7 +339,13 @@ class DecoderCache:
             for name in ("self_k", "self_v"):
                 buffer = getattr(lc, name)  # (capacity, R', H, Dh)
                 out = buffer.new_empty((buffer.size(0), R) + tuple(buffer.shape[2:]))
-                out[:n] = buffer[slots, self.slot_rows]
+                if buffer.is_contiguous():
+                    # One row gather over (slot, row) pairs: advanced indexing on two dimensions
+                    # copies element-wise, and this is the cost of every join into a running beam search.
+                    flat = (slots * buffer.size(1) + self.slot_rows).flatten()  # (n*R,)
+                    torch.index_select(buffer.flatten(0, 1), 0, flat, out=out[:n].view(n * R, *buffer.shape[2:]))
+                else:
+                    out[:n] = buffer[slots, self.slot_rows]
                 setattr(lc, name, out)
         self.slot_rows = None
 
