@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,48 +205,13 @@ class TranslationService:
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread)
 
-    # -- requests ---------------------------------------------------------------------------
-
-    def translate(
-        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
-    ) -> list[list[Candidate]]:
-        """n-best candidates per text, in order."""
-        call = call or Call()
-        prepared = self.prepare(texts, options)
-        job = self._submit(prepared, call, stream=False)
-        try:
-            raw = job.wait()
-        finally:
-            _record(call, job)
-        return [self._candidates(prepared, i, r) for i, r in enumerate(raw)]
-
-    def translate_stream(
-        self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
-    ) -> Iterator[StreamEvent]:
-        """Text of each sentence as it becomes final, then its candidates once it is done.
-
-        Checks and queues the request before returning, so errors raise here, not mid-stream.
-        """
-        call = call or Call()
-        prepared = self.prepare(texts, options)
-        return self._stream(prepared, self._submit(prepared, call, stream=True), call)
-
-    def _stream(self, prepared: _Prepared, job: Job, call: Call) -> Iterator[StreamEvent]:
-        text = _StreamedText(self, prepared)
-        try:
-            for kind, i, value in job.events():
-                if event := text.event(kind, i, value):
-                    yield event
-        finally:
-            job.cancel()  # a no-op once finished; stops decoding if the consumer stopped early
-            _record(call, job)
-
-    # -- the same for an asyncio caller: no thread waits; a cancelled task cancels the request --
+    # -- requests: awaited on an event loop, so no thread waits; a cancelled task (the caller
+    # left, its deadline passed) cancels the request -----------------------------------------
 
     async def translate_async(
         self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
     ) -> list[list[Candidate]]:
-        """translate(), awaited on an event loop."""
+        """n-best candidates per text, in order."""
         call = call or Call()
         prepared = self.prepare(texts, options)
         loop = asyncio.get_running_loop()
@@ -268,8 +233,8 @@ class TranslationService:
     def translate_stream_async(
         self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
     ) -> AsyncIterator[StreamEvent]:
-        """translate_stream(), iterated on an event loop. Checks and queues the request before
-        returning, so errors raise here, not mid-stream."""
+        """Text of each sentence as it becomes final, then its candidates once it is done. Checks
+        and queues the request before returning, so errors raise here, not mid-stream."""
         call = call or Call()
         prepared = self.prepare(texts, options)
         loop = asyncio.get_running_loop()
