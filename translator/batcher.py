@@ -44,6 +44,7 @@ from translator.jobs import (
     Cancelled,
     DeadlineExceeded,
     DecodeFailed,
+    EngineRestarted,
     Job,
     JobStats,
     QueueFull,
@@ -53,6 +54,7 @@ from translator.jobs import (
 
 __all__ = [
     "Batcher", "BatcherConfig", "BatcherError", "Cancelled", "DeadlineExceeded", "DecodeFailed", "DecodeFn",
+    "EngineRestarted",
     "Job", "JobStats", "QueueFull", "ShuttingDown",
 ]
 

@@ -35,6 +35,10 @@ class DecodeFailed(BatcherError):
     """The decode function raised; every request in the batch ends with this error."""
 
 
+class EngineRestarted(BatcherError):
+    """The decoding engine's process ended while the request was in it; a new one took its place."""
+
+
 @dataclass
 class JobStats:
     """Where a request's time went; read after the job has ended."""

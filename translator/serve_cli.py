@@ -56,6 +56,7 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     from translator import kernels
     from translator.checkpoint import CheckpointError
+    from translator.engine_process import EngineStartError
     from translator.runtime import keep_freed_memory
     from translator.server import create_server
     from translator.service import TranslationService
@@ -66,18 +67,21 @@ def serve_main(argv: list[str] | None = None) -> int:
     if kernels.library() is not None:  # built or loaded now, not on the first request
         logging.getLogger("translator.kernels").info("native decoding kernels loaded")
     # The decoding engine runs on this thread, which loads the model: one thread doing all the
-    # OpenMP work keeps libgomp spinning between parallel regions (translator.batcher).
+    # OpenMP work keeps libgomp spinning between parallel regions (translator.batcher); or on the
+    # main thread of a process of its own (engine_process), which warms itself up.
     service = None
     try:
         service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding,
-                                                     cfg.threads, engine_thread=False)
+                                                     cfg.threads, engine_thread=False,
+                                                     engine_process=cfg.engine_process)
         server, port = create_server(cfg, service)
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (ConfigError, CheckpointError, EngineStartError, OSError) as e:
         if service is not None:
             service.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    service.translator.translate(["warm-up"])  # first-call costs (packed weights, caches) before serving
+    if not cfg.engine_process:
+        service.translator.translate(["warm-up"])  # first-call costs (packed weights, caches) before serving
     drainer = threading.Thread(target=_drain, args=(server, cfg.grace_seconds), name="drain")
 
     def on_signal(*_: Any) -> None:
@@ -90,6 +94,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
     service.run_engine()  # until the drain stops the service
+    if drainer.ident is None:  # not drained: the engine process died and could not be restarted
+        server.stop()
+        print("error: the decoding engine stopped and could not be restarted", file=sys.stderr)
+        return 1
     drainer.join()
     return 0
 

@@ -41,6 +41,8 @@ class ServerConfig:
     auth_token_file: str = ""  # when set, calls need `authorization: Bearer <token>` (health is exempt)
     grace_seconds: float = 10.0  # how long in-flight requests may take to finish on shutdown
     threads: int = 0  # torch intra-op threads of the decoding engine; 0 = torch's default
+    # Decode in a process of its own, apart from the front end's GIL (translator.engine_process).
+    engine_process: bool = False
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
@@ -141,7 +143,7 @@ def create_server(
     owns_service = service is None
     if service is None:
         service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding,
-                                                     cfg.threads)
+                                                     cfg.threads, engine_process=cfg.engine_process)
     loop = _LoopThread()
     try:
         server, port = loop.run(_build(cfg, service, interceptors, credentials, loop))

@@ -23,6 +23,7 @@ from translator.batcher import Batcher, BatcherConfig, Job
 from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
 from translator.decoding import DecodeOptions, search_steps
+from translator.engine_process import EngineSpec, RemoteBatcher
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
@@ -148,10 +149,13 @@ class TranslationService:
         checkpoint_metrics: dict[str, Any] | None = None,
         threads: int = 0,
         engine_thread: bool = True,
+        engine_process: EngineSpec | None = None,
     ) -> None:
         """threads: intra-op threads of the decoding engine; 0 = torch's default. engine_thread:
         decode on a thread of the service's own; False: the caller runs `run_engine()` (best on
-        the thread that loaded the model: see translator.batcher)."""
+        the thread that loaded the model: see translator.batcher). engine_process: decode in a
+        process of its own started from this spec instead (translator.engine_process); the
+        service then only checks, tokenizes and detokenizes."""
         if threads < 0:
             raise ConfigError(f"threads must be >= 0, got {threads}")
         self.translator = translator
@@ -179,8 +183,12 @@ class TranslationService:
             metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
         )
-        self.batcher = Batcher(self._decode, batching, (lambda: torch.set_num_threads(threads)) if threads else None,
-                               thread=engine_thread)
+        self.batcher: Batcher | RemoteBatcher
+        if engine_process is not None:
+            self.batcher = RemoteBatcher(engine_process)
+        else:
+            self.batcher = Batcher(self._decode, batching,
+                                   (lambda: torch.set_num_threads(threads)) if threads else None, thread=engine_thread)
 
     @classmethod
     def from_checkpoint(
@@ -191,8 +199,10 @@ class TranslationService:
         defaults: DecodeOptions | None = None,
         threads: int = 0,
         engine_thread: bool = True,
+        engine_process: bool = False,
     ) -> TranslationService:
-        """Load the checkpoint once (weights-only unpickling) and build the service around it."""
+        """Load the checkpoint once (weights-only unpickling) and build the service around it;
+        with engine_process, an engine process loads it too and does the decoding."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         digest = hashlib.sha256()
@@ -203,7 +213,9 @@ class TranslationService:
         identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
                                  data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
-        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread)
+        spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
+        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
+                   spec if engine_process else None)
 
     # -- requests: awaited on an event loop, so no thread waits; a cancelled task (the caller
     # left, its deadline passed) cancels the request -----------------------------------------

@@ -20,7 +20,14 @@ import grpc
 from google.protobuf import message as pb_message
 from google.protobuf import unknown_fields
 
-from translator.batcher import Cancelled, DeadlineExceeded, DecodeFailed, QueueFull, ShuttingDown
+from translator.batcher import (
+    Cancelled,
+    DeadlineExceeded,
+    DecodeFailed,
+    EngineRestarted,
+    QueueFull,
+    ShuttingDown,
+)
 from translator.metrics import Metrics
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -51,6 +58,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (DecodeFailed, grpc.StatusCode.INTERNAL),
+    (EngineRestarted, grpc.StatusCode.UNAVAILABLE),
 )
 
 
