@@ -26,6 +26,7 @@ from translator.decoding import DecodeOptions, search_steps
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
+from translator.provenance import Provenance
 from translator.translate import Translator
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
@@ -126,6 +127,17 @@ class ModelInfo:
     max_length: int
     defaults: DecodeOptions
     metrics: dict[str, float] = field(default_factory=dict)
+    origin: CheckpointOrigin | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """What the served checkpoint proves about itself: its weights' digest and its provenance."""
+
+    weights_sha256: str
+    verified: bool  # the digests recorded at save were checked on load
+    provenance: Provenance
+    training_config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class TranslationService:
         checkpoint_metrics: dict[str, Any] | None = None,
         threads: int = 0,
         engine_thread: bool = True,
+        origin: CheckpointOrigin | None = None,
     ) -> None:
         """threads: intra-op threads of the decoding engine; 0 = torch's default. engine_thread:
         decode on a thread of the service's own; False: the caller runs `run_engine()` (best on
@@ -178,6 +191,7 @@ class TranslationService:
             defaults=translator.options,
             metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            origin=origin,
         )
         self.batcher = Batcher(self._decode, batching, (lambda: torch.set_num_threads(threads)) if threads else None,
                                thread=engine_thread)
@@ -203,7 +217,8 @@ class TranslationService:
         identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
                                  data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
-        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread)
+        origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
+        return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread, origin)
 
     # -- requests: awaited on an event loop, so no thread waits; a cancelled task (the caller
     # left, its deadline passed) cancels the request -----------------------------------------
