@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from translator.checkpoint_checks import CheckpointError, check_weights, decode_payload
+from translator.checkpoint_checks import CheckpointError, Parts, check_weights, decode_payload
 from translator.config import from_dict
 from translator.digest import bytes_sha256, tensors_sha256, text_sha256
 from translator.model import EncoderDecoder, ModelConfig, build_model
@@ -121,14 +121,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     parts = decode_payload(path, payload, with_digests=version >= 2)
     weights_sha256 = tensors_sha256(parts.model_state)
     if version >= 2:
-        computed = {"weights": weights_sha256, "tokenizer": bytes_sha256(parts.tokenizer_bytes),
-                    **{k: text_sha256(v) for k, v in parts.texts.items()}}
-        for part, digest in computed.items():
-            if parts.digests.get(part) != digest:
-                raise CheckpointError(
-                    f"checkpoint {path} is corrupt: {part} sha256 {digest[:12]}... differs from the "
-                    f"{str(parts.digests.get(part))[:12]}... recorded at save"
-                )
+        _verify_digests(parts, weights_sha256)
     else:
         log.warning("checkpoint %s has format version 1, without digests: its contents cannot be verified",
                     path)
@@ -137,6 +130,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       weights_sha256=weights_sha256, verified=version >= 2)
     check_weights(path, ckpt.config, ckpt.model_state, ckpt.tokenizer)
     return ckpt
+
+
+def _verify_digests(parts: Parts, weights_sha256: str) -> None:
+    """Each part's sha256 now equals the one recorded at save."""
+    computed = {"weights": weights_sha256, "tokenizer": bytes_sha256(parts.tokenizer_bytes),
+                **{k: text_sha256(v) for k, v in parts.texts.items()}}
+    for part, digest in computed.items():
+        recorded = parts.digests.get(part)
+        if recorded != digest:
+            raise CheckpointError(f"checkpoint {parts.path} is corrupt: {part} sha256 {digest[:12]}... differs "
+                                  f"from the {str(recorded)[:12]}... recorded at save")
 
 
 def _read(path: Path) -> dict:
