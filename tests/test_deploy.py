@@ -9,8 +9,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from concurrent import futures
 from pathlib import Path
 
@@ -255,3 +259,34 @@ def test_healthcheck_passes_only_while_serving(health_server, capsys):
 def test_healthcheck_fails_for_an_unreachable_server(capsys):
     assert healthcheck.main(["127.0.0.1:1", "--timeout", "1"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_a_checkpoint_trained_under_the_default_umask_is_readable_by_the_server_user(toy_corpus):
+    """nmt-train (here root, umask 022) writes files the image's user (UID 10001) may read: modes
+    0644 for files, 0755 for folders; as root, a process of that UID reads the checkpoint."""
+    from tests.conftest import tiny_overrides
+    from training.cli import train_main
+
+    uid = int(instruction(server_stage(), "USER")[-1])
+    shared = Path(tempfile.mkdtemp(prefix="nmt-mount-"))  # a folder another user can reach, as a mount is
+    old = os.umask(0o022)
+    try:
+        os.chmod(shared, 0o755)
+        run = shared / "run"
+        overrides = tiny_overrides(toy_corpus, **{"train.max_steps": 10, "train.valid_every": 10})
+        assert train_main(["--config", "cpu", "--out", str(run), "--no-test", *overrides]) == 0
+        files = [run / "best.pt", run / "tokenizer.model", *sorted((run / "checkpoints").glob("*.pt"))]
+        assert len(files) == 3
+        assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+        assert {d.stat().st_mode & 0o777 for d in (run, run / "checkpoints")} == {0o755}
+        if os.geteuid() == 0:
+            read = subprocess.run(["cat", str(run / "best.pt")], user=uid, capture_output=True, check=False)
+            assert read.returncode == 0 and read.stdout == (run / "best.pt").read_bytes(), read.stderr
+    finally:
+        os.umask(old)
+        shutil.rmtree(shared)
+
+
+def test_baked_model_is_copied_readable_whatever_its_mode():
+    copy = instruction(dockerfile("Dockerfile.server"), "COPY")[-1]
+    assert copy.split()[:1] == ["--chmod=0444"] and copy.split()[-1] == "/models/model.pt"

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import tiny_model_config, toy_pairs
+from translator import provenance
 from translator.batcher import BatcherConfig
 from translator.checkpoint import load_checkpoint, save_checkpoint
 from translator.cli import translate_main
@@ -35,6 +36,7 @@ from translator.decoding import DecodeOptions
 from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
+from translator.provenance import Provenance
 from translator.server import ServerConfig, create_server
 from translator.service import Limits
 from translator.tokenizer import Tokenizer
@@ -51,6 +53,13 @@ BLEU_KEY = "test_bleu:multi30k:test_2016_flickr:beam1"
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
 
 
+PROVENANCE = Provenance(
+    step=400, created="2026-01-02T03:04:05+00:00", code_commit="c" * 40, code_dirty=False,
+    versions={"torch": "2.13.0", "sentencepiece": "0.2.1"}, corpus="multi30k:train", corpus_sha256="d" * 64,
+    valid_bleu=11.5, test_scores=(provenance.TestScore("multi30k:test_2016_flickr", 12.5, 40.1, 1, "nrefs:1"),),
+)
+
+
 def write_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
     torch.manual_seed(0)
     cfg = tiny_model_config(max_positions=MAX_POSITIONS)
@@ -58,7 +67,8 @@ def write_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
     with torch.no_grad():
         model.embed.tokens.weight[cfg.eos_id].zero_()  # logit 0 for EOS: some other token always beats it
     config = {"model": to_dict(cfg), "data": {"src_lang": "en", "tgt_lang": "de"}}
-    save_checkpoint(path, config=config, tokenizer=tokenizer, model=model, metrics={BLEU_KEY: 12.5})
+    save_checkpoint(path, config=config, tokenizer=tokenizer, model=model, metrics={BLEU_KEY: 12.5},
+                    provenance=PROVENANCE)
     return path
 
 
@@ -174,6 +184,19 @@ def test_model_info_reports_the_checkpoint_and_limits(client, checkpoint, toy_to
     assert info.limits.max_sentences == LIMITS.max_sentences
     assert info.limits.max_beam_size == LIMITS.max_beam_size
     assert info.defaults.max_length == DEFAULTS.max_len
+
+
+def test_model_info_reports_the_verified_provenance(client, checkpoint):
+    prov = client.model_info().provenance
+    ckpt = load_checkpoint(checkpoint)
+    assert prov.verified and prov.weights_sha256 == ckpt.weights_sha256
+    assert (prov.step, prov.created, prov.code_commit, prov.code_dirty) == (400, PROVENANCE.created, "c" * 40, False)
+    assert dict(prov.versions) == PROVENANCE.versions
+    assert (prov.corpus, prov.corpus_sha256, prov.valid_bleu) == ("multi30k:train", "d" * 64, 11.5)
+    (score,) = prov.test_scores
+    assert (score.test, score.bleu, score.chrf, score.beam_size) == ("multi30k:test_2016_flickr", 12.5, 40.1, 1)
+    assert json.loads(prov.training_config_json) == ckpt.config
+    assert not prov.averaged_from
 
 
 def test_health_serves_and_reflection_lists_the_service(server):

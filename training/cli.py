@@ -65,7 +65,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         result = evaluate_checkpoint(
             args.checkpoint, args.test, decoding_options(args), output=args.output, record=args.record
         )
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:  # OSError: --output, --record
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

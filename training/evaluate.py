@@ -8,8 +8,9 @@ from pathlib import Path
 import sacrebleu
 
 from training.corpus import load_pairs
-from translator.checkpoint import load_checkpoint, save_checkpoint
+from translator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from translator.decoding import DecodeOptions
+from translator.provenance import TestScore, utc_now
 from translator.translate import Translator
 
 
@@ -52,8 +53,18 @@ def evaluate_checkpoint(
     if output:
         output.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if record:
-        metrics = {**ckpt.metrics, f"test_bleu:{spec}:beam{opts.beam_size}": result["bleu"]}
-        save_checkpoint(path, config=ckpt.config, tokenizer=ckpt.tokenizer, model=ckpt.model_state,
-                        train_state=ckpt.train_state, metrics=metrics)
+        record_scores(path, ckpt, result)
         print(f"{spec}: BLEU {result['bleu']} chrF {result['chrf']} ({result['bleu_signature']})")
     return result
+
+
+def record_scores(path: Path, ckpt: Checkpoint, result: dict) -> None:
+    """Rewrite the checkpoint (atomically, digests renewed) with the scores in its metrics and
+    provenance; a score of the same test set and beam size is replaced."""
+    spec, beam = result["test"], result["beam_size"]
+    metrics = {**ckpt.metrics, f"test_bleu:{spec}:beam{beam}": result["bleu"],
+               f"test_chrf:{spec}:beam{beam}": result["chrf"]}
+    score = TestScore(test=spec, bleu=result["bleu"], chrf=result["chrf"], beam_size=beam,
+                      bleu_signature=result["bleu_signature"], date=utc_now())
+    save_checkpoint(path, config=ckpt.config, tokenizer=ckpt.tokenizer, model=ckpt.model_state,
+                    train_state=ckpt.train_state, metrics=metrics, provenance=ckpt.provenance.with_test_score(score))

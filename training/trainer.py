@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -26,10 +26,12 @@ from training.corpus import load_pairs
 from training.data import Batch, BatchSource, collate, length_filter, tokenize
 from training.distributed import World
 from training.precision import MixedPrecision
+from training.provenance import pairs_sha256, run_provenance
 from training.streaming import StreamingBatchSource, stream_pairs, stream_sentences
 from translator.config import to_dict
 from translator.decoding import DecodeOptions
 from translator.model import EncoderDecoder, build_model
+from translator.provenance import utc_now
 from translator.tokenizer import Tokenizer, train_tokenizer
 from translator.translate import Translator
 
@@ -97,6 +99,7 @@ class Trainer:
         with self.world.main_first():  # the others read rank 0's tokenizer and token cache
             self.tokenizer = resumed.tokenizer if resumed else self.fit_tokenizer()
             self.train_data, self.valid_data = self.load_data()
+        self.provenance = run_provenance(cfg.data.train, self.corpus_sha256)
         self.seed_everything(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.world.device)
         self.optimizer = torch.optim.Adam(
@@ -173,8 +176,11 @@ class Trainer:
                 max_len=d.max_len, max_len_ratio=d.max_len_ratio, max_tokens=t.max_tokens, seed=t.seed,
                 bos=m.bos_id, eos=m.eos_id, pad=m.pad_id,
             )
+            self.corpus_sha256: str | None = None  # a stream is not read twice to fingerprint it
             return source, valid
-        train = tokenize(load_pairs(d.train, d.src_lang, d.tgt_lang), self.tokenizer, cache, "train")
+        pairs = load_pairs(d.train, d.src_lang, d.tgt_lang)
+        self.corpus_sha256 = pairs_sha256(pairs["src"], pairs["tgt"])
+        train = tokenize(pairs, self.tokenizer, cache, "train")
         before = len(train)
         train = length_filter(train, d.max_len, d.max_len_ratio)
         self.log(f"train pairs: {len(train)} of {before} after length/ratio filtering")
@@ -320,7 +326,7 @@ class Trainer:
         self.ckpts.save(
             step=st.step, config=self.config_record, tokenizer=self.tokenizer, model=self.model,
             train_state=self.train_state(rank_rngs), metrics={"valid_bleu": bleu, "valid_loss": valid_loss},
-            is_best=improved,
+            provenance=replace(self.provenance, step=st.step, created=utc_now(), valid_bleu=bleu), is_best=improved,
         )
 
     @torch.inference_mode()

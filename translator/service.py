@@ -27,6 +27,7 @@ from translator.engine_process import EngineSpec, RemoteBatcher
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
+from translator.provenance import Provenance
 from translator.translate import Translator
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
@@ -127,6 +128,17 @@ class ModelInfo:
     max_length: int
     defaults: DecodeOptions
     metrics: dict[str, float] = field(default_factory=dict)
+    origin: CheckpointOrigin | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointOrigin:
+    """What the served checkpoint proves about itself: its weights' digest and its provenance."""
+
+    weights_sha256: str
+    verified: bool  # the digests recorded at save were checked on load
+    provenance: Provenance
+    training_config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,7 @@ class TranslationService:
         threads: int = 0,
         engine_thread: bool = True,
         engine_process: EngineSpec | None = None,
+        origin: CheckpointOrigin | None = None,
     ) -> None:
         """threads: intra-op threads of the decoding engine; 0 = torch's default. engine_thread:
         decode on a thread of the service's own; False: the caller runs `run_engine()` (best on
@@ -182,6 +195,7 @@ class TranslationService:
             defaults=translator.options,
             metrics={k: float(v) for k, v in (checkpoint_metrics or {}).items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            origin=origin,
         )
         self.batcher: Batcher | RemoteBatcher
         if engine_process is not None:
@@ -214,8 +228,9 @@ class TranslationService:
                                  data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
         spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
+        origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
-                   spec if engine_process else None)
+                   spec if engine_process else None, origin)
 
     # -- requests: awaited on an event loop, so no thread waits; a cancelled task (the caller
     # left, its deadline passed) cancels the request -----------------------------------------

@@ -34,6 +34,7 @@ from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.service import (
     Call,
     Candidate,
+    CheckpointOrigin,
     InvalidArgument,
     ModelIdentity,
     ModelInfo,
@@ -165,7 +166,24 @@ def _model_info(info: ModelInfo) -> pb.ModelInfo:
                          max_request_cost=lim.max_request_cost),
         defaults=defaults,
         metrics=info.metrics,
+        provenance=_provenance(info.origin) if info.origin else None,
     )
+
+
+def _provenance(origin: CheckpointOrigin) -> pb.Provenance:
+    p = origin.provenance
+    out = pb.Provenance(
+        weights_sha256=origin.weights_sha256, verified=origin.verified, created=p.created,
+        training_config_json=json.dumps(origin.training_config, sort_keys=True), code_commit=p.code_commit or "",
+        versions=p.versions, corpus=p.corpus, corpus_sha256=p.corpus_sha256 or "",
+        averaged_from=list(p.averaged_from),
+        test_scores=[pb.TestScore(test=s.test, bleu=s.bleu, chrf=s.chrf, beam_size=s.beam_size,
+                                  bleu_signature=s.bleu_signature, date=s.date) for s in p.test_scores],
+    )
+    for name in ("step", "code_dirty", "valid_bleu"):  # proto3 optionals: unset when not recorded
+        if getattr(p, name) is not None:
+            setattr(out, name, getattr(p, name))
+    return out
 
 
 # -- the servicer -----------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class ModelIdentity(_message.Message):
     def __init__(self, name: _Optional[str] = ..., checkpoint_sha256: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocabulary_size", "preset", "tokenizer_sha256", "architecture", "limits", "defaults", "metrics")
+    __slots__ = ("model", "vocabulary_size", "preset", "tokenizer_sha256", "architecture", "limits", "defaults", "metrics", "provenance")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     model: ModelIdentity
     vocabulary_size: int
     preset: str
@@ -123,7 +124,61 @@ class ModelInfo(_message.Message):
     limits: Limits
     defaults: DecodingOptions
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., vocabulary_size: _Optional[int] = ..., preset: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[DecodingOptions, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    provenance: Provenance
+    def __init__(self, model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., vocabulary_size: _Optional[int] = ..., preset: _Optional[str] = ..., tokenizer_sha256: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., defaults: _Optional[_Union[DecodingOptions, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("weights_sha256", "verified", "step", "created", "training_config_json", "code_commit", "code_dirty", "versions", "corpus", "corpus_sha256", "valid_bleu", "test_scores", "averaged_from")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CODE_COMMIT_FIELD_NUMBER: _ClassVar[int]
+    CODE_DIRTY_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VALID_BLEU_FIELD_NUMBER: _ClassVar[int]
+    TEST_SCORES_FIELD_NUMBER: _ClassVar[int]
+    AVERAGED_FROM_FIELD_NUMBER: _ClassVar[int]
+    weights_sha256: str
+    verified: bool
+    step: int
+    created: str
+    training_config_json: str
+    code_commit: str
+    code_dirty: bool
+    versions: _containers.ScalarMap[str, str]
+    corpus: str
+    corpus_sha256: str
+    valid_bleu: float
+    test_scores: _containers.RepeatedCompositeFieldContainer[TestScore]
+    averaged_from: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, weights_sha256: _Optional[str] = ..., verified: _Optional[bool] = ..., step: _Optional[int] = ..., created: _Optional[str] = ..., training_config_json: _Optional[str] = ..., code_commit: _Optional[str] = ..., code_dirty: _Optional[bool] = ..., versions: _Optional[_Mapping[str, str]] = ..., corpus: _Optional[str] = ..., corpus_sha256: _Optional[str] = ..., valid_bleu: _Optional[float] = ..., test_scores: _Optional[_Iterable[_Union[TestScore, _Mapping]]] = ..., averaged_from: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TestScore(_message.Message):
+    __slots__ = ("test", "bleu", "chrf", "beam_size", "bleu_signature", "date")
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    BLEU_FIELD_NUMBER: _ClassVar[int]
+    CHRF_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLEU_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    test: str
+    bleu: float
+    chrf: float
+    beam_size: int
+    bleu_signature: str
+    date: str
+    def __init__(self, test: _Optional[str] = ..., bleu: _Optional[float] = ..., chrf: _Optional[float] = ..., beam_size: _Optional[int] = ..., bleu_signature: _Optional[str] = ..., date: _Optional[str] = ...) -> None: ...
 
 class Architecture(_message.Message):
     __slots__ = ("d_model", "n_heads", "n_layers", "d_ff", "max_positions")
