@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import numpy as np
 
 from translator.decode_options import DecodeOptions
 from translator.proto.translator.v1 import translator_pb2 as pb
@@ -226,7 +226,10 @@ class ServerBackend:
 def _same(value: Any, other: Any) -> bool:
     """Equal as the wire carries them (floats as float32)."""
     if isinstance(value, float) and isinstance(other, (int, float)):
-        return bool(np.float32(value) == np.float32(other))
+        try:
+            return struct.pack("<f", value) == struct.pack("<f", other)
+        except OverflowError:  # past float32's range: the wire cannot carry it either way
+            return False
     return value == other
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import message as pb_message
 from google.protobuf import unknown_fields
 
@@ -127,10 +127,22 @@ def _request_options(o: pb.DecodingOptions) -> RequestOptions:
         if not o.HasField(name):
             return None
         value = getattr(o, name)
-        return float(str(np.float32(value))) if isinstance(value, float) else value
+        return _shortest_decimal(value) if isinstance(value, float) else value
 
     return RequestOptions(**{name: opt(name) for name in OPTIONAL_FIELDS}, return_scores=o.return_scores,
                           return_alignments=o.return_alignments, target_prefix=o.target_prefix)
+
+
+def _shortest_decimal(value: float) -> float:
+    """The shortest decimal whose float32 is value's (a float field read from the wire)."""
+    for digits in range(1, 10):
+        decimal = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack("<f", decimal) == struct.pack("<f", value):
+                return decimal
+        except OverflowError:  # rounded past float32's largest
+            continue
+    return value
 
 
 def _translation(candidates: list[Candidate], scores: bool) -> pb.Translation:
