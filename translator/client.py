@@ -19,7 +19,7 @@ import grpc
 from translator.decode_options import DecodeOptions
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
-from translator.translate import Translation
+from translator.translate import Translation, unchanged
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -151,7 +151,7 @@ class ServerBackend:
 
     Every DecodeOptions field but `alignment` goes over the wire (the server checks them as
     DecodeOptions does offline). Requests hold at most the server's max_sentences and run
-    `parallel` at a time; blank lines are never sent.
+    `parallel` at a time; blank lines come back unchanged, never sent.
     """
 
     def __init__(self, client: TranslatorClient, parallel: int = 4) -> None:
@@ -183,7 +183,7 @@ class ServerBackend:
             request["target_prefix"] = target_prefix
 
         def run(batch: list[str]) -> list[Translation]:
-            out = [Translation("", [], 0.0)] * len(batch)
+            out = [unchanged(text) for text in batch]
             todo = [i for i, text in enumerate(batch) if text.strip()]
             if todo:
                 response = self.client.translate([batch[i] for i in todo], return_scores=True, **request)
