@@ -171,3 +171,24 @@ def test_a_full_queue_is_retried_until_it_has_room(checkpoint, started):
         with TranslatorClient(target, timeout=30, retries=30, backoff=0.05) as patient:
             assert len(patient.translate(SENTENCES[1:2]).translations) == 1
         assert time.monotonic() - start >= 0.4
+
+
+@pytest.mark.parametrize("flags, changes, lines", [
+    (["--beam-size", "2", "--length-penalty-form", "gnmt", "--no-repeat-ngram", "2", "--max-len-a", "1",
+      "--max-len-b", "3", "--no-length-includes-eos"],
+     {"beam_size": 2, "length_penalty_form": "gnmt", "no_repeat_ngram": 2, "max_len_a": 1.0, "max_len_b": 3,
+      "length_includes_eos": False}, 3),
+    (["--sample", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7", "--seed", "11"],
+     {"beam_size": 1, "sample": True, "top_k": 5, "top_p": 0.9, "temperature": 0.7, "seed": 11}, 1),
+])
+def test_command_line_client_carries_every_decoding_flag(checkpoint, started, tmp_path, flags, changes, lines):
+    target = started(checkpoint)
+    source, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text("\n".join(SENTENCES[:lines]) + "\n", encoding="utf-8")
+    prefix = ["--target-prefix", "der hund"]
+    assert translate_main(["--server", target, "--input", str(source), "--output", str(out), "--max-len", "12",
+                           *flags, *prefix]) == 0
+    ckpt = load_checkpoint(checkpoint)
+    opts = DecodeOptions(max_len=12, **changes)
+    want = Translator(ckpt.build_model(), ckpt.tokenizer).translate(SENTENCES[:lines], opts, target_prefix="der hund")
+    assert out.read_text(encoding="utf-8").splitlines() == [t.text for t in want]
