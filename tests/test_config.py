@@ -75,3 +75,35 @@ def test_unknown_preset_lists_the_shipped_ones():
 def test_override_without_equals_sign_is_an_error():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config("cpu", ["train.lr"])
+
+
+def test_flag_values_are_never_parsed_as_yaml(tmp_path):
+    from translator.serve_cli import parse_config
+
+    odd = ["runs/dir #2/model.pt", "yes", "key: value.pem", "[a].pt", "0x10", "~"]
+    for path in odd:
+        cfg = parse_config(["--checkpoint", path, "--tls-cert", path, "--tls-key", path, "--auth-token-file", path,
+                            "--port", "0", "limits.max_sentences=32"])
+        assert (cfg.checkpoint, cfg.tls.cert_file, cfg.tls.key_file, cfg.auth_token_file) == (path,) * 4
+        assert cfg.limits.max_sentences == 32  # dotted overrides stay typed
+    assert load_config("cpu", ["train.lr=5e-4"], {"train.max_minutes": 1.5}).train.max_minutes == 1.5
+
+
+def test_a_checkpoint_path_with_a_hash_is_served(tmp_path, toy_tokenizer):
+    from tests.test_server import LIMITS, SENTENCES, write_checkpoint
+    from translator.client import TranslatorClient
+    from translator.serve_cli import parse_config
+    from translator.server import create_server
+
+    (tmp_path / "dir #2").mkdir()
+    path = write_checkpoint(tmp_path / "dir #2" / "model.pt", toy_tokenizer)
+    cfg = parse_config(["--checkpoint", str(path), "--port", "0", "decoding.max_len=4",
+                        f"limits.max_length={LIMITS.max_length}"])
+    srv, port = create_server(cfg)
+    srv.start()
+    try:
+        with TranslatorClient(f"127.0.0.1:{port}", timeout=60, retries=0) as client:
+            assert client.model_info().model.name == "model.pt"
+            assert len(client.translate_text(SENTENCES[:1])) == 1
+    finally:
+        srv.stop()

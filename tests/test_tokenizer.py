@@ -16,3 +16,15 @@ def test_encode_and_decode_give_the_list_calls_results_at_every_count(toy_tokeni
     assert ids == [toy_tokenizer.sp.encode(t) for t in texts]
     with_specials = [[BOS, *seq, UNK, EOS, PAD] for seq in ids]
     assert toy_tokenizer.decode(with_specials) == [toy_tokenizer.sp.decode(seq) for seq in ids]
+
+
+@pytest.mark.parametrize("text, content", [
+    ("red dog", True), ("the dog 🐕", True), ("", False), (" \t ", False), ("\u200b\u200d\u2060", False),
+    ("\ufeff", False), ("🐕🙂", False), ("\u0301\u0308", False), ("...!? — ·", False),
+    ("\u65e5\u672c", False),  # letters, but none the vocabulary knows: the unknown piece
+])
+def test_text_has_content_when_a_known_piece_holds_a_letter_or_digit(toy_tokenizer, text, content):
+    ids = toy_tokenizer.encode([text])[0]
+    assert toy_tokenizer.has_content(ids) is content
+    assert all(any(c.isalnum() for c in toy_tokenizer.sp.id_to_piece(i)) for i in toy_tokenizer.word_ids)
+    assert UNK not in toy_tokenizer.word_ids

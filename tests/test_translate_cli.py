@@ -142,3 +142,32 @@ def test_translator_rejects_zero_workers(checkpoint):
     ckpt = load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="workers"):
         Translator(ckpt.build_model(), ckpt.tokenizer, workers=0)
+
+
+CONTENT_FREE = ["\u200b", "\ufeff", "🐕 🙂", "\u0301\u0308", "...!?", "\u200d — ·", ""]
+
+
+def test_content_free_lines_pass_through_unchanged(checkpoint, tmp_path):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    lines = [LINES[0], *CONTENT_FREE, LINES[1]]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                           "--beam-size", "2", "--n-best", "2", "--min-len", "3"]) == 0
+    got = out.read_text(encoding="utf-8").splitlines()
+    assert [line for line in got if line.startswith(("1 |||", "7 |||"))] == ["1 ||| \u200b ||| 0.0000",
+                                                                            "7 |||  ||| 0.0000"]
+    results = translator_of(checkpoint).translate(lines, DecodeOptions(beam_size=2, n_best=2, min_len=3))
+    assert [r.text for r in results[1:-1]] == CONTENT_FREE
+    assert all(len(r.nbest) == 1 and r.score == 0.0 and r.tokens == [] for r in results[1:-1])
+    assert [r.text for r in results[::len(lines) - 1]] == [
+        t.text for t in translator_of(checkpoint).translate([LINES[0], LINES[1]], DecodeOptions(beam_size=2))]
+
+
+def test_target_prefix_flag_starts_every_translation(checkpoint, tmp_path):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                           "--beam-size", "2", "--target-prefix", "der hund"]) == 0
+    got = out.read_text(encoding="utf-8").splitlines()
+    want = translator_of(checkpoint).translate(LINES, DecodeOptions(beam_size=2), target_prefix="der hund")
+    assert got == [t.text for t in want] and all(line.startswith("der hund") for line in got)

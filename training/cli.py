@@ -26,11 +26,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.distributed import init_distributed, shutdown
     from training.trainer import Trainer
 
-    overrides = list(args.overrides)
-    if args.max_minutes is not None:
-        overrides.append(f"train.max_minutes={args.max_minutes}")
+    values = {"train.max_minutes": args.max_minutes} if args.max_minutes is not None else {}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, list(args.overrides), values)
         args.out.mkdir(parents=True, exist_ok=True)
         world = init_distributed()  # a world of one unless started by torchrun
         trainer = Trainer(cfg, args.out, world=world, preset=args.config)
@@ -49,23 +47,35 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nmt-evaluate", description="Translate a test set and score it with sacreBLEU.")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint file (.pt); or --server")
+    p.add_argument("--server", metavar="HOST:PORT", help="translate through a running nmt-serve instead")
     p.add_argument("--test", help="corpus spec, e.g. multi30k:test_2016_flickr (default: the config's data.test)")
     p.add_argument("--output", type=Path, help="write the translations here, one per line")
     p.add_argument("--record", action="store_true", help="store the scores in the checkpoint's metrics")
-    from translator.cli import add_decoding_flags, decoding_options
+    from translator.cli import add_client_flags, add_decoding_flags, decoding_options
 
     add_decoding_flags(p)  # beam search, beam 5, unless told otherwise
+    add_client_flags(p)
     args = p.parse_args(argv)
-    from training.evaluate import evaluate_checkpoint
+    if (args.checkpoint is None) == (args.server is None):
+        p.error("give a checkpoint or --server HOST:PORT, not both")
+    from training.evaluate import evaluate_checkpoint, evaluate_server
     from translator.runtime import keep_freed_memory
 
-    keep_freed_memory()
     try:
-        result = evaluate_checkpoint(
-            args.checkpoint, args.test, decoding_options(args), output=args.output, record=args.record
-        )
-    except (ConfigError, CheckpointError, ValueError, OSError) as e:  # OSError: --output, --record
+        if args.server:
+            if args.record or not args.test:
+                raise ValueError("--server needs --test (the server does not say its test set) and "
+                                 "cannot --record (the checkpoint is the server's)")
+            from translator.client import backend_from_args
+
+            result = evaluate_server(backend_from_args(args), args.test, decoding_options(args), args.output)
+        else:
+            keep_freed_memory()
+            result = evaluate_checkpoint(
+                args.checkpoint, args.test, decoding_options(args), output=args.output, record=args.record
+            )
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from translator.config import ConfigError, apply_overrides, from_dict, load_yaml
+from translator.config import ConfigError, apply_overrides, apply_values, from_dict, load_yaml
 from translator.model import ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -116,10 +116,12 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML config (or preset), apply `key.sub=value` overrides, check everything."""
+def load_config(name_or_path: str, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (or preset), set `values` (dotted key -> value, from flags: never parsed),
+    apply `key.sub=value` overrides (YAML scalars), check everything."""
     data = load_yaml(str(resolve_config_path(name_or_path)))
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(apply_values(data, values or {}), overrides or [])
     # The vocabulary size is set once, in data; the model follows it unless given explicitly.
     model = data.setdefault("model", {})
     if isinstance(model, dict) and "vocab_size" not in model:

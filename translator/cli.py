@@ -1,6 +1,7 @@
 """nmt-translate: translate lines with a checkpoint, stdin to stdout or a file to a file.
 
-Also the decoding flags shared with nmt-evaluate (`add_decoding_flags`, `decoding_options`).
+Also the flags shared with nmt-evaluate: decoding (`add_decoding_flags`, `decoding_options`) and
+the client of a running server (`add_client_flags`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="sampling seed")
 
 
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of `--server HOST:PORT`'s connection (read by translator.client.backend_from_args)."""
+    g = p.add_argument_group("server client", "with --server HOST:PORT")
+    g.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server's certificate; turns TLS on")
+    g.add_argument("--tls-cert", metavar="PEM", help="client certificate, for a server that wants mutual TLS")
+    g.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    g.add_argument("--tls-server-name", help="name in the server certificate, when it is not the host's")
+    g.add_argument("--token-file", help="bearer token for the server (default: $NMT_AUTH_TOKEN)")
+    g.add_argument("--deadline", type=float, default=60.0,
+                   help="seconds each request may take, retries included (default 60)")
+    g.add_argument("--retries", type=int, default=4,
+                   help="tries again after UNAVAILABLE or RESOURCE_EXHAUSTED, with backoff (default 4)")
+
+
 def decoding_options(args: argparse.Namespace) -> DecodeOptions:
     """DecodeOptions from the flags of `add_decoding_flags`; bad values raise DecodeOptionError."""
     base = DecodeOptions.preset(args.preset) if args.preset else DecodeOptions(beam_size=DEFAULT_BEAM_SIZE)
@@ -60,7 +75,8 @@ class TranslateBackend(Protocol):
     """What translates lines: a local Translator, or a client of a running server."""
 
     def translate(
-        self, texts: list[str], options: DecodeOptions | None = None, progress: Callable[[int], None] | None = None
+        self, texts: list[str], options: DecodeOptions | None = None, progress: Callable[[int], None] | None = None,
+        target_prefix: str = "",
     ) -> list[Translation]: ...
 
 
@@ -77,6 +93,9 @@ def translate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="batches decoded side by side, sharing the torch threads (local checkpoint only)")
     add_decoding_flags(p)
+    p.add_argument("--target-prefix", default="", metavar="TEXT",
+                   help="text every translation starts with (forced, then continued by the model)")
+    add_client_flags(p)
     args = p.parse_args(argv)
     from translator.checkpoint import CheckpointError
 
@@ -84,7 +103,8 @@ def translate_main(argv: list[str] | None = None) -> int:
         opts = decoding_options(args)
         backend = open_backend(args)
         lines = read_lines(args.input)
-        results = translate_lines(backend, lines, opts, show_progress=args.input is not None)
+        results = translate_lines(backend, lines, opts, show_progress=args.input is not None,
+                                  target_prefix=args.target_prefix)
         write_results(results, args.output, opts.n_best > 1, args.scores)
         if args.attention_png and lines:
             save_attention(backend, lines[0], opts, args.attention_png)
@@ -96,11 +116,11 @@ def translate_main(argv: list[str] | None = None) -> int:
 
 def open_backend(args: argparse.Namespace) -> TranslateBackend:
     if args.server:
-        from translator.client import ServerBackend
+        from translator.client import backend_from_args
 
         if args.workers != 1:
             raise ValueError("--workers applies to a local --checkpoint; the server has its own batching.workers")
-        return ServerBackend.connect(args.server)
+        return backend_from_args(args)
     import torch
 
     from translator.checkpoint import load_checkpoint
@@ -123,12 +143,12 @@ def read_lines(path: Path | None) -> list[str]:
 
 
 def translate_lines(
-    backend: TranslateBackend, lines: list[str], opts: DecodeOptions, show_progress: bool
+    backend: TranslateBackend, lines: list[str], opts: DecodeOptions, show_progress: bool, target_prefix: str = ""
 ) -> list[Translation]:
     from tqdm import tqdm
 
     with tqdm(total=len(lines), unit="sent", disable=not show_progress, file=sys.stderr) as bar:
-        return backend.translate(lines, opts, progress=bar.update)
+        return backend.translate(lines, opts, progress=bar.update, target_prefix=target_prefix)
 
 
 def write_results(results: list[Translation], path: Path | None, nbest: bool, scores: bool) -> None:

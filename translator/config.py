@@ -98,19 +98,29 @@ def _plain(value: Any) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars."""
-    out = _plain(data)
+    """Apply `a.b=value` strings to a nested dict; values are parsed as YAML scalars (`5e-4` a
+    number, `true` a bool). Values that are strings already, such as flags, go through `apply_values`."""
+    values: list[tuple[str, Any]] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         dotted, raw = item.split("=", 1)
+        values.append((dotted, yaml.safe_load(raw) if raw.strip() else ""))
+    return apply_values(data, values)
+
+
+def apply_values(data: dict[str, Any], values: list[tuple[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys of a nested dict to values as they are, never parsed: a path given as a flag
+    stays the path (`runs/dir #2/model.pt` is not cut at a YAML comment)."""
+    out = _plain(data)
+    for dotted, value in (values.items() if isinstance(values, dict) else values):
         keys = dotted.strip().split(".")
         node = out
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted}: {k} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = value
     return out
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from translator.config import ConfigError
-from translator.length import PENALTY_FORMS, PenaltyForm
+from translator.length import PENALTY_FORMS, PenaltyForm, output_budgets
 
 
 class DecodeOptionError(ConfigError):
@@ -77,6 +80,33 @@ class DecodeOptions:
 
     def replace(self, **changes: Any) -> DecodeOptions:
         return dataclasses.replace(self, **changes)
+
+
+def check_budgets(opts: DecodeOptions, src_lengths: Mapping[int, int], max_positions: int, prefix_len: int = 0,
+                  min_len_name: str = "min_len", sentence: str = "sentence {}",
+                  prefix_name: str = "target_prefix") -> None:
+    """Refuse what the per-sentence output budgets would otherwise quietly override: a forced target
+    prefix with no room left for EOS, or a min_len at or past a sentence's budget (its EOS could
+    never come). src_lengths: sentence index -> its source tokens, EOS included; the names say which
+    flag or field min_len and the prefix are, and how a sentence is named (`sentence.format(index)`)."""
+    cap = min(opts.max_len, max_positions - 1)
+    if prefix_len >= cap:
+        raise DecodeOptionError(
+            f"{prefix_name} has {prefix_len} tokens; at most {cap - 1} fit before EOS in the output cap "
+            f"of {cap} tokens")
+    if not opts.min_len or not src_lengths:
+        return
+    index = list(src_lengths)
+    lengths = torch.tensor([src_lengths[i] for i in index])  # (B,)
+    budgets = output_budgets(lengths, opts.max_len_a, opts.max_len_b, opts.max_len, max_positions,
+                             floor=torch.full_like(lengths, prefix_len + 1))  # (B,)
+    short = (budgets <= opts.min_len).nonzero()
+    if short.numel():
+        i = int(short[0])
+        raise DecodeOptionError(
+            f"{min_len_name} {opts.min_len} is beyond the length budget of {sentence.format(index[i])}: "
+            f"{int(budgets[i])} tokens, EOS included (max_len_a {opts.max_len_a:g} x {int(lengths[i])} source "
+            f"tokens + max_len_b {opts.max_len_b}, at most {cap}); lower {min_len_name} or raise the budget")
 
 
 # Length conventions of other toolkits, in this package's terms.

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from translator.config import ConfigError, apply_overrides, from_dict, load_yaml
+from translator.config import ConfigError, apply_overrides, apply_values, from_dict, load_yaml
 
 # flag -> ServerConfig key
 FLAGS = {
@@ -39,10 +39,12 @@ def parse_config(argv: list[str] | None) -> Any:
     p.add_argument("overrides", nargs="*", help="dotted overrides such as limits.max_sentences=32")
     args = p.parse_args(argv)
     data = load_yaml(args.config) if args.config else {}
-    flags = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name) is not None]
+    # Flag values are taken as argparse typed them (strings stay strings); only the dotted
+    # overrides are parsed, as YAML scalars.
+    flags = {key: getattr(args, name) for name, key in FLAGS.items() if getattr(args, name) is not None}
     if args.reflection:
-        flags.append("reflection=true")
-    return from_dict(ServerConfig, apply_overrides(data, flags + list(args.overrides)))
+        flags["reflection"] = True
+    return from_dict(ServerConfig, apply_overrides(apply_values(data, flags), list(args.overrides)))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

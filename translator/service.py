@@ -22,6 +22,7 @@ import torch
 from translator.batcher import Batcher, BatcherConfig, Job
 from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
+from translator.decode_options import DecodeOptionError, check_budgets
 from translator.decoding import DecodeOptions, search_steps
 from translator.engine_process import EngineSpec, RemoteBatcher
 from translator.hypotheses import Hypothesis
@@ -32,6 +33,10 @@ from translator.translate import Translator
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
 FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+MAX_REQUEST_ID_CHARS = 128
+# RequestOptions fields that replace the DecodeOptions field of the same name as they are.
+PASSED_OPTIONS = ("max_len_a", "max_len_b", "length_penalty_form", "length_includes_eos", "no_repeat_ngram",
+                  "sample", "top_k", "top_p", "temperature", "seed")
 
 
 class InvalidArgument(ValueError):
@@ -70,6 +75,17 @@ class RequestOptions:
     min_length: int | None = None
     return_scores: bool = False
     return_alignments: bool = False
+    max_len_a: float | None = None
+    max_len_b: int | None = None
+    length_penalty_form: str | None = None
+    length_includes_eos: bool | None = None
+    no_repeat_ngram: int | None = None
+    sample: bool | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    target_prefix: str = ""  # text every translation starts with
 
 
 @dataclass(frozen=True)
@@ -143,9 +159,21 @@ class CheckpointOrigin:
 
 @dataclass(frozen=True)
 class _Prepared:
-    sources: list[list[int]]
+    sources: list[list[int]]  # of the texts to decode (with content), EOS-terminated
     options: DecodeOptions
     request: RequestOptions
+    texts: list[str]  # all of the request's
+    decoded: list[int]  # the request index of each source
+    prefix: tuple[int, ...] = ()  # forced target prefix
+
+
+@dataclass(frozen=True)
+class _Forced:
+    """What a request with a forced target prefix is batched by: its options and the prefix's ids
+    (requests without one are batched by their DecodeOptions alone)."""
+
+    options: DecodeOptions
+    prefix: tuple[int, ...]
 
 
 class TranslationService:
@@ -238,9 +266,12 @@ class TranslationService:
     async def translate_async(
         self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
     ) -> list[list[Candidate]]:
-        """n-best candidates per text, in order."""
+        """n-best candidates per text, in order; a content-free text comes back unchanged, alone."""
         call = call or Call()
         prepared = self.prepare(texts, options)
+        out = [[Candidate(text, 0.0)] for text in prepared.texts]
+        if not prepared.sources:
+            return out
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
 
@@ -255,7 +286,9 @@ class TranslationService:
         finally:
             job.cancel()  # a no-op once finished; stops decoding if the task was cancelled
             _record(call, job)
-        return [self._candidates(prepared, i, r) for i, r in enumerate(raw)]
+        for k, r in enumerate(raw):
+            out[prepared.decoded[k]] = self._candidates(prepared, k, r)
+        return out
 
     def translate_stream_async(
         self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
@@ -266,24 +299,31 @@ class TranslationService:
         prepared = self.prepare(texts, options)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
-        job = self._submit(prepared, call, stream=True,
-                           listener=lambda event: _call_soon(loop, events.put_nowait, event))
+        job = None
+        if prepared.sources:
+            job = self._submit(prepared, call, stream=True,
+                               listener=lambda event: _call_soon(loop, events.put_nowait, event))
         return self._stream_async(prepared, job, call, events)
 
-    async def _stream_async(self, prepared: _Prepared, job: Job, call: Call,
+    async def _stream_async(self, prepared: _Prepared, job: Job | None, call: Call,
                             events: asyncio.Queue) -> AsyncIterator[StreamEvent]:
+        decoded = set(prepared.decoded)
         text = _StreamedText(self, prepared)
         try:
-            while True:
+            for i, unchanged in enumerate(prepared.texts):  # content-free texts: done at once
+                if i not in decoded:
+                    yield StreamEvent(i, unchanged, [Candidate(unchanged, 0.0)])
+            while job is not None:
                 kind, i, value = await events.get()
                 if kind == "end":
                     job.wait()  # at once; raises the job's error, if it failed
                     return
                 if event := text.event(kind, i, value):
-                    yield event
+                    yield dataclasses.replace(event, index=prepared.decoded[i])
         finally:
-            job.cancel()
-            _record(call, job)
+            if job is not None:
+                job.cancel()
+                _record(call, job)
 
     def prepare(self, texts: Sequence[str], options: RequestOptions) -> _Prepared:
         """Check every limit and tokenize; raises InvalidArgument naming the first bad field."""
@@ -307,20 +347,41 @@ class TranslationService:
                     f"and unpaired surrogates are not text"
                 )
         opts = self.decode_options(options)
+        prefix = self._target_prefix(options.target_prefix)
         eos, limit = self.translator.model.cfg.eos_id, self.translator.max_source_tokens
-        sources = []
+        sources, decoded = [], []
         for i, ids in enumerate(self.tokenizer.encode(list(texts))):
+            if not self.tokenizer.has_content(ids):
+                continue  # content-free: passed through unchanged
             if len(ids) > limit:
                 raise InvalidArgument(f"texts[{i}] has {len(ids)} tokens; the model takes at most {limit}")
             sources.append(ids + [eos])
-        cost = self.request_cost(sources, opts)
+            decoded.append(i)
+        try:
+            check_budgets(opts, {i: len(s) for i, s in zip(decoded, sources)}, self.translator.model.cfg.max_positions,
+                          len(prefix), "options.min_length", "texts[{}]", "options.target_prefix")
+        except DecodeOptionError as e:
+            raise InvalidArgument(str(e)) from None
+        cost = self.request_cost(sources, opts) if sources else 0
         if cost > lim.max_request_cost:
             raise InvalidArgument(
                 f"the request asks for {cost:,} units of decoding (source tokens x options.beam_size x output "
                 f"budget, summed over texts); at most {lim.max_request_cost:,}: send fewer or shorter texts, "
                 f"or lower options.beam_size or options.max_length"
             )
-        return _Prepared(sources, opts, options)
+        return _Prepared(sources, opts, options, list(texts), decoded, tuple(prefix))
+
+    def _target_prefix(self, text: str) -> list[int]:
+        """Token ids of a request's target prefix (none for empty text)."""
+        if not text:
+            return []
+        if len(text) > self.limits.max_sentence_chars:
+            raise InvalidArgument(f"options.target_prefix has {len(text)} characters; at most "
+                                  f"{self.limits.max_sentence_chars}")
+        if bad := FORBIDDEN_CHARS.search(text):
+            raise InvalidArgument(f"options.target_prefix holds U+{ord(bad.group()):04X} at offset {bad.start()}: "
+                                  f"control characters and unpaired surrogates are not text")
+        return self.tokenizer.encode([text])[0]
 
     def request_cost(self, sources: list[list[int]], opts: DecodeOptions) -> int:
         """Source tokens x beam size x output budget, summed over sentences: a bound on the work
@@ -334,7 +395,7 @@ class TranslationService:
         """The server's defaults overridden by the request's fields, each checked against the limits."""
         defaults = self.translator.options
         beam = _check_int("options.beam_size", req.beam_size, 1, self.limits.max_beam_size)
-        beam = beam or defaults.beam_size
+        beam = beam or (1 if req.sample else defaults.beam_size)  # sampling draws on one beam
         n_best = _check_int("options.n_best", req.n_best, 1, beam, "options.beam_size")
         max_len = _check_int("options.max_length", req.max_length, 1, self.max_length)
         max_len = min(max_len or defaults.max_len, self.max_length)
@@ -350,6 +411,7 @@ class TranslationService:
             changes["length_penalty"] = req.length_penalty
         if req.return_alignments:
             changes["alignment"] = True
+        changes.update((name, getattr(req, name)) for name in PASSED_OPTIONS if getattr(req, name) is not None)
         try:
             return defaults.replace(**changes)
         except ValueError as e:  # a combination with the server's defaults, e.g. n_best > beam_size
@@ -359,21 +421,24 @@ class TranslationService:
                 listener: Callable[[tuple[str, int, Any]], None] | None = None) -> Job:
         call.sentences = len(prepared.sources)
         call.src_tokens = sum(len(s) for s in prepared.sources)
-        job = Job(prepared.sources, prepared.options, cost=prepared.options.beam_size,
+        key = _Forced(prepared.options, prepared.prefix) if prepared.prefix else prepared.options
+        job = Job(prepared.sources, key, cost=prepared.options.beam_size,
                   deadline=call.deadline, stream=stream, listener=listener)
         return self.batcher.submit(job)
 
-    def _decode(self, sources, opts: DecodeOptions, cancelled, on_step, on_result,
+    def _decode(self, sources, key: DecodeOptions | _Forced, cancelled, on_step, on_result,
                 admit) -> Generator[None, None, list[Any]]:
         """The batcher's decode function: one search over a padded batch, a step at a time, split
-        per sentence. Queued sentences join it between its steps (not when sampling)."""
+        per sentence. Queued sentences join it between its steps (not when sampling, nor with a
+        forced prefix, which joining sentences would not get)."""
         def joining(alive: int) -> torch.Tensor | None:
             new = admit(alive)
             return self.translator.source_batch(new) if new else None  # (b, S')
 
+        opts, prefix = (key.options, [list(key.prefix)] * len(sources)) if isinstance(key, _Forced) else (key, None)
         hyps = yield from search_steps(self.translator.model, self.translator.source_batch(sources), opts,
-                                       cancelled=cancelled, on_step=on_step, on_done=on_result,
-                                       admit=None if opts.sample else joining)
+                                       prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_result,
+                                       admit=None if opts.sample or prefix else joining)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
@@ -404,6 +469,15 @@ class TranslationService:
 
     def stop(self) -> None:
         self.batcher.stop()
+
+
+def check_request_id(request_id: str) -> None:
+    """A client's request id is logged and echoed: short, and printable (no line breaks)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
+    if not request_id.isprintable():
+        bad = next(c for c in request_id if not c.isprintable())
+        raise InvalidArgument(f"request_id holds U+{ord(bad):04X}: only printable characters are allowed")
 
 
 def _check_int(name: str, value: int | None, lo: int, hi: int, hi_name: str | None = None) -> int | None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +41,7 @@ from translator.service import (
     ModelInfo,
     RequestOptions,
     TranslationService,
+    check_request_id,
 )
 
 log = logging.getLogger("translator.server")
@@ -68,7 +70,7 @@ def status_of(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
     for kind, code in _STATUS:
         if isinstance(error, kind):
             return code, str(error)
-    log.exception("request %s failed", request_id, exc_info=error)
+    log.exception("request %s failed", json.dumps(request_id), exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); see the server log"
 
 
@@ -97,9 +99,11 @@ def _parser(cls: type[pb_message.Message]) -> Callable[[bytes], Any]:
 
 
 def check_request(request: Any) -> None:
-    """Refuse malformed bytes and fields this server does not know (a newer client's options)."""
+    """Refuse malformed bytes, fields this server does not know (a newer client's options) and a
+    request id that is too long or not printable."""
     if isinstance(request, _Malformed):
         raise InvalidArgument(request.message)
+    check_request_id(getattr(request, "request_id", ""))
     unknown = _unknown_field(request, request.DESCRIPTOR.name)
     if unknown:
         raise InvalidArgument(f"unknown field {unknown}: this server does not support it")
@@ -120,15 +124,34 @@ def _unknown_field(msg: pb_message.Message, path: str) -> str | None:
 # -- proto <-> domain -------------------------------------------------------------------------
 
 
+# Optional DecodingOptions fields that RequestOptions takes by the same name; floats among them
+# come as the shortest decimal of their float32 (0.9, not 0.8999999762), as a client wrote them.
+OPTIONAL_FIELDS = ("beam_size", "length_penalty", "max_length", "n_best", "min_length", "max_len_a", "max_len_b",
+                   "length_penalty_form", "length_includes_eos", "no_repeat_ngram", "sample", "top_k", "top_p",
+                   "temperature", "seed")
+
+
 def _request_options(o: pb.DecodingOptions) -> RequestOptions:
     def opt(name: str) -> Any:
-        return getattr(o, name) if o.HasField(name) else None
+        if not o.HasField(name):
+            return None
+        value = getattr(o, name)
+        return _shortest_decimal(value) if isinstance(value, float) else value
 
-    return RequestOptions(
-        beam_size=opt("beam_size"), length_penalty=opt("length_penalty"), max_length=opt("max_length"),
-        n_best=opt("n_best"), min_length=opt("min_length"),
-        return_scores=o.return_scores, return_alignments=o.return_alignments,
-    )
+    return RequestOptions(**{name: opt(name) for name in OPTIONAL_FIELDS}, return_scores=o.return_scores,
+                          return_alignments=o.return_alignments, target_prefix=o.target_prefix)
+
+
+def _shortest_decimal(value: float) -> float:
+    """The shortest decimal whose float32 is value's (a float field read from the wire)."""
+    for digits in range(1, 10):
+        decimal = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack("<f", decimal) == struct.pack("<f", value):
+                return decimal
+        except OverflowError:  # rounded past float32's largest
+            continue
+    return value
 
 
 def _translation(candidates: list[Candidate], scores: bool) -> pb.Translation:
@@ -151,8 +174,12 @@ def _identity(ident: ModelIdentity) -> pb.ModelIdentity:
 
 def _model_info(info: ModelInfo) -> pb.ModelInfo:
     arch, lim, d = info.architecture, info.limits, info.defaults
-    defaults = pb.DecodingOptions(beam_size=d.beam_size, max_length=min(d.max_len, info.max_length),
-                                  n_best=d.n_best, min_length=d.min_len, length_penalty=d.length_penalty)
+    defaults = pb.DecodingOptions(
+        beam_size=d.beam_size, max_length=min(d.max_len, info.max_length), n_best=d.n_best, min_length=d.min_len,
+        length_penalty=d.length_penalty, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+        length_penalty_form=d.length_penalty_form, length_includes_eos=d.length_includes_eos,
+        no_repeat_ngram=d.no_repeat_ngram, sample=d.sample, top_k=d.top_k, top_p=d.top_p,
+        temperature=d.temperature, seed=d.seed)
     return pb.ModelInfo(
         model=_identity(info.identity),
         vocabulary_size=info.vocabulary_size,
@@ -246,7 +273,12 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Rpc]:
-        rpc = _Rpc(getattr(request, "request_id", "") or uuid.uuid4().hex[:16], Call(deadline=_deadline(context)))
+        given = getattr(request, "request_id", "")
+        try:
+            check_request_id(given)
+        except InvalidArgument:
+            given = ""  # refused in check_request; the log names the call by an id of its own
+        rpc = _Rpc(given or uuid.uuid4().hex[:16], Call(deadline=_deadline(context)))
         self._begin(context)
         start = time.perf_counter()
         try:

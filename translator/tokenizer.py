@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import unicodedata
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -48,6 +50,22 @@ class Tokenizer:
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
+
+    @functools.cached_property
+    def word_ids(self) -> frozenset[int]:
+        """Ids of the pieces that hold a letter or a digit (a character of Unicode category L* or
+        N*); never the unknown piece."""
+        return frozenset(i for i in range(UNK + 1, self.vocab_size)
+                         if any(unicodedata.category(c)[0] in "LN" for c in self.sp.id_to_piece(i)))
+
+    def has_content(self, ids: list[int]) -> bool:
+        """Whether token ids (of one text) hold a word to translate: a known piece with a letter or a
+        digit. Text without one is content-free: only whitespace, punctuation, symbols and emoji,
+        combining marks, zero-width and other format characters (a byte-order mark), or letters the
+        vocabulary does not know (they map to the unknown piece). A model given such text invents
+        words, so translators pass it through unchanged."""
+        words = self.word_ids
+        return any(i in words for i in ids)
 
 
 def train_tokenizer(

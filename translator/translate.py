@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from translator.decode_options import check_budgets
 from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search
 from translator.model import EncoderDecoder
 from translator.tokenizer import Tokenizer
@@ -29,6 +30,12 @@ def translations(tokenizer: Tokenizer, hyps: list[Hypothesis]) -> list[Translati
     """Hypotheses of one sentence as translations, best first."""
     texts = tokenizer.decode([h.tokens for h in hyps])
     return [Translation(t, h.tokens, h.score, h.log_probs, h.alignment) for t, h in zip(texts, hyps)]
+
+
+def unchanged(text: str) -> Translation:
+    """A text passed through as its own translation (nothing in it to translate)."""
+    only = Translation(text, [], 0.0)
+    return replace(only, nbest=[only])
 
 
 class Translator:
@@ -76,24 +83,36 @@ class Translator:
         texts: list[str],
         options: DecodeOptions | None = None,
         progress: Callable[[int], None] | None = None,
+        target_prefix: str = "",
     ) -> list[Translation]:
-        """Translate texts in length-sorted batches; results come back in input order."""
+        """Translate texts in length-sorted batches; results come back in input order.
+
+        Content-free texts (Tokenizer.has_content) come back unchanged, score 0, without decoding.
+        target_prefix: text every translation starts with (forced, scored, part of the text).
+        A min_len or prefix the output budgets leave no room for is a DecodeOptionError.
+        """
         opts = options or self.options
         ids = self.encode_sources(texts)
-        out: list[Translation | None] = [None] * len(texts)
+        prefix = self.tokenizer.encode([target_prefix])[0] if target_prefix else []
+        todo = [i for i, seq in enumerate(ids) if self.tokenizer.has_content(seq[:-1])]
+        check_budgets(opts, {i: len(ids[i]) for i in todo}, self.model.cfg.max_positions, len(prefix))
+        out: list[Translation] = [unchanged(text) for text in texts]
 
         def decode(batch: list[int]) -> list[Translation]:
-            hyps = self.search(self.source_batch([ids[i] for i in batch]), opts)
+            src = self.source_batch([ids[i] for i in batch])
+            hyps = self.search(src, opts, [prefix] * len(batch) if prefix else None)
             ranked = [translations(self.tokenizer, nbest) for nbest in hyps.nbest]
             return [replace(r[0], nbest=r) for r in ranked]
 
-        batches = list(self.batches(ids, opts.beam_size))
+        if progress and len(todo) < len(texts):
+            progress(len(texts) - len(todo))
+        batches = [[todo[k] for k in batch] for batch in self.batches([ids[i] for i in todo], opts.beam_size)]
         for batch, results in zip(batches, self.in_order(decode, batches)):
             for i, translation in zip(batch, results):
                 out[i] = translation
             if progress:
                 progress(len(batch))
-        return out  # type: ignore[return-value]
+        return out
 
     def in_order(self, decode: Callable[[list[int]], list[Translation]], batches: list[list[int]]) -> Iterator:
         """decode(batch) for each batch, in order; on `workers` threads when there are several."""
@@ -103,8 +122,8 @@ class Translator:
         with ThreadPoolExecutor(min(self.workers, len(batches))) as pool:
             yield from pool.map(decode, batches)
 
-    def search(self, src: torch.Tensor, opts: DecodeOptions) -> Hypotheses:
-        return search(self.model, src, opts)
+    def search(self, src: torch.Tensor, opts: DecodeOptions, prefix: list[list[int]] | None = None) -> Hypotheses:
+        return search(self.model, src, opts, prefix=prefix)
 
     def source_batch(self, seqs: list[list[int]]) -> torch.Tensor:
         """EOS-terminated source ids as one right-padded (B, S) tensor on the model's device."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/translator/proto/translator/v1/translator.proto\x12\rtranslator.v1\"f\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.translator.v1.DecodingOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x89\x02\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06n_best\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmin_length\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x19\n\x11return_alignments\x18\x07 \x01(\x08\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\r\n\x0b_max_lengthB\t\n\x07_n_bestB\r\n\x0b_min_length\"r\n\x11TranslateResponse\x12\x30\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x1a.translator.v1.Translation\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\"<\n\x0bTranslation\x12-\n\nhypotheses\x18\x01 \x03(\x0b\x32\x19.translator.v1.Hypothesis\"e\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12+\n\talignment\x18\x03 \x01(\x0b\x32\x18.translator.v1.AlignmentB\x08\n\x06_score\"J\n\tAlignment\x12\x15\n\rsource_tokens\x18\x01 \x03(\t\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xa2\x01\n\x17TranslateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12/\n\x0btranslation\x18\x04 \x01(\x0b\x32\x1a.translator.v1.Translation\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"j\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\"\x9e\x03\n\tModelInfo\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\x12\x17\n\x0fvocabulary_size\x18\x02 \x01(\x05\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x31\n\x0c\x61rchitecture\x18\x05 \x01(\x0b\x32\x1b.translator.v1.Architecture\x12%\n\x06limits\x18\x06 \x01(\x0b\x32\x15.translator.v1.Limits\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x07 \x01(\x0b\x32\x1e.translator.v1.DecodingOptions\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.translator.v1.ModelInfo.MetricsEntry\x12-\n\nprovenance\x18\t \x01(\x0b\x32\x19.translator.v1.Provenance\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x03\n\nProvenance\x12\x16\n\x0eweights_sha256\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x11\n\x04step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x04 \x01(\t\x12\x1c\n\x14training_config_json\x18\x05 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x06 \x01(\t\x12\x17\n\ncode_dirty\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x39\n\x08versions\x18\x08 \x03(\x0b\x32\'.translator.v1.Provenance.VersionsEntry\x12\x0e\n\x06\x63orpus\x18\t \x01(\t\x12\x15\n\rcorpus_sha256\x18\n \x01(\t\x12\x17\n\nvalid_bleu\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12-\n\x0btest_scores\x18\x0c \x03(\x0b\x32\x18.translator.v1.TestScore\x12\x15\n\raveraged_from\x18\r \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_stepB\r\n\x0b_code_dirtyB\r\n\x0b_valid_bleu\"|\n\tTestScore\x12\x0c\n\x04test\x18\x01 \x01(\t\x12\x0c\n\x04\x62leu\x18\x02 \x01(\x01\x12\x11\n\x04\x63hrf\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tbeam_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x62leu_signature\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x06 \x01(\tB\x07\n\x05_chrf\"g\n\x0c\x41rchitecture\x12\x0f\n\x07\x64_model\x18\x01 \x01(\x05\x12\x0f\n\x07n_heads\x18\x02 \x01(\x05\x12\x10\n\x08n_layers\x18\x03 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x04 \x01(\x05\x12\x15\n\rmax_positions\x18\x05 \x01(\x05\"\xb6\x01\n\x06Limits\x12\x15\n\rmax_sentences\x18\x01 \x01(\x05\x12\x1a\n\x12max_sentence_chars\x18\x02 \x01(\x05\x12\x19\n\x11max_source_tokens\x18\x03 \x01(\x05\x12\x15\n\rmax_beam_size\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x05\x12\x18\n\x10max_request_cost\x18\x07 \x01(\x03\x32\x88\x02\n\nTranslator\x12N\n\tTranslate\x12\x1f.translator.v1.TranslateRequest\x1a .translator.v1.TranslateResponse\x12\\\n\x0fTranslateStream\x12\x1f.translator.v1.TranslateRequest\x1a&.translator.v1.TranslateStreamResponse0\x01\x12L\n\x0cGetModelInfo\x12\".translator.v1.GetModelInfoRequest\x1a\x18.translator.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/translator/proto/translator/v1/translator.proto\x12\rtranslator.v1\"f\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12/\n\x07options\x18\x02 \x01(\x0b\x32\x1e.translator.v1.DecodingOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xb4\x05\n\x0f\x44\x65\x63odingOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_length\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06n_best\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmin_length\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x19\n\x11return_alignments\x18\x07 \x01(\x08\x12\x16\n\tmax_len_a\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x16\n\tmax_len_b\x18\t \x01(\x05H\x06\x88\x01\x01\x12 \n\x13length_penalty_form\x18\n \x01(\tH\x07\x88\x01\x01\x12 \n\x13length_includes_eos\x18\x0b \x01(\x08H\x08\x88\x01\x01\x12\x1c\n\x0fno_repeat_ngram\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x13\n\x06sample\x18\r \x01(\x08H\n\x88\x01\x01\x12\x12\n\x05top_k\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x12\n\x05top_p\x18\x0f \x01(\x02H\x0c\x88\x01\x01\x12\x18\n\x0btemperature\x18\x10 \x01(\x02H\r\x88\x01\x01\x12\x11\n\x04seed\x18\x11 \x01(\x03H\x0e\x88\x01\x01\x12\x15\n\rtarget_prefix\x18\x12 \x01(\tB\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\r\n\x0b_max_lengthB\t\n\x07_n_bestB\r\n\x0b_min_lengthB\x0c\n\n_max_len_aB\x0c\n\n_max_len_bB\x16\n\x14_length_penalty_formB\x16\n\x14_length_includes_eosB\x12\n\x10_no_repeat_ngramB\t\n\x07_sampleB\x08\n\x06_top_kB\x08\n\x06_top_pB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"r\n\x11TranslateResponse\x12\x30\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x1a.translator.v1.Translation\x12+\n\x05model\x18\x02 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\"<\n\x0bTranslation\x12-\n\nhypotheses\x18\x01 \x03(\x0b\x32\x19.translator.v1.Hypothesis\"e\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\x05score\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12+\n\talignment\x18\x03 \x01(\x0b\x32\x18.translator.v1.AlignmentB\x08\n\x06_score\"J\n\tAlignment\x12\x15\n\rsource_tokens\x18\x01 \x03(\t\x12\x15\n\rtarget_tokens\x18\x02 \x03(\t\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\xa2\x01\n\x17TranslateStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12/\n\x0btranslation\x18\x04 \x01(\x0b\x32\x1a.translator.v1.Translation\x12+\n\x05model\x18\x05 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"j\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11\x63heckpoint_sha256\x18\x02 \x01(\t\x12\x17\n\x0fsource_language\x18\x03 \x01(\t\x12\x17\n\x0ftarget_language\x18\x04 \x01(\t\"\x9e\x03\n\tModelInfo\x12+\n\x05model\x18\x01 \x01(\x0b\x32\x1c.translator.v1.ModelIdentity\x12\x17\n\x0fvocabulary_size\x18\x02 \x01(\x05\x12\x0e\n\x06preset\x18\x03 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x04 \x01(\t\x12\x31\n\x0c\x61rchitecture\x18\x05 \x01(\x0b\x32\x1b.translator.v1.Architecture\x12%\n\x06limits\x18\x06 \x01(\x0b\x32\x15.translator.v1.Limits\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x07 \x01(\x0b\x32\x1e.translator.v1.DecodingOptions\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.translator.v1.ModelInfo.MetricsEntry\x12-\n\nprovenance\x18\t \x01(\x0b\x32\x19.translator.v1.Provenance\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x03\n\nProvenance\x12\x16\n\x0eweights_sha256\x18\x01 \x01(\t\x12\x10\n\x08verified\x18\x02 \x01(\x08\x12\x11\n\x04step\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x63reated\x18\x04 \x01(\t\x12\x1c\n\x14training_config_json\x18\x05 \x01(\t\x12\x13\n\x0b\x63ode_commit\x18\x06 \x01(\t\x12\x17\n\ncode_dirty\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x39\n\x08versions\x18\x08 \x03(\x0b\x32\'.translator.v1.Provenance.VersionsEntry\x12\x0e\n\x06\x63orpus\x18\t \x01(\t\x12\x15\n\rcorpus_sha256\x18\n \x01(\t\x12\x17\n\nvalid_bleu\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12-\n\x0btest_scores\x18\x0c \x03(\x0b\x32\x18.translator.v1.TestScore\x12\x15\n\raveraged_from\x18\r \x03(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_stepB\r\n\x0b_code_dirtyB\r\n\x0b_valid_bleu\"|\n\tTestScore\x12\x0c\n\x04test\x18\x01 \x01(\t\x12\x0c\n\x04\x62leu\x18\x02 \x01(\x01\x12\x11\n\x04\x63hrf\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tbeam_size\x18\x04 \x01(\x05\x12\x16\n\x0e\x62leu_signature\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x06 \x01(\tB\x07\n\x05_chrf\"g\n\x0c\x41rchitecture\x12\x0f\n\x07\x64_model\x18\x01 \x01(\x05\x12\x0f\n\x07n_heads\x18\x02 \x01(\x05\x12\x10\n\x08n_layers\x18\x03 \x01(\x05\x12\x0c\n\x04\x64_ff\x18\x04 \x01(\x05\x12\x15\n\rmax_positions\x18\x05 \x01(\x05\"\xb6\x01\n\x06Limits\x12\x15\n\rmax_sentences\x18\x01 \x01(\x05\x12\x1a\n\x12max_sentence_chars\x18\x02 \x01(\x05\x12\x19\n\x11max_source_tokens\x18\x03 \x01(\x05\x12\x15\n\rmax_beam_size\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x05\x12\x18\n\x10max_request_cost\x18\x07 \x01(\x03\x32\x88\x02\n\nTranslator\x12N\n\tTranslate\x12\x1f.translator.v1.TranslateRequest\x1a .translator.v1.TranslateResponse\x12\\\n\x0fTranslateStream\x12\x1f.translator.v1.TranslateRequest\x1a&.translator.v1.TranslateStreamResponse0\x01\x12L\n\x0cGetModelInfo\x12\".translator.v1.GetModelInfoRequest\x1a\x18.translator.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSLATEREQUEST']._serialized_start=66
   _globals['_TRANSLATEREQUEST']._serialized_end=168
   _globals['_DECODINGOPTIONS']._serialized_start=171
-  _globals['_DECODINGOPTIONS']._serialized_end=436
-  _globals['_TRANSLATERESPONSE']._serialized_start=438
-  _globals['_TRANSLATERESPONSE']._serialized_end=552
-  _globals['_TRANSLATION']._serialized_start=554
-  _globals['_TRANSLATION']._serialized_end=614
-  _globals['_HYPOTHESIS']._serialized_start=616
-  _globals['_HYPOTHESIS']._serialized_end=717
-  _globals['_ALIGNMENT']._serialized_start=719
-  _globals['_ALIGNMENT']._serialized_end=793
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=796
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=958
-  _globals['_GETMODELINFOREQUEST']._serialized_start=960
-  _globals['_GETMODELINFOREQUEST']._serialized_end=981
-  _globals['_MODELIDENTITY']._serialized_start=983
-  _globals['_MODELIDENTITY']._serialized_end=1089
-  _globals['_MODELINFO']._serialized_start=1092
-  _globals['_MODELINFO']._serialized_end=1506
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1460
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1506
-  _globals['_PROVENANCE']._serialized_start=1509
-  _globals['_PROVENANCE']._serialized_end=1956
-  _globals['_PROVENANCE_VERSIONSENTRY']._serialized_start=1870
-  _globals['_PROVENANCE_VERSIONSENTRY']._serialized_end=1917
-  _globals['_TESTSCORE']._serialized_start=1958
-  _globals['_TESTSCORE']._serialized_end=2082
-  _globals['_ARCHITECTURE']._serialized_start=2084
-  _globals['_ARCHITECTURE']._serialized_end=2187
-  _globals['_LIMITS']._serialized_start=2190
-  _globals['_LIMITS']._serialized_end=2372
-  _globals['_TRANSLATOR']._serialized_start=2375
-  _globals['_TRANSLATOR']._serialized_end=2639
+  _globals['_DECODINGOPTIONS']._serialized_end=863
+  _globals['_TRANSLATERESPONSE']._serialized_start=865
+  _globals['_TRANSLATERESPONSE']._serialized_end=979
+  _globals['_TRANSLATION']._serialized_start=981
+  _globals['_TRANSLATION']._serialized_end=1041
+  _globals['_HYPOTHESIS']._serialized_start=1043
+  _globals['_HYPOTHESIS']._serialized_end=1144
+  _globals['_ALIGNMENT']._serialized_start=1146
+  _globals['_ALIGNMENT']._serialized_end=1220
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1223
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1385
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1387
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1408
+  _globals['_MODELIDENTITY']._serialized_start=1410
+  _globals['_MODELIDENTITY']._serialized_end=1516
+  _globals['_MODELINFO']._serialized_start=1519
+  _globals['_MODELINFO']._serialized_end=1933
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1887
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1933
+  _globals['_PROVENANCE']._serialized_start=1936
+  _globals['_PROVENANCE']._serialized_end=2383
+  _globals['_PROVENANCE_VERSIONSENTRY']._serialized_start=2297
+  _globals['_PROVENANCE_VERSIONSENTRY']._serialized_end=2344
+  _globals['_TESTSCORE']._serialized_start=2385
+  _globals['_TESTSCORE']._serialized_end=2509
+  _globals['_ARCHITECTURE']._serialized_start=2511
+  _globals['_ARCHITECTURE']._serialized_end=2614
+  _globals['_LIMITS']._serialized_start=2617
+  _globals['_LIMITS']._serialized_end=2799
+  _globals['_TRANSLATOR']._serialized_start=2802
+  _globals['_TRANSLATOR']._serialized_end=3066
 # @@protoc_insertion_point(module_scope)

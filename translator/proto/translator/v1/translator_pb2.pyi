@@ -17,7 +17,7 @@ class TranslateRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class DecodingOptions(_message.Message):
-    __slots__ = ("beam_size", "length_penalty", "max_length", "n_best", "min_length", "return_scores", "return_alignments")
+    __slots__ = ("beam_size", "length_penalty", "max_length", "n_best", "min_length", "return_scores", "return_alignments", "max_len_a", "max_len_b", "length_penalty_form", "length_includes_eos", "no_repeat_ngram", "sample", "top_k", "top_p", "temperature", "seed", "target_prefix")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,17 @@ class DecodingOptions(_message.Message):
     MIN_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
     RETURN_ALIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEN_A_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEN_B_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_PENALTY_FORM_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_INCLUDES_EOS_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFIX_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     length_penalty: float
     max_length: int
@@ -32,7 +43,18 @@ class DecodingOptions(_message.Message):
     min_length: int
     return_scores: bool
     return_alignments: bool
-    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_length: _Optional[int] = ..., n_best: _Optional[int] = ..., min_length: _Optional[int] = ..., return_scores: _Optional[bool] = ..., return_alignments: _Optional[bool] = ...) -> None: ...
+    max_len_a: float
+    max_len_b: int
+    length_penalty_form: str
+    length_includes_eos: bool
+    no_repeat_ngram: int
+    sample: bool
+    top_k: int
+    top_p: float
+    temperature: float
+    seed: int
+    target_prefix: str
+    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_length: _Optional[int] = ..., n_best: _Optional[int] = ..., min_length: _Optional[int] = ..., return_scores: _Optional[bool] = ..., return_alignments: _Optional[bool] = ..., max_len_a: _Optional[float] = ..., max_len_b: _Optional[int] = ..., length_penalty_form: _Optional[str] = ..., length_includes_eos: _Optional[bool] = ..., no_repeat_ngram: _Optional[int] = ..., sample: _Optional[bool] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., target_prefix: _Optional[str] = ...) -> None: ...
 
 class TranslateResponse(_message.Message):
     __slots__ = ("translations", "model")
