@@ -55,18 +55,35 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline()
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, toy_tokenizer):
+def engine_processes(parent: int) -> list[int]:
+    """Pids of the engine processes `parent` started."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(re.search(r"^PPid:\s+(\d+)", status.read_text(), re.MULTILINE).group(1))
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except (OSError, AttributeError):
+            continue
+        if ppid == parent and b"translator.engine_process" in cmdline:
+            pids.append(int(status.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, toy_tokenizer, engine_process):
     checkpoint = write_checkpoint(tmp_path / "tiny.pt", toy_tokenizer)
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "translator.serve_cli", "--checkpoint", str(checkpoint), "--port", "0",
          "--grace-seconds", "120", f"limits.max_length={IN_FLIGHT_TOKENS}", "decoding.max_len_a=0",
-         "decoding.max_len_b=10000"],
+         "decoding.max_len_b=10000", f"engine_process={str(engine_process).lower()}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
     )
     try:
         port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", read_line(proc, 300)).group(1))
         target = f"127.0.0.1:{port}"
+        engines = engine_processes(proc.pid)
+        assert len(engines) == int(engine_process)
         with TranslatorClient(target, timeout=120, retries=0) as client:
             options = pb.DecodingOptions(max_length=IN_FLIGHT_TOKENS)
             request = pb.TranslateRequest(texts=SENTENCES[:1], options=options)
@@ -103,3 +120,4 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, toy_tokenizer):
             proc.kill()
         log.close()
     assert "draining" in (tmp_path / "server.log").read_text()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in engines)  # the engine ended with the server

@@ -39,9 +39,9 @@ def translator(checkpoint) -> Translator:
     return Translator(ckpt.build_model(), ckpt.tokenizer, DEFAULTS)
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    srv, port = create_server(server_config(checkpoint))
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(checkpoint, request):
+    srv, port = create_server(server_config(checkpoint, engine_process=request.param))
     srv.start()
     yield f"127.0.0.1:{port}"
     srv.stop()

@@ -9,7 +9,7 @@ detokenizes as before, with a `RemoteBatcher` in place of the Batcher. Jobs live
 their sources, options and deadline go to the engine over a pipe, and their events come back.
 
 Messages, pickled, over a socket pair (framed by multiprocessing's Connection):
-    front -> engine: ("submit", id, sources, options, stream, deadline), ("cancel", id), ("stop",)
+    front -> engine: ("submit", id, sources, key, cost, stream, deadline), ("cancel", id), ("stop",)
     engine -> front: ("ready",), ("failed", message),
                      ("event", id, (kind, i, value), started, steps), ("end", id, error, started, steps)
 `deadline` and `started` are time.monotonic() values, which the two processes share (one host).
@@ -35,7 +35,7 @@ from typing import Any
 
 from translator.batcher import BatcherConfig
 from translator.decoding import DecodeOptions
-from translator.jobs import BatcherError, EngineRestarted, Job, QueueFull, ShuttingDown
+from translator.jobs import BatcherError, DecodeFailed, EngineRestarted, Job, QueueFull, ShuttingDown
 
 log = logging.getLogger("translator.engine")
 # Plain pickle, not multiprocessing's: that one sends tensors as shared-memory handles, which only a
@@ -112,17 +112,19 @@ class _EngineSide:
             except (EOFError, OSError):
                 message = ("stop",)
             kind = message[0]
-            if kind == "submit":
-                self.submit(*message[1:])
-            elif kind == "cancel":
-                job = self.jobs.get(message[1])
-                if job is not None:
-                    job.cancel()
-            elif kind == "stop":
+            if kind == "stop":
                 self.batcher.stop()
                 return
+            try:
+                if kind == "submit":
+                    self.submit(*message[1:])
+                elif kind == "cancel" and (job := self.jobs.get(message[1])) is not None:
+                    job.cancel()
+            except Exception as e:  # the request fails, the engine carries on
+                log.exception("engine: %s of request %s failed", kind, message[1])
+                self.send(("end", message[1], DecodeFailed(f"{type(e).__name__}: {e}"), None, 0))
 
-    def submit(self, job_id: int, sources: list[list[int]], options: DecodeOptions, stream: bool,
+    def submit(self, job_id: int, sources: list[list[int]], options: Any, cost: int, stream: bool,
                deadline: float | None) -> None:
         def listener(event: tuple[str, int, Any]) -> None:
             job = self.jobs.get(job_id)
@@ -134,7 +136,7 @@ class _EngineSide:
             else:
                 self.send(("event", job_id, event, job._started, job.stats.steps))
 
-        job = Job(sources, options, cost=options.beam_size, deadline=deadline, stream=stream, listener=listener)
+        job = Job(sources, options, cost=cost, deadline=deadline, stream=stream, listener=listener)
         self.jobs[job_id] = job
         try:
             self.batcher.submit(job)
@@ -359,7 +361,7 @@ class RemoteBatcher:
 
 
 def _submit_message(job_id: int, job: Job) -> tuple:
-    return ("submit", job_id, job.sources, job.options, job.streaming, job.deadline)
+    return ("submit", job_id, job.sources, job.options, job.cost, job.streaming, job.deadline)
 
 
 if __name__ == "__main__":
