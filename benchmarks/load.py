@@ -109,13 +109,27 @@ def cpu_seconds_from_stat(stat: str, clk_tck: int) -> float:
 
 
 def process_cpu_seconds(pid: int | None) -> float | None:
-    """CPU seconds a process has used, all its threads; None without a pid or without /proc."""
+    """CPU seconds a process and its live descendants have used, all their threads (nmt-serve's
+    decoding engine may be a child process); None without a pid or without /proc."""
     if pid is None:
         return None
-    try:
-        return cpu_seconds_from_stat(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+    stats = {}
+    for path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            stats[int(path.parent.name)] = path.read_text()
+    if pid not in stats:
         return None
+    children: dict[int, list[int]] = {}
+    for child, stat in stats.items():
+        with contextlib.suppress(ValueError, IndexError):
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(child)
+    tree, total = [pid], 0.0
+    while tree:
+        p = tree.pop()
+        with contextlib.suppress(ValueError, IndexError):
+            total += cpu_seconds_from_stat(stats[p], os.sysconf("SC_CLK_TCK"))
+        tree += children.get(p, [])
+    return total
 
 
 def find_max_rate(passes: Callable[[float], bool], start: float, budget_s: float, steps: int = 4,

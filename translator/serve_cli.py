@@ -64,7 +64,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     from translator.service import TranslationService
 
     keep_freed_memory()
-    if cfg.threads:
+    if cfg.engine_process:  # the front end only tokenizes: its torch ops are tiny
+        torch.set_num_threads(1)
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     if kernels.library() is not None:  # built or loaded now, not on the first request
         logging.getLogger("translator.kernels").info("native decoding kernels loaded")
