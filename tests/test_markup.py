@@ -101,8 +101,14 @@ def test_text_is_escaped_and_unclosed_elements_are_closed():
 
 
 def test_a_word_takes_the_alignment_of_its_most_attended_piece():
-    rows = [[0.6, 0.4], [0.1, 0.9], [0.5, 0.5]]
-    assert hard_alignment(["▁Ha", "us", "."], rows, 2) == [1, 1, 0]
+    rows = [[0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.5, 0.4, 0.1]]
+    assert hard_alignment(["▁Ha", "us", "."], rows, ["the", " house", "."]) == [1, 1, 2]
+
+
+def test_punctuation_goes_with_source_punctuation_not_the_word_before_it():
+    # big(0) dog(1) .(2): the full stop attends to "dog", yet stays outside its element
+    out = translate("A <b>dog</b>.", [[("▁Ein", 0), ("▁Hund", 1), (".", 1)]])
+    assert out == "Ein <b>Hund</b>."
 
 
 SAMPLES = [

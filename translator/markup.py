@@ -200,7 +200,7 @@ def _target_units(
     a, _ = piece
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
-    links = hard_alignment(tr.target_pieces, tr.alignment, len(tr.source_spans))
+    links = hard_alignment(tr.target_pieces, tr.alignment, [markup.text[a + s : a + e] for s, e in tr.source_spans])
     units: list[_Unit] = []
     pending = sorted(points, key=lambda p: p.position)
     for piece_text, src in zip(tr.target_pieces, links):
@@ -220,22 +220,34 @@ def _target_units(
     return units
 
 
-def hard_alignment(target_pieces: list[str], alignment: list[list[float]], n_source: int) -> list[int | None]:
-    """Per target token, the source token it is aligned to: the likeliest one over all the tokens
-    of its word, so a word keeps its markup whole. None when there are no source tokens."""
-    if n_source == 0:
+def hard_alignment(target_pieces: list[str], alignment: list[list[float]], source: list[str]) -> list[int | None]:
+    """Per target token, the source token (of the texts `source`) it is aligned to: the likeliest
+    one over all the tokens of its word, so a word keeps its markup whole. A word of punctuation
+    alone goes with the likeliest punctuation of the source when there is some: attention puts a
+    full stop on the word before it, which would pull the stop into that word's element.
+    None when there are no source tokens."""
+    n = len(source)
+    if n == 0:
         return [None] * len(target_pieces)
-    best = [max(range(n_source), key=row.__getitem__) for row in (r[:n_source] for r in alignment)]
-    links: list[int | None] = list(best)
+    marks = [i for i, text in enumerate(source) if _is_punctuation(text)]
+    links: list[int | None] = [None] * len(target_pieces)
     word_start = 0
     for t in range(1, len(target_pieces) + 1):
-        if t == len(target_pieces) or starts_word(target_pieces[t - 1], target_pieces[t]):
-            word = range(word_start, t)
-            top = max(word, key=lambda i: alignment[i][best[i]])
-            for i in word:
-                links[i] = best[top]
-            word_start = t
+        if t < len(target_pieces) and not starts_word(target_pieces[t - 1], target_pieces[t]):
+            continue
+        word = range(word_start, t)
+        punctuation = marks and _is_punctuation("".join(target_pieces[i] for i in word))
+        candidates = marks if punctuation else range(n)
+        _, best = max(((i, s) for i in word for s in candidates), key=lambda pair: alignment[pair[0]][pair[1]])
+        for i in word:
+            links[i] = best
+        word_start = t
     return links
+
+
+def _is_punctuation(text: str) -> bool:
+    text = text.replace("\u2581", "").strip()
+    return bool(text) and not any(ch.isalnum() for ch in text)
 
 
 def starts_word(previous: str, piece: str) -> bool:
