@@ -201,9 +201,10 @@ def _target_units(
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
     links = hard_alignment(tr.target_pieces, tr.alignment, [markup.text[a + s : a + e] for s, e in tr.source_spans])
+    stacks = _target_stacks(source_stacks, links, confident(tr.target_pieces, tr.alignment, links))
     units: list[_Unit] = []
     pending = sorted(points, key=lambda p: p.position)
-    for piece_text, src in zip(tr.target_pieces, links):
+    for piece_text, src, stack in zip(tr.target_pieces, links, stacks):
         text = piece_text.replace("\u2581", " ")
         if not any(not u.is_markup for u in units):
             text = text.lstrip()
@@ -214,10 +215,49 @@ def _target_units(
         units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in due]
         pending = [p for p in pending if p not in due]
         if text:
-            stack = source_stacks[src] if src is not None else markup.stacks[a]
-            units.append(_Unit(text, stack, sentence=sentence))
+            units.append(_Unit(text, stack if stack is not None else markup.stacks[a], sentence=sentence))
     units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in pending]
     return units
+
+
+def confident(target_pieces: list[str], alignment: list[list[float]], links: list[int | None]) -> list[bool]:
+    """Per target token, whether its word is also the target word its source token attends to
+    most (the alignment holds both ways). An article attends to its noun, but the noun's source
+    word attends most to the noun: the article is not confident."""
+    words, word = [], -1
+    for t, piece in enumerate(target_pieces):
+        word += t == 0 or starts_word(target_pieces[t - 1], piece)
+        words.append(word)
+    best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
+    for t, src in enumerate(links):
+        if src is not None and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
+            best[src] = (alignment[t][src], words[t])
+    return [src is not None and best[src][1] == words[t] for t, src in enumerate(links)]
+
+
+def _target_stacks(source_stacks: list[Stack], links: list[int | None], sure: list[bool]) -> list[Stack | None]:
+    """Per target token, its aligned source token's stack when the alignment is confident; else
+    only the elements it shares with the confident tokens on both sides (the piece's outer
+    elements at its ends), so that an element does not spread onto an article or a repetition."""
+    own = [source_stacks[s] if s is not None else None for s in links]
+    outer = _prefix(source_stacks) if source_stacks else ()
+    out: list[Stack | None] = []
+    for t, stack in enumerate(own):
+        if stack is None or sure[t]:
+            out.append(stack)
+            continue
+        before = next((own[i] for i in range(t - 1, -1, -1) if sure[i]), outer)
+        after = next((own[i] for i in range(t + 1, len(own)) if sure[i]), outer)
+        out.append(_prefix([stack, before or (), after or ()]))
+    return out
+
+
+def _prefix(stacks: list[Stack]) -> Stack:
+    """The elements all `stacks` share, outermost first."""
+    n = min(len(s) for s in stacks)
+    for other in stacks[1:]:
+        n = min(n, _common(stacks[0], other))
+    return stacks[0][:n]
 
 
 def hard_alignment(target_pieces: list[str], alignment: list[list[float]], source: list[str]) -> list[int | None]:

@@ -56,6 +56,7 @@ class Translator:
         options: DecodeOptions | None = None,
         max_batch_tokens: int = 4096,
         workers: int = 1,
+        src_lang: str = "en",
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -64,6 +65,7 @@ class Translator:
         self.options = options or DecodeOptions()
         self.max_batch_tokens = max_batch_tokens
         self.workers = workers
+        self.src_lang = src_lang  # documents are split into sentences by this language's rules
 
     @property
     def max_source_tokens(self) -> int:
@@ -111,18 +113,18 @@ class Translator:
         self,
         text: str,
         options: DecodeOptions | None = None,
-        lang: str = "en",
+        lang: str | None = None,
         limits: DocumentLimits = DEFAULT_LIMITS,
         markup: bool = False,
     ) -> DocumentResult:
-        """A document (`lang`: its language, for the sentence splitter) translated sentence by
-        sentence in one `translate` call and put back together with its layout (translator.documents);
-        with `markup`, its inline HTML/XML placed through the alignments (translator.markup).
-        Over a limit: DocumentLimitError, before any sentence is translated."""
+        """A document translated sentence by sentence in one `translate` call and put back together
+        with its layout (translator.documents); with `markup`, its inline HTML/XML placed through
+        the alignments (translator.markup). `lang` picks the sentence splitter's rules (default:
+        src_lang). Over a limit: DocumentLimitError, before any sentence is translated."""
         check_chars(text, limits)
         parsed = parse_markup(text) if markup else None
         plain = parsed.text if parsed else text
-        doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang, limits)
+        doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits)
         opts = options or self.options
         if parsed is None:
             return reassemble(doc, [t.text for t in self.translate(doc.sources(), opts)])
