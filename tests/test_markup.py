@@ -84,6 +84,30 @@ def test_block_elements_and_the_whitespace_between_paragraphs_are_kept():
     assert out == "<p>Hallo.</p>\n<p>Tschüss.</p>"
 
 
+def test_an_article_aligned_to_its_noun_stays_outside_the_noun_element():
+    # the(0) worker(1) runs(2) .(3): "Der" attends to "worker", but "worker" attends most to "Arbeiter"
+    markup = parse_markup("the <b>worker</b> runs.")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.1, 0.0], [0.0, 0.1, 0.9, 0.0], [0.0, 0.0, 0.1, 0.9]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁Der", "▁Arbeiter", "▁rennt", "."], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "Der <b>Arbeiter</b> rennt."
+
+
+def test_an_element_no_confident_word_holds_is_kept_on_its_aligned_words():
+    # brick(0) building(1): one compound attends to both, most to "brick"
+    markup = parse_markup("a brick <i>building</i>")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.1, 0.1], [0.0, 0.6, 0.4], [0.1, 0.3, 0.6]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁ein", "▁Backstein", "gebäude"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "ein <i>Backsteingebäude</i>"
+
+
+def test_block_elements_end_sentences_even_without_whitespace():
+    markup = parse_markup("<p>One dog</p><p>Two cats</p><ul><li>a bird</li><li>A fish</li></ul>x<br/>y")
+    doc = split_document(markup.text, words, 50, breaks=markup.breaks)
+    assert doc.sources() == ["One dog", "Two cats", "a bird", "A fish", "x", "y"]
+
+
 def test_comments_empty_elements_and_stray_end_tags():
     out = translate("A<!-- note --> <span></span>dog</u>.", [[("▁Ein", 0), ("▁Hund", 1), (".", 2)]])
     assert out == "Ein <!-- note --><span></span>Hund."

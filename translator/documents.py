@@ -2,15 +2,17 @@
 
 Every character outside a sentence (paragraph breaks, line breaks, the whitespace around and between
 sentences) is copied to the output as it is, so `reassemble(split_document(text, ...), translations)`
-keeps the document's layout. Lines are split into sentences by sentencex; a sentence with more
+keeps the document's layout. Lines (and the blocks between `breaks`, such as the paragraphs of
+markup) are split into sentences by sentencex; a sentence with more
 tokens than the model takes is cut into pieces (at clause punctuation, then into windows of words,
 then of characters) whose translations are joined back with the whitespace that separated them.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import sentencex
@@ -92,8 +94,10 @@ def split_document(
     max_tokens: int,
     lang: str = "en",
     limits: DocumentLimits = DEFAULT_LIMITS,
+    breaks: Sequence[int] = (),
 ) -> Document:
-    """Sentences of `text` in `lang`, cut into pieces of at most `max_tokens` tokens each.
+    """Sentences of `text` in `lang`, cut into pieces of at most `max_tokens` tokens each; no
+    sentence runs across a line break or a position of `breaks`.
 
     The character limit is checked before the text is read, the sentence limit before any
     sentence is measured in tokens; both raise DocumentLimitError.
@@ -101,7 +105,7 @@ def split_document(
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     check_chars(text, limits)
-    spans = sentence_spans(text, lang)
+    spans = sentence_spans(text, lang, breaks)
     if len(spans) > limits.max_sentences:
         raise DocumentLimitError(
             f"the text has {len(spans)} sentences; the limit is max_sentences={limits.max_sentences}"
@@ -109,14 +113,27 @@ def split_document(
     return Document(text, tuple(Sentence(s, tuple(fit(text, s, count_tokens, max_tokens))) for s in spans))
 
 
-def sentence_spans(text: str, lang: str) -> list[Span]:
-    """Spans of the sentences of every line of `text`, surrounding whitespace left out."""
-    spans = []
+def blocks(text: str, breaks: Sequence[int]) -> list[Span]:
+    """The lines of `text`, cut again at the positions of `breaks`."""
+    cuts = sorted(set(breaks))
+    out = []
     for line in LINE.finditer(text):
-        start = line.start()
-        sentences = list(sentencex.segment(lang, line.group()))
-        if "".join(sentences) != line.group():  # the splitter changed the text: keep the line whole
-            sentences = [line.group()]
+        a, b = line.span()
+        for cut in cuts[bisect.bisect_right(cuts, a) : bisect.bisect_left(cuts, b)]:
+            out.append((a, cut))
+            a = cut
+        out.append((a, b))
+    return out
+
+
+def sentence_spans(text: str, lang: str, breaks: Sequence[int] = ()) -> list[Span]:
+    """Spans of the sentences of every block of `text`, surrounding whitespace left out."""
+    spans = []
+    for a, b in blocks(text, breaks):
+        block, start = text[a:b], a
+        sentences = list(sentencex.segment(lang, block))
+        if "".join(sentences) != block:  # the splitter changed the text: keep the block whole
+            sentences = [block]
         for sentence in sentences:
             end = start + len(sentence)
             span = strip(text, (start, end))

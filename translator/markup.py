@@ -27,6 +27,11 @@ from translator.documents import Document, DocumentResult, Span, TranslatedSente
 # HTML elements with no end tag (the HTML standard's void elements).
 VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
                   "source", "track", "wbr"})
+# Elements that begin and end a block of text: no sentence runs across their tags.
+BLOCK = frozenset({"address", "article", "aside", "blockquote", "br", "caption", "dd", "div", "dl", "dt",
+                   "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
+                   "header", "hr", "li", "main", "nav", "ol", "option", "p", "pre", "section", "table",
+                   "tbody", "td", "tfoot", "th", "thead", "title", "tr", "ul"})
 TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
 
 
@@ -59,6 +64,7 @@ class Markup:
     text: str  # the plain text: tags removed, entities decoded
     stacks: tuple[Stack, ...]  # one per character of text
     points: tuple[Point, ...]  # in order of position
+    breaks: tuple[int, ...] = ()  # where a block element begins or ends: split_document's breaks
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ class _Parser(HTMLParser):
         self.stacks: list[Stack] = []
         self.points: list[Point] = []
         self.open: list[tuple[Element, int]] = []  # element, length of the text when it opened
+        self.breaks: list[int] = []
+
+    def block_edge(self, tag: str) -> None:
+        if tag in BLOCK:
+            self.breaks.append(len(self.chars))
 
     @property
     def stack(self) -> Stack:
@@ -93,6 +104,7 @@ class _Parser(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         raw = self.get_starttag_text() or f"<{tag}>"
+        self.block_edge(tag)
         if tag in VOID:
             self.point(raw)
             return
@@ -100,12 +112,14 @@ class _Parser(HTMLParser):
         self.open.append((Element(raw, match.group(1) if match else tag), len(self.chars)))
 
     def handle_startendtag(self, tag: str, attrs: list) -> None:
+        self.block_edge(tag)
         self.point(self.get_starttag_text() or f"<{tag}/>")
 
     def handle_endtag(self, tag: str) -> None:
         names = [e.name.lower() for e, _ in self.open]
         if tag not in names:
             return  # an end tag that closes nothing is dropped
+        self.block_edge(tag)
         depth = len(names) - 1 - names[::-1].index(tag)
         while len(self.open) > depth:  # elements left open inside it end here
             element, opened = self.open.pop()
@@ -133,7 +147,7 @@ def parse_markup(text: str) -> Markup:
     parser = _Parser()
     parser.feed(text)
     parser.close()
-    return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points))
+    return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks))
 
 
 @dataclass
@@ -149,7 +163,7 @@ class _Unit:
 def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTranslation]) -> DocumentResult:
     """The translated document with the source's markup placed through the alignments.
 
-    `doc` is `split_document(markup.text, ...)`; `translations` follow `doc.sources()`. The
+    `doc` is `split_document(markup.text, ..., breaks=markup.breaks)`; `translations` follow `doc.sources()`. The
     sentences' target spans are offsets in the returned (marked-up) text.
     """
     if len(translations) != len(doc.pieces):
@@ -201,7 +215,7 @@ def _target_units(
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
     links = hard_alignment(tr.target_pieces, tr.alignment, [markup.text[a + s : a + e] for s, e in tr.source_spans])
-    stacks = _target_stacks(source_stacks, links, confident(tr.target_pieces, tr.alignment, links))
+    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment)
     units: list[_Unit] = []
     pending = sorted(points, key=lambda p: p.position)
     for piece_text, src, stack in zip(tr.target_pieces, links, stacks):
@@ -220,14 +234,19 @@ def _target_units(
     return units
 
 
-def confident(target_pieces: list[str], alignment: list[list[float]], links: list[int | None]) -> list[bool]:
+def word_ids(target_pieces: list[str]) -> list[int]:
+    """Per target token, the index of its word (see starts_word)."""
+    ids, word = [], -1
+    for t, piece in enumerate(target_pieces):
+        word += t == 0 or starts_word(target_pieces[t - 1], piece)
+        ids.append(word)
+    return ids
+
+
+def confident(words: list[int], alignment: list[list[float]], links: list[int | None]) -> list[bool]:
     """Per target token, whether its word is also the target word its source token attends to
     most (the alignment holds both ways). An article attends to its noun, but the noun's source
     word attends most to the noun: the article is not confident."""
-    words, word = [], -1
-    for t, piece in enumerate(target_pieces):
-        word += t == 0 or starts_word(target_pieces[t - 1], piece)
-        words.append(word)
     best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
     for t, src in enumerate(links):
         if src is not None and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
@@ -235,10 +254,16 @@ def confident(target_pieces: list[str], alignment: list[list[float]], links: lis
     return [src is not None and best[src][1] == words[t] for t, src in enumerate(links)]
 
 
-def _target_stacks(source_stacks: list[Stack], links: list[int | None], sure: list[bool]) -> list[Stack | None]:
+def target_stacks(
+    source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]]
+) -> list[Stack | None]:
     """Per target token, its aligned source token's stack when the alignment is confident; else
     only the elements it shares with the confident tokens on both sides (the piece's outer
-    elements at its ends), so that an element does not spread onto an article or a repetition."""
+    elements at its ends), so that an element does not spread onto an article or a repetition.
+    An element that no token holds then goes onto the target word (of letters or digits, where
+    there is one) that attends most to it."""
+    words = word_ids(target_pieces)
+    sure = confident(words, alignment, links)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = _prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []
@@ -249,6 +274,17 @@ def _target_stacks(source_stacks: list[Stack], links: list[int | None], sure: li
         before = next((own[i] for i in range(t - 1, -1, -1) if sure[i]), outer)
         after = next((own[i] for i in range(t + 1, len(own)) if sure[i]), outer)
         out.append(_prefix([stack, before or (), after or ()]))
+    kept = {id(e) for stack in out if stack for e in stack}
+    for element in {id(e): e for stack in source_stacks for e in stack}.values():
+        if id(element) in kept or not out:
+            continue
+        holders = [s for s, stack in enumerate(source_stacks) if any(e is element for e in stack)]
+        wordy = [t for t, piece in enumerate(target_pieces) if any(ch.isalnum() for ch in piece)]
+        pairs = [(t, s) for t in (wordy or range(len(out))) for s in holders]
+        t, s = max(pairs, key=lambda ts: alignment[ts[0]][ts[1]])
+        for i in (i for i in range(len(out)) if words[i] == words[t]):
+            out[i] = source_stacks[s]
+        kept |= {id(e) for e in source_stacks[s]}
     return out
 
 
@@ -293,6 +329,8 @@ def _is_punctuation(text: str) -> bool:
 def starts_word(previous: str, piece: str) -> bool:
     """Whether a target piece begins a word: after a space ('\u2581'), or where a letter or digit
     meets anything else, so that punctuation is a word of its own (as Bergamot's delimiters do)."""
+    if previous == "\u2581":  # a space piece alone begins the word of the piece after it
+        return False
     if piece.startswith("\u2581") or not previous or not piece:
         return True
     return not (previous[-1].isalnum() and piece[0].isalnum())

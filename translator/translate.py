@@ -123,8 +123,8 @@ class Translator:
         src_lang). Over a limit: DocumentLimitError, before any sentence is translated."""
         check_chars(text, limits)
         parsed = parse_markup(text) if markup else None
-        plain = parsed.text if parsed else text
-        doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits)
+        plain, breaks = (parsed.text, parsed.breaks) if parsed else (text, ())
+        doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits, breaks)
         opts = options or self.options
         if parsed is None:
             return reassemble(doc, [t.text for t in self.translate(doc.sources(), opts)])
