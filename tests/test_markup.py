@@ -155,3 +155,15 @@ def test_output_is_always_well_formed_on_a_random_model(toy_tokenizer, seed):
         assert all(e.get("href") == "/x?a=1&b=2" for e in root.iter("a"))
         assert out.count("<br/>") == source.count("<br/>")
         assert out.count("<img") == source.count("<img")
+
+
+def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():
+    markup = parse_markup("<b>one two</b>, three four")
+    doc = split_document(markup.text, words, 2, breaks=markup.breaks)
+    assert doc.sources() == ["one two,", "three four"]
+    aligned = [AlignedTranslation(tokens(src), [f"▁{w}" for w in src.replace(",", " ,").split()],
+                                  [[float(s == t) for s in range(len(tokens(src)))] for t in range(len(tokens(src)))])
+               for src in doc.sources()]
+    result = restore_markup(markup, doc, aligned)
+    assert result.text == "<b>one two</b> , three four"
+    assert result.sentences[0].text == "one two , three four"

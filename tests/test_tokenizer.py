@@ -16,3 +16,15 @@ def test_encode_and_decode_give_the_list_calls_results_at_every_count(toy_tokeni
     assert ids == [toy_tokenizer.sp.encode(t) for t in texts]
     with_specials = [[BOS, *seq, UNK, EOS, PAD] for seq in ids]
     assert toy_tokenizer.decode(with_specials) == [toy_tokenizer.sp.decode(seq) for seq in ids]
+
+
+@pytest.mark.parametrize("text", ["the red dog runs", "  the  cat\tsleeps ", "a ﬁne café 😀 — x", ""])
+def test_spans_cover_each_token_of_the_encoding(toy_tokenizer, text):
+    ids = toy_tokenizer.encode([text])[0]
+    spans = toy_tokenizer.spans(text)
+    assert len(spans) == len(ids)
+    assert all(0 <= a <= b <= len(text) for a, b in spans)
+    assert [a for a, _ in spans] == sorted(a for a, _ in spans)
+    if text.isascii():  # normalized characters (the ligature ﬁ) may give a piece an empty span
+        for (a, b), piece in zip(spans, toy_tokenizer.pieces(ids)):
+            assert text[a:b].strip() == piece.replace("\u2581", "").strip()

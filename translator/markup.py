@@ -163,8 +163,8 @@ class _Unit:
 def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTranslation]) -> DocumentResult:
     """The translated document with the source's markup placed through the alignments.
 
-    `doc` is `split_document(markup.text, ..., breaks=markup.breaks)`; `translations` follow `doc.sources()`. The
-    sentences' target spans are offsets in the returned (marked-up) text.
+    `doc` is `split_document(markup.text, ..., breaks=markup.breaks)`; `translations` follow
+    `doc.sources()`. The sentences' target spans are offsets in the returned (marked-up) text.
     """
     if len(translations) != len(doc.pieces):
         raise ValueError(f"{len(translations)} translations for {len(doc.pieces)} pieces")
@@ -172,18 +172,23 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     points = list(markup.points)
     cursor = k = 0
     for index, sentence in enumerate(doc.sentences):
-        for a, b in sentence.pieces:
-            units += _source_units(markup, cursor, a, [p for p in points if cursor <= p.position <= a])
+        for j, (a, b) in enumerate(sentence.pieces):
+            gap = _source_units(markup, cursor, a, [p for p in points if cursor <= p.position <= a])
+            for unit in gap if j else ():  # the space between the pieces of a cut sentence is part of it
+                unit.sentence = index
+            units += gap
             inside = [p for p in points if a < p.position < b]
             units += _target_units(markup, (a, b), translations[k], inside, index)
             points = [p for p in points if p.position >= b]
             cursor, k = b, k + 1
     units += _source_units(markup, cursor, len(markup.text), points)
     text, spans = _write(units, len(doc.sentences))
-    sentences = tuple(
-        TranslatedSentence(s.span, span, "".join(u.text for u in units if u.sentence == i and not u.is_markup).strip())
-        for i, (s, span) in enumerate(zip(doc.sentences, spans))
-    )
+    plain: list[list[str]] = [[] for _ in doc.sentences]
+    for unit in units:
+        if unit.sentence is not None and not unit.is_markup:
+            plain[unit.sentence].append(unit.text)
+    sentences = tuple(TranslatedSentence(s.span, span, "".join(parts).strip())
+                      for s, span, parts in zip(doc.sentences, spans, plain))
     return DocumentResult(text, sentences)
 
 
