@@ -42,7 +42,7 @@ healthcheck = load_script(DEPLOY / "healthcheck.py")
 # Third-party module -> the distribution the server image installs for it.
 DISTRIBUTIONS = {
     "torch": "torch", "sentencepiece": "sentencepiece", "grpc": "grpcio", "grpc_health": "grpcio-health-checking",
-    "grpc_reflection": "grpcio-reflection", "google": "protobuf", "yaml": "PyYAML",
+    "grpc_reflection": "grpcio-reflection", "google": "protobuf", "yaml": "PyYAML", "sentencex": "sentencex",
 }
 
 

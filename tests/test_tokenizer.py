@@ -28,3 +28,15 @@ def test_text_has_content_when_a_known_piece_holds_a_letter_or_digit(toy_tokeniz
     assert toy_tokenizer.has_content(ids) is content
     assert all(any(c.isalnum() for c in toy_tokenizer.sp.id_to_piece(i)) for i in toy_tokenizer.word_ids)
     assert UNK not in toy_tokenizer.word_ids
+
+
+@pytest.mark.parametrize("text", ["the red dog runs", "  the  cat\tsleeps ", "a ﬁne café 😀 — x", ""])
+def test_spans_cover_each_token_of_the_encoding(toy_tokenizer, text):
+    ids = toy_tokenizer.encode([text])[0]
+    spans = toy_tokenizer.spans(text)
+    assert len(spans) == len(ids)
+    assert all(0 <= a <= b <= len(text) for a, b in spans)
+    assert [a for a, _ in spans] == sorted(a for a, _ in spans)
+    if text.isascii():  # normalized characters (the ligature ﬁ) may give a piece an empty span
+        for (a, b), piece in zip(spans, toy_tokenizer.pieces(ids)):
+            assert text[a:b].strip() == piece.replace("\u2581", "").strip()

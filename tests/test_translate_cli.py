@@ -171,3 +171,36 @@ def test_target_prefix_flag_starts_every_translation(checkpoint, tmp_path):
     got = out.read_text(encoding="utf-8").splitlines()
     want = translator_of(checkpoint).translate(LINES, DecodeOptions(beam_size=2), target_prefix="der hund")
     assert got == [t.text for t in want] and all(line.startswith("der hund") for line in got)
+
+
+DOCUMENT = "the red dog runs. a small cat sleeps!\r\n\r\n  the man sees the woman.\n\nthe child eats\n"
+
+
+def test_document_mode_keeps_the_layout_of_the_file(checkpoint, tmp_path):
+    src, out = tmp_path / "doc.txt", tmp_path / "out.txt"
+    src.write_bytes(DOCUMENT.encode("utf-8"))
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--output", str(out),
+                           "--document", "--beam-size", "2"]) == 0
+    expected = translator_of(checkpoint).translate_document(DOCUMENT, DecodeOptions(beam_size=2))
+    got = out.read_bytes().decode("utf-8")
+    assert got == expected.text
+    assert got.count("\r\n\r\n  ") == 1 and got.endswith("\n") and len(expected.sentences) == 4
+
+
+def test_markup_mode_writes_well_formed_markup(checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("<p>the <b>red</b> dog runs.<br/>a cat sleeps.</p>"))
+    assert translate_main(["--checkpoint", str(checkpoint), "--markup", "--beam-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("<p>") and out.endswith("</p>") and out.count("<br/>") == 1
+    import xml.etree.ElementTree as ET
+
+    ET.fromstring(out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-best", "2", "--beam-size", "2"], "--n-best"),
+    (["--scores"], "--scores"),
+])
+def test_document_mode_refuses_line_flags(checkpoint, flags, message, capsys):
+    assert translate_main(["--checkpoint", str(checkpoint), "--document", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -92,6 +92,12 @@ def translate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-png", type=Path, help="save the first sentence's cross-attention here")
     p.add_argument("--workers", type=int, default=1,
                    help="batches decoded side by side, sharing the torch threads (local checkpoint only)")
+    doc = p.add_argument_group("documents", "the input as one document instead of one sentence per line")
+    doc.add_argument("--document", action="store_true",
+                     help="split the input into sentences; paragraphs, line breaks and spacing are kept")
+    doc.add_argument("--markup", action="store_true",
+                     help="a document with inline HTML/XML: its tags are kept around the translated words")
+    doc.add_argument("--lang", help="the input's language for the sentence splitter (default: the checkpoint's)")
     add_decoding_flags(p)
     p.add_argument("--target-prefix", default="", metavar="TEXT",
                    help="text every translation starts with (forced, then continued by the model)")
@@ -101,7 +107,12 @@ def translate_main(argv: list[str] | None = None) -> int:
 
     try:
         opts = decoding_options(args)
+        if args.document or args.markup:
+            check_document_flags(args, opts)
         backend = open_backend(args)
+        if args.document or args.markup:
+            translate_document_file(backend, args, opts)
+            return 0
         lines = read_lines(args.input)
         results = translate_lines(backend, lines, opts, show_progress=args.input is not None,
                                   target_prefix=args.target_prefix)
@@ -112,6 +123,33 @@ def translate_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_document_flags(args: argparse.Namespace, opts: DecodeOptions) -> None:
+    if args.server:
+        raise ValueError("--document and --markup need a local --checkpoint")
+    if opts.n_best > 1 or args.scores or args.attention_png:
+        raise ValueError("--document and --markup write one document: --n-best, --scores and "
+                         "--attention-png apply to lines")
+
+
+def translate_document_file(backend: TranslateBackend, args: argparse.Namespace, opts: DecodeOptions) -> None:
+    """The whole input translated as one document, written with its layout (newlines untranslated)."""
+    from translator.documents import DocumentLimits
+
+    if args.input:
+        with args.input.open(encoding="utf-8", newline="") as f:
+            text = f.read()
+    else:
+        text = sys.stdin.read()
+    # A file is not a request: its only limit is itself.
+    limits = DocumentLimits(max_chars=max(len(text), 1), max_sentences=max(len(text), 1))
+    result = backend.translate_document(text, opts, args.lang, limits, markup=args.markup)  # type: ignore[attr-defined]
+    if args.output is None:
+        sys.stdout.write(result.text)
+        return
+    with args.output.open("w", encoding="utf-8", newline="") as f:
+        f.write(result.text)
 
 
 def open_backend(args: argparse.Namespace) -> TranslateBackend:
@@ -134,7 +172,7 @@ def open_backend(args: argparse.Namespace) -> TranslateBackend:
     # The cores are shared among the workers: each decodes on its part of torch's threads.
     torch.set_num_threads(max(1, torch.get_num_threads() // args.workers))
     return Translator(ckpt.build_model(), ckpt.tokenizer, max_batch_tokens=args.max_batch_tokens,
-                      workers=args.workers)
+                      workers=args.workers, src_lang=ckpt.config.get("data", {}).get("src_lang", "en"))
 
 
 def read_lines(path: Path | None) -> list[str]:

@@ -41,6 +41,18 @@ class Tokenizer:
             return [self.sp.encode(t) for t in texts]
         return self.sp.encode(texts)
 
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Character span [start, end) in `text` of each token of `encode([text])[0]`; a token's
+        span includes the whitespace its piece stands for, and may be empty."""
+        proto = self.sp.encode(text, out_type="proto")
+        char_at = [0] * (len(text.encode("utf-8")) + 1)  # UTF-8 byte offset -> character offset
+        offset = 0
+        for i, ch in enumerate(text):
+            char_at[offset] = i
+            offset += len(ch.encode("utf-8"))
+        char_at[offset] = len(text)
+        return [(char_at[p.begin], char_at[p.end]) for p in proto.pieces]
+
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Detokenized text; special ids are dropped."""
         kept = [[i for i in seq if i > UNK] for seq in ids]

@@ -10,8 +10,17 @@ import torch
 
 from translator.decode_options import check_budgets
 from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search
+from translator.documents import (
+    DEFAULT_LIMITS,
+    DocumentLimits,
+    DocumentResult,
+    check_chars,
+    reassemble,
+    split_document,
+)
+from translator.markup import AlignedTranslation, parse_markup, restore_markup
 from translator.model import EncoderDecoder
-from translator.tokenizer import Tokenizer
+from translator.tokenizer import UNK, Tokenizer
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Translator:
         options: DecodeOptions | None = None,
         max_batch_tokens: int = 4096,
         workers: int = 1,
+        src_lang: str = "en",
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -62,6 +72,7 @@ class Translator:
         self.options = options or DecodeOptions()
         self.max_batch_tokens = max_batch_tokens
         self.workers = workers
+        self.src_lang = src_lang  # documents are split into sentences by this language's rules
 
     @property
     def max_source_tokens(self) -> int:
@@ -113,6 +124,39 @@ class Translator:
             if progress:
                 progress(len(batch))
         return out
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode([text])[0])
+
+    def translate_document(
+        self,
+        text: str,
+        options: DecodeOptions | None = None,
+        lang: str | None = None,
+        limits: DocumentLimits = DEFAULT_LIMITS,
+        markup: bool = False,
+    ) -> DocumentResult:
+        """A document translated sentence by sentence in one `translate` call and put back together
+        with its layout (translator.documents); with `markup`, its inline HTML/XML placed through
+        the alignments (translator.markup). `lang` picks the sentence splitter's rules (default:
+        src_lang). Over a limit: DocumentLimitError, before any sentence is translated."""
+        check_chars(text, limits)
+        parsed = parse_markup(text) if markup else None
+        plain, breaks = (parsed.text, parsed.breaks) if parsed else (text, ())
+        doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits, breaks)
+        opts = options or self.options
+        if parsed is None:
+            return reassemble(doc, [t.text for t in self.translate(doc.sources(), opts)])
+        results = self.translate(doc.sources(), opts.replace(alignment=True, n_best=1))
+        aligned = [
+            AlignedTranslation(
+                self.tokenizer.spans(source),
+                [piece if token > UNK else "" for token, piece in zip(t.tokens, self.tokenizer.pieces(t.tokens))],
+                t.alignment.tolist() if t.alignment is not None else [],
+            )
+            for source, t in zip(doc.sources(), results)
+        ]
+        return restore_markup(parsed, doc, aligned)
 
     def in_order(self, decode: Callable[[list[int]], list[Translation]], batches: list[list[int]]) -> Iterator:
         """decode(batch) for each batch, in order; on `workers` threads when there are several."""

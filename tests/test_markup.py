@@ -1,0 +1,169 @@
+"""Markup carried through translation: placement on hand-made alignments where the right answer is
+known, and well-formed output from a tiny random model whatever its alignments."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model_config
+from translator.documents import split_document
+from translator.markup import AlignedTranslation, hard_alignment, parse_markup, restore_markup
+from translator.model import build_model
+from translator.translate import Translator
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def tokens(text: str) -> list[tuple[int, int]]:
+    """Word and punctuation tokens with their leading space, as SentencePiece spans them."""
+    return [(m.start(), m.end()) for m in re.finditer(r"\s*(\w+|[^\w\s])", text)]
+
+
+def translate(source: str, targets: list[list[tuple[str, int]]]) -> str:
+    """`source` marked up, translated sentence by sentence into (piece, aligned source token) lists."""
+    markup = parse_markup(source)
+    doc = split_document(markup.text, words, 50)
+    assert len(doc.sources()) == len(targets)
+    aligned = []
+    for text, target in zip(doc.sources(), targets):
+        n = len(tokens(text))
+        rows = [[1.0 if s == link else 0.0 for s in range(n + 1)] for _, link in target]  # + EOS column
+        aligned.append(AlignedTranslation(tokens(text), [piece for piece, _ in target], rows))
+    return restore_markup(markup, doc, aligned).text
+
+
+def test_nested_elements_wrap_the_aligned_words():
+    # A(0) big(1) red(2) dog(3) runs(4) .(5)
+    out = translate("A <b>big <i>red</i></b> dog runs.",
+                    [[("▁Ein", 0), ("▁großer", 1), ("▁roter", 2), ("▁Hund", 3), ("▁rennt", 4), (".", 5)]])
+    assert out == "Ein <b>großer <i>roter</i></b> Hund rennt."
+
+
+def test_elements_follow_their_words_when_the_order_changes():
+    # I(0) saw(1) the(2) car(3) yesterday(4) .(5)
+    out = translate('I saw the <a href="/car?x=1&amp;y=2">car</a> yesterday.',
+                    [[("▁Ich", 0), ("▁habe", 1), ("▁das", 2), ("▁Auto", 3), ("▁gestern", 4), ("▁gesehen", 1),
+                      (".", 5)]])
+    assert out == 'Ich habe das <a href="/car?x=1&amp;y=2">Auto</a> gestern gesehen.'
+
+
+def test_subword_pieces_of_a_word_share_its_markup():
+    # the(0) red(1) house(2); "te" alone would go with "house"
+    out = translate("the <b>red</b> house", [[("▁das", 0), ("▁ro", 1), ("te", 2), ("▁Haus", 2)]])
+    assert out == "das <b>rote</b> Haus"
+
+
+def test_self_closing_elements_and_entities_are_kept():
+    # Tom(0) &(1) Jerry(2) run(3) away(4) .(5)
+    out = translate("Tom &amp; <b>Jerry</b> <br/>run away.",
+                    [[("▁Tom", 0), ("▁&", 1), ("▁Jerry", 2), ("▁laufen", 3), ("▁weg", 4), (".", 5)]])
+    assert out == "Tom &amp; <b>Jerry</b> <br/>laufen weg."
+
+
+def test_an_element_across_a_sentence_boundary_stays_one_element():
+    out = translate("<b>Two men talk. A dog</b> barks.",
+                    [[("▁Zwei", 0), ("▁Männer", 1), ("▁reden", 2), (".", 3)],
+                     [("▁Ein", 0), ("▁Hund", 1), ("▁bellt", 2), (".", 3)]])
+    assert out == "<b>Zwei Männer reden. Ein Hund</b> bellt."
+
+
+def test_an_element_split_by_the_alignment_is_written_twice():
+    # big(0) red(1) dog(2)
+    out = translate("<i>big red</i> dog", [[("▁großer", 0), ("▁Hund", 2), ("▁roter", 1)]])
+    assert out == "<i>großer</i> Hund <i>roter</i>"
+
+
+def test_block_elements_and_the_whitespace_between_paragraphs_are_kept():
+    out = translate("<p>Hi.</p>\n<p>Bye.</p>", [[("▁Hallo", 0), (".", 1)], [("▁Tschüss", 0), (".", 1)]])
+    assert out == "<p>Hallo.</p>\n<p>Tschüss.</p>"
+
+
+def test_an_article_aligned_to_its_noun_stays_outside_the_noun_element():
+    # the(0) worker(1) runs(2) .(3): "Der" attends to "worker", but "worker" attends most to "Arbeiter"
+    markup = parse_markup("the <b>worker</b> runs.")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.1, 0.0], [0.0, 0.1, 0.9, 0.0], [0.0, 0.0, 0.1, 0.9]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁Der", "▁Arbeiter", "▁rennt", "."], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "Der <b>Arbeiter</b> rennt."
+
+
+def test_an_element_no_confident_word_holds_is_kept_on_its_aligned_words():
+    # brick(0) building(1): one compound attends to both, most to "brick"
+    markup = parse_markup("a brick <i>building</i>")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.1, 0.1], [0.0, 0.6, 0.4], [0.1, 0.3, 0.6]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁ein", "▁Backstein", "gebäude"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "ein <i>Backsteingebäude</i>"
+
+
+def test_block_elements_end_sentences_even_without_whitespace():
+    markup = parse_markup("<p>One dog</p><p>Two cats</p><ul><li>a bird</li><li>A fish</li></ul>x<br/>y")
+    doc = split_document(markup.text, words, 50, breaks=markup.breaks)
+    assert doc.sources() == ["One dog", "Two cats", "a bird", "A fish", "x", "y"]
+
+
+def test_comments_empty_elements_and_stray_end_tags():
+    out = translate("A<!-- note --> <span></span>dog</u>.", [[("▁Ein", 0), ("▁Hund", 1), (".", 2)]])
+    assert out == "Ein <!-- note --><span></span>Hund."
+
+
+def test_text_is_escaped_and_unclosed_elements_are_closed():
+    markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
+    assert markup.text == "1 < 2 && x"
+    doc = split_document(markup.text, words, 50)
+    source = doc.sources()[0]
+    n = len(tokens(source))
+    aligned = AlignedTranslation(tokens(source), ["▁1", "▁<", "▁2", "▁&&", "▁x"],
+                                 [[float(s == t) for s in range(n)] for t in range(5)])
+    assert restore_markup(markup, doc, [aligned]).text == "<b>1 &lt; 2 &amp;&amp; x</b>"
+
+
+def test_a_word_takes_the_alignment_of_its_most_attended_piece():
+    rows = [[0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.5, 0.4, 0.1]]
+    assert hard_alignment(["▁Ha", "us", "."], rows, ["the", " house", "."]) == [1, 1, 2]
+
+
+def test_punctuation_goes_with_source_punctuation_not_the_word_before_it():
+    # big(0) dog(1) .(2): the full stop attends to "dog", yet stays outside its element
+    out = translate("A <b>dog</b>.", [[("▁Ein", 0), ("▁Hund", 1), (".", 1)]])
+    assert out == "Ein <b>Hund</b>."
+
+
+SAMPLES = [
+    "The <b>red</b> dog runs on <i>the <b>green</b> street</i>.",
+    '<p>A <a href="/x?a=1&amp;b=2">small cat</a> sleeps.<br/>The man &amp; the woman eat.</p>',
+    "<b>A child jumps. The dog</b> sees a cat.\n\n<i>big</i> <img src='a.png'/> man",
+    "a <u>blue <b>cat <i>and</i></b> a</u> green dog <br/>",
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_output_is_always_well_formed_on_a_random_model(toy_tokenizer, seed):
+    torch.manual_seed(seed)
+    translator = Translator(build_model(tiny_model_config()), toy_tokenizer)
+    for source in SAMPLES:
+        out = translator.translate_document(source, markup=True).text
+        root = ET.fromstring(f"<root>{out}</root>")  # raises on anything not well-formed
+        names = {e.tag for e in root.iter()} - {"root"}
+        assert names <= {"b", "i", "u", "a", "p", "br", "img"}
+        assert all(e.get("href") == "/x?a=1&b=2" for e in root.iter("a"))
+        assert out.count("<br/>") == source.count("<br/>")
+        assert out.count("<img") == source.count("<img")
+
+
+def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():
+    markup = parse_markup("<b>one two</b>, three four")
+    doc = split_document(markup.text, words, 2, breaks=markup.breaks)
+    assert doc.sources() == ["one two,", "three four"]
+    aligned = [AlignedTranslation(tokens(src), [f"▁{w}" for w in src.replace(",", " ,").split()],
+                                  [[float(s == t) for s in range(len(tokens(src)))] for t in range(len(tokens(src)))])
+               for src in doc.sources()]
+    result = restore_markup(markup, doc, aligned)
+    assert result.text == "<b>one two</b> , three four"
+    assert result.sentences[0].text == "one two , three four"

@@ -1,0 +1,400 @@
+"""Inline markup (HTML or XML) carried through translation by the cross-attention alignments.
+
+`parse_markup` turns marked-up text into plain text in which every character knows the elements
+around it (its stack, outermost first), plus the markup that holds no text (void and self-closing
+elements such as `<br/>`, empty elements, comments) at its position. After translation,
+`restore_markup` gives every target token the stack of the source token it is aligned to and writes
+the output, opening and closing elements wherever the stack changes: every element opened is
+closed, in order, so the output is well-formed whatever the alignment. This follows Bergamot's
+HTML translation (bergamot-translator's html.cpp): a hard alignment per target token (the source
+token with the most attention, end-of-sentence left out), shared by all tokens of a target word;
+markup without text goes before the first target token aligned at or after its source position.
+
+Text is written with `&`, `<` and `>` escaped; start tags are written as they came, attributes and
+their entities kept. An element split by the alignment (or by a sentence boundary) is written as
+two elements with the same start tag. Whitespace stays outside elements that open or close at it.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from html.parser import HTMLParser
+
+from translator.documents import Document, DocumentResult, Span, TranslatedSentence
+
+# HTML elements with no end tag (the HTML standard's void elements).
+VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+                  "source", "track", "wbr"})
+# Elements that begin and end a block of text: no sentence runs across their tags.
+BLOCK = frozenset({"address", "article", "aside", "blockquote", "br", "caption", "dd", "div", "dl", "dt",
+                   "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
+                   "header", "hr", "li", "main", "nav", "ol", "option", "p", "pre", "section", "table",
+                   "tbody", "td", "tfoot", "th", "thead", "title", "tr", "ul"})
+TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
+
+
+@dataclass(frozen=True, eq=False)
+class Element:
+    """An element of the source; each one is distinct, even when two are written alike."""
+
+    start_tag: str  # as written: `<a href="x?a=1&amp;b=2">`
+    name: str  # as written, for the end tag
+
+    @property
+    def end_tag(self) -> str:
+        return f"</{self.name}>"
+
+
+Stack = tuple[Element, ...]  # the elements around a character, outermost first
+
+
+@dataclass(frozen=True)
+class Point:
+    """Markup that holds no text, at a position of the plain text, inside the elements of `stack`."""
+
+    position: int
+    markup: str
+    stack: Stack
+
+
+@dataclass(frozen=True)
+class Markup:
+    text: str  # the plain text: tags removed, entities decoded
+    stacks: tuple[Stack, ...]  # one per character of text
+    points: tuple[Point, ...]  # in order of position
+    breaks: tuple[int, ...] = ()  # where a block element begins or ends: split_document's breaks
+
+
+@dataclass(frozen=True)
+class AlignedTranslation:
+    """One translated piece of a document, as `restore_markup` needs it.
+
+    source_spans: the character span of each source token in the piece's text (EOS left out).
+    target_pieces: the SentencePiece piece of each target token ("" for special tokens).
+    alignment: (T, >= S) attention of each target token over the source tokens (extra columns,
+    such as EOS, are ignored).
+    """
+
+    source_spans: list[Span]
+    target_pieces: list[str]
+    alignment: list[list[float]]
+
+
+class _Parser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chars: list[str] = []
+        self.stacks: list[Stack] = []
+        self.points: list[Point] = []
+        self.open: list[tuple[Element, int]] = []  # element, length of the text when it opened
+        self.breaks: list[int] = []
+
+    def block_edge(self, tag: str) -> None:
+        if tag in BLOCK:
+            self.breaks.append(len(self.chars))
+
+    @property
+    def stack(self) -> Stack:
+        return tuple(e for e, _ in self.open)
+
+    def point(self, markup: str) -> None:
+        self.points.append(Point(len(self.chars), markup, self.stack))
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        raw = self.get_starttag_text() or f"<{tag}>"
+        self.block_edge(tag)
+        if tag in VOID:
+            self.point(raw)
+            return
+        match = TAG_NAME.match(raw)
+        self.open.append((Element(raw, match.group(1) if match else tag), len(self.chars)))
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        self.block_edge(tag)
+        self.point(self.get_starttag_text() or f"<{tag}/>")
+
+    def handle_endtag(self, tag: str) -> None:
+        names = [e.name.lower() for e, _ in self.open]
+        if tag not in names:
+            return  # an end tag that closes nothing is dropped
+        self.block_edge(tag)
+        depth = len(names) - 1 - names[::-1].index(tag)
+        while len(self.open) > depth:  # elements left open inside it end here
+            element, opened = self.open.pop()
+            if opened == len(self.chars):  # it held no text: keep it whole at its position
+                self.point(element.start_tag + element.end_tag)
+
+    def handle_data(self, data: str) -> None:
+        stack = self.stack
+        self.chars.extend(data)
+        self.stacks.extend([stack] * len(data))
+
+    def handle_comment(self, data: str) -> None:
+        self.point(f"<!--{data}-->")
+
+    def handle_decl(self, decl: str) -> None:
+        self.point(f"<!{decl}>")
+
+    def handle_pi(self, data: str) -> None:
+        self.point(f"<?{data}>")
+
+
+def parse_markup(text: str) -> Markup:
+    """Plain text and markup of `text`; an end tag that closes nothing is dropped, and elements
+    left open run to the end of the text."""
+    parser = _Parser()
+    parser.feed(text)
+    parser.close()
+    return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks))
+
+
+@dataclass
+class _Unit:
+    """A run of output: plain text (escaped when written) or markup, inside the elements of `stack`."""
+
+    text: str
+    stack: Stack
+    is_markup: bool = False
+    sentence: int | None = None  # the sentence whose translation this is
+
+
+def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTranslation]) -> DocumentResult:
+    """The translated document with the source's markup placed through the alignments.
+
+    `doc` is `split_document(markup.text, ..., breaks=markup.breaks)`; `translations` follow
+    `doc.sources()`. The sentences' target spans are offsets in the returned (marked-up) text.
+    """
+    if len(translations) != len(doc.pieces):
+        raise ValueError(f"{len(translations)} translations for {len(doc.pieces)} pieces")
+    units: list[_Unit] = []
+    points = list(markup.points)
+    cursor = k = 0
+    for index, sentence in enumerate(doc.sentences):
+        for j, (a, b) in enumerate(sentence.pieces):
+            gap = _source_units(markup, cursor, a, [p for p in points if cursor <= p.position <= a])
+            for unit in gap if j else ():  # the space between the pieces of a cut sentence is part of it
+                unit.sentence = index
+            units += gap
+            inside = [p for p in points if a < p.position < b]
+            units += _target_units(markup, (a, b), translations[k], inside, index)
+            points = [p for p in points if p.position >= b]
+            cursor, k = b, k + 1
+    units += _source_units(markup, cursor, len(markup.text), points)
+    text, spans = _write(units, len(doc.sentences))
+    plain: list[list[str]] = [[] for _ in doc.sentences]
+    for unit in units:
+        if unit.sentence is not None and not unit.is_markup:
+            plain[unit.sentence].append(unit.text)
+    sentences = tuple(TranslatedSentence(s.span, span, "".join(parts).strip())
+                      for s, span, parts in zip(doc.sentences, spans, plain))
+    return DocumentResult(text, sentences)
+
+
+def _source_units(markup: Markup, start: int, end: int, points: list[Point]) -> list[_Unit]:
+    """Source text kept as it is, in runs of one stack, with the points among it in place."""
+    units: list[_Unit] = []
+    points = sorted(points, key=lambda p: p.position)
+    i = start
+    while i < end or points:
+        if points and points[0].position <= i:
+            p = points.pop(0)
+            units.append(_Unit(p.markup, p.stack, is_markup=True))
+            continue
+        stop = min(end, points[0].position if points else end)
+        j = i + 1
+        while j < stop and markup.stacks[j] is markup.stacks[i]:
+            j += 1
+        units.append(_Unit(markup.text[i:j], markup.stacks[i]))
+        i = j
+    return units
+
+
+def _target_units(
+    markup: Markup, piece: Span, tr: AlignedTranslation, points: list[Point], sentence: int
+) -> list[_Unit]:
+    """The target tokens of one piece, each with the stack of its aligned source token, and the
+    points inside the piece before the first target token aligned at or after them."""
+    a, _ = piece
+    source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
+    starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
+    links = hard_alignment(tr.target_pieces, tr.alignment, [markup.text[a + s : a + e] for s, e in tr.source_spans])
+    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment)
+    units: list[_Unit] = []
+    pending = sorted(points, key=lambda p: p.position)
+    for piece_text, src, stack in zip(tr.target_pieces, links, stacks):
+        text = piece_text.replace("\u2581", " ")
+        if not any(not u.is_markup for u in units):
+            text = text.lstrip()
+        due = [p for p in pending if src is not None and _token_index(starts, p.position) <= src]
+        if due and text[:1].isspace():  # markup goes after the space, before the word
+            units.append(_Unit(" ", source_stacks[src], sentence=sentence))
+            text = text[1:]
+        units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in due]
+        pending = [p for p in pending if p not in due]
+        if text:
+            units.append(_Unit(text, stack if stack is not None else markup.stacks[a], sentence=sentence))
+    units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in pending]
+    return units
+
+
+def word_ids(target_pieces: list[str]) -> list[int]:
+    """Per target token, the index of its word (see starts_word)."""
+    ids, word = [], -1
+    for t, piece in enumerate(target_pieces):
+        word += t == 0 or starts_word(target_pieces[t - 1], piece)
+        ids.append(word)
+    return ids
+
+
+def confident(words: list[int], alignment: list[list[float]], links: list[int | None]) -> list[bool]:
+    """Per target token, whether its word is also the target word its source token attends to
+    most (the alignment holds both ways). An article attends to its noun, but the noun's source
+    word attends most to the noun: the article is not confident."""
+    best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
+    for t, src in enumerate(links):
+        if src is not None and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
+            best[src] = (alignment[t][src], words[t])
+    return [src is not None and best[src][1] == words[t] for t, src in enumerate(links)]
+
+
+def target_stacks(
+    source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]]
+) -> list[Stack | None]:
+    """Per target token, its aligned source token's stack when the alignment is confident; else
+    only the elements it shares with the confident tokens on both sides (the piece's outer
+    elements at its ends), so that an element does not spread onto an article or a repetition.
+    An element that no token holds then goes onto the target word (of letters or digits, where
+    there is one) that attends most to it."""
+    words = word_ids(target_pieces)
+    sure = confident(words, alignment, links)
+    own = [source_stacks[s] if s is not None else None for s in links]
+    outer = _prefix(source_stacks) if source_stacks else ()
+    out: list[Stack | None] = []
+    for t, stack in enumerate(own):
+        if stack is None or sure[t]:
+            out.append(stack)
+            continue
+        before = next((own[i] for i in range(t - 1, -1, -1) if sure[i]), outer)
+        after = next((own[i] for i in range(t + 1, len(own)) if sure[i]), outer)
+        out.append(_prefix([stack, before or (), after or ()]))
+    kept = {id(e) for stack in out if stack for e in stack}
+    for element in {id(e): e for stack in source_stacks for e in stack}.values():
+        if id(element) in kept or not out:
+            continue
+        holders = [s for s, stack in enumerate(source_stacks) if any(e is element for e in stack)]
+        wordy = [t for t, piece in enumerate(target_pieces) if any(ch.isalnum() for ch in piece)]
+        pairs = [(t, s) for t in (wordy or range(len(out))) for s in holders]
+        t, s = max(pairs, key=lambda ts: alignment[ts[0]][ts[1]])
+        for i in (i for i in range(len(out)) if words[i] == words[t]):
+            out[i] = source_stacks[s]
+        kept |= {id(e) for e in source_stacks[s]}
+    return out
+
+
+def _prefix(stacks: list[Stack]) -> Stack:
+    """The elements all `stacks` share, outermost first."""
+    n = min(len(s) for s in stacks)
+    for other in stacks[1:]:
+        n = min(n, _common(stacks[0], other))
+    return stacks[0][:n]
+
+
+def hard_alignment(target_pieces: list[str], alignment: list[list[float]], source: list[str]) -> list[int | None]:
+    """Per target token, the source token (of the texts `source`) it is aligned to: the likeliest
+    one over all the tokens of its word, so a word keeps its markup whole. A word of punctuation
+    alone goes with the likeliest punctuation of the source when there is some: attention puts a
+    full stop on the word before it, which would pull the stop into that word's element.
+    None when there are no source tokens."""
+    n = len(source)
+    if n == 0:
+        return [None] * len(target_pieces)
+    marks = [i for i, text in enumerate(source) if _is_punctuation(text)]
+    links: list[int | None] = [None] * len(target_pieces)
+    word_start = 0
+    for t in range(1, len(target_pieces) + 1):
+        if t < len(target_pieces) and not starts_word(target_pieces[t - 1], target_pieces[t]):
+            continue
+        word = range(word_start, t)
+        punctuation = marks and _is_punctuation("".join(target_pieces[i] for i in word))
+        candidates = marks if punctuation else range(n)
+        _, best = max(((i, s) for i in word for s in candidates), key=lambda pair: alignment[pair[0]][pair[1]])
+        for i in word:
+            links[i] = best
+        word_start = t
+    return links
+
+
+def _is_punctuation(text: str) -> bool:
+    text = text.replace("\u2581", "").strip()
+    return bool(text) and not any(ch.isalnum() for ch in text)
+
+
+def starts_word(previous: str, piece: str) -> bool:
+    """Whether a target piece begins a word: after a space ('\u2581'), or where a letter or digit
+    meets anything else, so that punctuation is a word of its own (as Bergamot's delimiters do)."""
+    if previous == "\u2581":  # a space piece alone begins the word of the piece after it
+        return False
+    if piece.startswith("\u2581") or not previous or not piece:
+        return True
+    return not (previous[-1].isalnum() and piece[0].isalnum())
+
+
+def _token_index(starts: list[int], position: int) -> int:
+    """The first source token starting at or after `position`."""
+    return next((i for i, s in enumerate(starts) if s >= position), len(starts))
+
+
+def _first_visible(text: str, start: int, end: int) -> int:
+    """The first character of text[start:end] that is not whitespace (`start` when there is none)."""
+    return next((i for i in range(start, end) if not text[i].isspace()), start)
+
+
+def _token_stack(markup: Markup, start: int, end: int) -> Stack:
+    """The stack of a source token: that of its first character that is not whitespace."""
+    if not markup.stacks:
+        return ()
+    return markup.stacks[min(_first_visible(markup.text, start, end), len(markup.stacks) - 1)]
+
+
+def _write(units: list[_Unit], n_sentences: int) -> tuple[str, list[Span]]:
+    """The marked-up text of `units` and each sentence's span in it."""
+    out: list[str] = []
+    length = 0
+    spans: list[list[int]] = [[-1, -1] for _ in range(n_sentences)]
+    open_: Stack = ()
+
+    def emit(s: str) -> None:
+        nonlocal length
+        out.append(s)
+        length += len(s)
+
+    for unit in units:
+        body = unit.text if unit.is_markup else html.escape(unit.text, quote=False)
+        lead = "" if unit.is_markup else body[: len(body) - len(body.lstrip())]
+        body = body[len(lead):]
+        common = _common(open_, unit.stack)
+        for element in reversed(open_[common:]):
+            emit(element.end_tag)
+        emit(lead)
+        open_ = open_[:common]
+        if body:  # whitespace alone opens nothing
+            for element in unit.stack[common:]:
+                emit(element.start_tag)
+            open_ = unit.stack
+            if unit.sentence is not None and spans[unit.sentence][0] < 0:
+                spans[unit.sentence][0] = length
+            emit(body)
+            if unit.sentence is not None:
+                spans[unit.sentence][1] = length
+    for element in reversed(open_):
+        emit(element.end_tag)
+    return "".join(out), [(s, e) if s >= 0 else (0, 0) for s, e in spans]
+
+
+def _common(a: Stack, b: Stack) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] is b[n]:
+        n += 1
+    return n
