@@ -40,6 +40,7 @@ from typing import Any
 
 from translator.config import ConfigError
 from translator.jobs import (
+    Admission,
     BatcherError,
     Cancelled,
     DeadlineExceeded,
@@ -120,11 +121,10 @@ class Batcher:
         self.decode = decode
         self.config = config or BatcherConfig()
         self._queue: deque[_Item] = deque()
-        self._pending = 0  # admitted sentences holding a place (queued or decoding)
+        self._admission = Admission(self.config.max_queue_sentences)
         self._batches: list[_Batch] = []  # decoding now
-        self._closed = False
         self._stopping = False
-        self._cond = threading.Condition()  # reentrant: a job failing under it comes back through _forget
+        self._cond = self._admission.cond  # guards the queue and the batches too
         self._worker_init = worker_init
         self._engine: threading.Thread | None = None  # the thread running run()
         self._engine_done = threading.Event()
@@ -136,22 +136,15 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self._admission.pending
 
     def submit(self, job: Job) -> Job:
         """Admit job or refuse it at once with QueueFull / ShuttingDown."""
         n = len(job.sources)
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._pending + n > self.config.max_queue_sentences:
-                raise QueueFull(
-                    f"the queue is full ({self._pending} of {self.config.max_queue_sentences} sentences "
-                    f"waiting); retry later"
-                )
+            self._admission.take(n)
             job._submitted = time.monotonic()
             job._items = [_Item(job, i) for i in range(n)]
-            self._pending += n
             self._queue.extend(job._items)
             job._on_end = self._forget
             self._cond.notify_all()
@@ -161,19 +154,17 @@ class Batcher:
 
     def close(self) -> None:
         """Refuse new jobs; admitted ones still finish."""
-        with self._cond:
-            self._closed = True
+        self._admission.close()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every admitted sentence has finished; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+        return self._admission.wait_idle(timeout)
 
     def stop(self) -> None:
         """Refuse new jobs, fail the admitted ones that have not finished, and stop the engine
         (its batches end at their next step)."""
         with self._cond:
-            self._closed = self._stopping = True
+            self._admission.closed = self._stopping = True
             jobs = [item.job for item in self._queue] + [item.job for b in self._batches for item in b.items]
             for job in {id(job): job for job in jobs}.values():
                 job.fail(ShuttingDown("the server shut down before the request was decoded"))
@@ -244,9 +235,7 @@ class Batcher:
     def _release(self, items: list[_Item]) -> None:
         for item in items:
             item.held = item.queued = False
-        if items:
-            self._pending -= len(items)
-            self._cond.notify_all()
+        self._admission.give_back(len(items))
 
     def _expire(self) -> None:
         with self._cond:

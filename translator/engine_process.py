@@ -35,7 +35,7 @@ from typing import Any
 
 from translator.batcher import BatcherConfig
 from translator.decoding import DecodeOptions
-from translator.jobs import BatcherError, DecodeFailed, EngineRestarted, Job, QueueFull, ShuttingDown
+from translator.jobs import Admission, BatcherError, DecodeFailed, EngineRestarted, Job, ShuttingDown
 
 log = logging.getLogger("translator.engine")
 # Plain pickle, not multiprocessing's: that one sends tensors as shared-memory handles, which only a
@@ -160,9 +160,9 @@ class RemoteBatcher:
         self._jobs: dict[int, Job] = {}
         self._held: dict[int, int] = {}  # places each job still holds
         self._ids = count()
-        self._pending = 0
-        self._closed = self._stopping = False
-        self._cond = threading.Condition()
+        self._admission = Admission(self.config.max_queue_sentences)
+        self._cond = self._admission.cond
+        self._stopping = False
         self._send_lock = threading.Lock()
         self._stopped = threading.Event()
         self._restarting = False
@@ -171,7 +171,7 @@ class RemoteBatcher:
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self._admission.pending
 
     @property
     def pid(self) -> int | None:
@@ -182,18 +182,11 @@ class RemoteBatcher:
     def submit(self, job: Job) -> Job:
         n = len(job.sources)
         with self._cond:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down")
-            if self._pending + n > self.config.max_queue_sentences:
-                raise QueueFull(
-                    f"the queue is full ({self._pending} of {self.config.max_queue_sentences} sentences "
-                    f"waiting); retry later"
-                )
+            self._admission.take(n)
             job_id = next(self._ids)
             job._submitted = time.monotonic()
             self._jobs[job_id] = job
             self._held[job_id] = n
-            self._pending += n
             job._on_end = lambda job, job_id=job_id: self._ended(job_id)
         with self._send_lock:
             if not self._restarting:  # else it goes to the new engine once that has started
@@ -203,17 +196,15 @@ class RemoteBatcher:
         return job
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
+        self._admission.close()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+        return self._admission.wait_idle(timeout)
 
     def stop(self) -> None:
         """Refuse new jobs, fail the unfinished ones and stop the engine process."""
         with self._cond:
-            self._closed = self._stopping = True
+            self._admission.closed = self._stopping = True
             jobs = list(self._jobs.values())
         for job in jobs:
             job.fail(ShuttingDown("the server shut down before the request was decoded"))
@@ -322,9 +313,7 @@ class RemoteBatcher:
                 self._held[job_id] = held - n
             else:
                 self._held.pop(job_id, None)
-            if n:
-                self._pending -= n
-                self._cond.notify_all()
+            self._admission.give_back(n)
 
     def _lost(self, exitcode: int | None) -> None:
         """The engine process ended: fail what it held and, unless stopping, start another; requests
@@ -344,7 +333,7 @@ class RemoteBatcher:
         except EngineStartError as e:
             log.error("%s; refusing requests", e)
             with self._cond:
-                self._closed = True
+                self._admission.closed = True
                 waiting = list(self._jobs.values())
             for job in waiting:
                 job.fail(ShuttingDown(f"the decoding engine could not be restarted: {e}"))

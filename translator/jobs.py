@@ -39,6 +39,42 @@ class EngineRestarted(BatcherError):
     """The decoding engine's process ended while the request was in it; a new one took its place."""
 
 
+class Admission:
+    """The places of a bounded admission queue: a job takes one per sentence when it is submitted,
+    or is refused at once, and each goes back as its sentence finishes or the job ends. `cond`
+    guards the places and may guard its owner's state too (the batcher's queue)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.cond = threading.Condition()  # reentrant: a job failing under it comes back to release
+        self.pending = 0  # places taken: sentences queued or decoding
+        self.closed = False
+
+    def take(self, n: int) -> None:
+        """Under cond: take n places, or raise ShuttingDown (closed) / QueueFull (no room)."""
+        if self.closed:
+            raise ShuttingDown("the server is shutting down")
+        if self.pending + n > self.capacity:
+            raise QueueFull(f"the queue is full ({self.pending} of {self.capacity} sentences waiting); retry later")
+        self.pending += n
+
+    def give_back(self, n: int) -> None:
+        """Under cond."""
+        if n:
+            self.pending -= n
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse from now on; admitted jobs still finish."""
+        with self.cond:
+            self.closed = True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every place is back; False on timeout."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.pending == 0, timeout)
+
+
 @dataclass
 class JobStats:
     """Where a request's time went; read after the job has ended."""
