@@ -7,8 +7,10 @@ await its answer and send the next. No network, no protobuf, no load generator p
 loses against offline decoding in batches of C is the engine's own (joins, bookkeeping, batch
 occupancy); what `benchmarks/load.py` loses beyond it is the front end's and the transport's.
 
-Also prints the mean rows per decoder step and the encoder passes per sentence, counted on the
-model's calls, so that occupancy and join sizes can be read beside the throughput.
+Also prints, for the served and the offline runs alike, the mean rows per decoder step, the
+sentences per encoder pass, and the milliseconds per sentence spent in decoder steps, in the
+encoder and in everything else (search and batcher bookkeeping, waiting), timed on the model's
+calls: where the engine loses against offline decoding.
 
     python benchmarks/engine_load.py runs/bench/best.pt --concurrency 32 --repeats 3
     python benchmarks/engine_load.py runs/bench/best.pt --concurrency 32 --set max_join_delay_ms=5
@@ -40,26 +42,40 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared/data/multi30k/test_2016_f
 
 
 class Counts:
-    """Decoder steps, their rows and encoder passes, counted on one model's calls."""
+    """Decoder steps, their rows and encoder passes, counted and timed on one model's calls."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.steps = self.rows = self.encodes = self.encoded = 0
+        self.reset()
         decode_step, encode = model.decode_step, model.encode
 
         def counted_step(tgt_new, cache, record_alignment=False):
+            start = time.perf_counter()
+            out = decode_step(tgt_new, cache, record_alignment)
+            self.step_s += time.perf_counter() - start
             self.steps += 1
             self.rows += tgt_new.size(0)
-            return decode_step(tgt_new, cache, record_alignment)
+            return out
 
         def counted_encode(src):
+            start = time.perf_counter()
+            out = encode(src)
+            self.encode_s += time.perf_counter() - start
             self.encodes += 1
             self.encoded += src.size(0)
-            return encode(src)
+            return out
 
         model.decode_step, model.encode = counted_step, counted_encode
 
     def reset(self) -> None:
         self.steps = self.rows = self.encodes = self.encoded = 0
+        self.step_s = self.encode_s = 0.0
+
+    def per_sentence(self, sentences: int, seconds: float) -> dict:
+        """Milliseconds per sentence in decoder steps, in the encoder and in everything else."""
+        step, encode = 1000 * self.step_s / sentences, 1000 * self.encode_s / sentences
+        return {"rows_per_step": self.rows / max(self.steps, 1), "sentences_per_encoder_pass": self.encoded / max(
+                self.encodes, 1), "decoder_ms": step, "encoder_ms": encode,
+                "rest_ms": 1000 * seconds / sentences - step - encode}
 
 
 def closed_loop(service: TranslationService, sentences: list[str], clients: int, beam: int) -> dict:
@@ -96,13 +112,15 @@ def closed_loop(service: TranslationService, sentences: list[str], clients: int,
             "cpu_ms_per_sentence": 1000 * (time.process_time() - cpu) / len(sentences)}
 
 
-def offline_in_batches(translator: Translator, sentences: list[str], size: int) -> float:
-    """Sentences/s of length-sorted batches of at most `size`, as benchmarks/load.py decodes them."""
+def offline_in_batches(translator: Translator, sentences: list[str], size: int, counts: Counts) -> dict:
+    """Length-sorted batches of at most `size`, as benchmarks/load.py decodes them offline."""
     by_length = sorted(sentences, key=lambda s: len(s.split()))
+    counts.reset()
     start = time.perf_counter()
     for k in range(0, len(by_length), size):
         translator.translate(by_length[k : k + size])
-    return len(sentences) / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return {"sentences_per_s": len(sentences) / seconds, **counts.per_sentence(len(sentences), seconds)}
 
 
 def parse_set(items: list[str]) -> dict:
@@ -141,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     batching = BatcherConfig(**parse_set(args.set))
     runs = []
     for _ in range(args.repeats):
-        offline = offline_in_batches(translator, sentences, args.concurrency)
+        offline = offline_in_batches(translator, sentences, args.concurrency, counts)
         service = TranslationService(translator, ModelIdentity("bench", "", "", ""), batching=batching,
                                      engine_thread=False)
         counts.reset()
+        start = time.perf_counter()
         served = closed_loop(service, sentences, args.concurrency, args.beam_size)
-        served.update(offline_in_batches_per_s=offline, vs_c=served["sentences_per_s"] / offline,
-                      rows_per_step=counts.rows / max(counts.steps, 1),
-                      encoder_passes_per_sentence=counts.encodes / len(sentences))
+        served.update(counts.per_sentence(len(sentences), time.perf_counter() - start))
+        served["vs_c"] = served["sentences_per_s"] / offline["sentences_per_s"]
+        served.update({f"offline_{k}": v for k, v in offline.items()})
         runs.append(served)
         print(json.dumps({k: round(v, 3) for k, v in served.items()}), flush=True)
     summary = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
