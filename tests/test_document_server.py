@@ -24,6 +24,7 @@ from translator.cli import translate_main
 from translator.client import TranslatorClient
 from translator.config import ConfigError, to_dict
 from translator.documents import split_document
+from translator.markup import parse_markup
 from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.server import create_server
@@ -127,8 +128,18 @@ def test_markup_comes_back_well_formed_and_equals_offline(client, translator):
     assert got.text == want.text
     ET.fromstring(f"<root>{got.text}</root>")  # well-formed (an untrained model: tags may go with empty output)
     assert got.text.count("<br/>") == 1 and got.text.count("<p>") == 2 and "🙂" in got.text
-    assert [(s.target_start, s.target_end, s.text) for s in got.sentences] == [(*s.target, s.text)
-                                                                              for s in want.sentences]
+    assert [(s.source_start, s.source_end, s.target_start, s.target_end, s.text) for s in got.sentences] == [
+        (*s.source, *s.target, s.text) for s in want.sentences]
+
+
+def test_markup_source_spans_cover_each_sentence_in_the_marked_up_text(client, translator):
+    doc = client.translate([MARKUP], document=MARKED).translations[0].document
+    plain = parse_markup(MARKUP).text
+    split = split_document(plain, translator.count_tokens, translator.max_source_tokens,
+                           breaks=parse_markup(MARKUP).breaks)
+    sources = [MARKUP[s.source_start:s.source_end] for s in doc.sentences]
+    assert sources[:2] == ["the <b>red dog</b> runs.", 'a <i>small <a href="x.html">cat</a></i> sleeps &amp; eats.']
+    assert [parse_markup(s).text for s in sources] == split.sources()
 
 
 def test_several_documents_in_one_request(client, translator):

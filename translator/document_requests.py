@@ -155,8 +155,8 @@ class DocumentStream:
         return events
 
     def _document(self, i: int) -> list[DocumentEvent]:
-        doc, start = self.split.docs[i], self.split.starts[i]
-        plain = self.split.markups[i] is None
+        doc, start, markup = self.split.docs[i], self.split.starts[i], self.split.markups[i]
+        plain = markup is None
         events = []
         first = start + sum(len(s.pieces) for s in doc.sentences[: self.next[i]])
         while self.next[i] < len(doc.sentences):
@@ -168,7 +168,8 @@ class DocumentStream:
             previous_end = doc.sentences[self.next[i] - 1].span[1] if self.next[i] else 0
             gap = doc.text[previous_end : sentence.span[0]] if plain else ""
             target = (self.length[i] + len(gap), self.length[i] + len(gap) + len(text)) if plain else None
-            events.append(DocumentEvent(i, gap + text, SentenceDone(sentence.span, target, text)))
+            source = markup.source_span(sentence.span) if markup else sentence.span
+            events.append(DocumentEvent(i, gap + text, SentenceDone(source, target, text)))
             self.length[i] += len(gap) + len(text)
             self.next[i] += 1
             first += len(sentence.pieces)
