@@ -89,15 +89,20 @@ def refusal(call) -> grpc.RpcError:
     return e.value
 
 
-def test_a_document_keeps_its_layout_and_equals_offline(client, translator):
+def test_a_document_keeps_its_layout_and_equals_offline(client, translator, caplog):
+    caplog.set_level(logging.INFO, logger="translator.server")
     assert len(DOCUMENT) > LIMITS.max_sentence_chars  # documents have a limit of their own
-    got = client.translate([DOCUMENT], document=DOC).translations[0]
+    got = client.translate([DOCUMENT], document=DOC, request_id="layout").translations[0]
     want = translator.translate_document(DOCUMENT)
     assert got.document.text == want.text == got.hypotheses[0].text
     assert want.text.startswith("  ") and want.text.endswith("\n\n\n") and want.text != DOCUMENT
     assert want.text.count("\r\n\r\n\t") == 1 and "\n\u200b\u200b\n" in want.text and "\n   🙂🙂 \r\n" in want.text
     assert [((s.source_start, s.source_end), (s.target_start, s.target_end), s.text)
             for s in got.document.sentences] == [(s.source, s.target, s.text) for s in want.sentences]
+    pieces = split_document(DOCUMENT, translator.count_tokens, translator.max_source_tokens).sources()
+    content = [p for p in pieces if translator.tokenizer.has_content(translator.tokenizer.encode([p])[0])]
+    assert len(content) == len(pieces) - 2  # the zero-width and the emoji lines are passed through
+    assert log_line(caplog, "layout")["sentences"] == len(content)  # one job: all of them, batched together
 
 
 def test_spans_map_each_sentence_to_its_translation(client, translator):

@@ -5,6 +5,7 @@ once or sentence by sentence as they become final (translator.documents, transla
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ class DocumentStream:
 
     def add(self, k: int, piece: PieceTranslation) -> list[DocumentEvent]:
         self.pieces[k] = piece
-        return self.ready()
+        return self._document(bisect.bisect_right(self.split.starts, k) - 1)
 
     def ready(self) -> list[DocumentEvent]:
         """The events of every sentence now final and not yet sent, and the last event of every
