@@ -89,9 +89,10 @@ class SplitDocuments:
 
 
 def check_language(language: str) -> None:
+    """A ValueError unless `language` is empty or a language tag."""
     if language and not (len(language) <= 35 and LANGUAGE.fullmatch(language)):
         shown = language if len(language) <= 40 else language[:40] + "..."
-        raise DocumentLimitError(f"document.language must be a language code such as 'en' or 'pt-BR', got {shown!r}")
+        raise ValueError(f"document.language must be a language code such as 'en' or 'pt-BR', got {shown!r}")
 
 
 def split_documents(

@@ -415,6 +415,9 @@ class TranslationService:
             _check_chars(text, i)
         try:
             check_language(document.language)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        try:
             split = split_documents(texts, document, self.translator.count_tokens, self.translator.max_source_tokens,
                                     document.language or self.identity.source_language or self.translator.src_lang,
                                     lim.max_document_chars, lim.max_document_sentences)
