@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from training.config import load_config
 from training.corpus import load_pairs
 from training.data import BatchSource, length_filter, tokenize
-from training.trainer import label_smoothed_loss
+from training.step import label_smoothed_loss
 from translator.model import build_model
 from translator.tokenizer import train_tokenizer
 

@@ -12,7 +12,8 @@ from tests.conftest import tiny_overrides, toy_pairs
 from training.average import average_run
 from training.config import load_config
 from training.data import collate, token_batches
-from training.trainer import Trainer, inverse_sqrt_lr
+from training.schedule import inverse_sqrt_lr
+from training.trainer import Trainer
 from translator.checkpoint import CheckpointError, load_checkpoint
 from translator.translate import Translator
 
