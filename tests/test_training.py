@@ -12,7 +12,6 @@ from tests.conftest import tiny_overrides, toy_pairs
 from training.average import average_run
 from training.config import load_config
 from training.data import collate, token_batches
-from training.schedule import inverse_sqrt_lr
 from training.trainer import Trainer
 from translator.checkpoint import CheckpointError, load_checkpoint
 from translator.translate import Translator
@@ -39,12 +38,6 @@ def test_teacher_forcing_shifts_target_by_the_start_token():
     assert b.tgt_in.tolist() == [[1, 7, 8, 9]]
     assert b.tgt_out.tolist() == [[7, 8, 9, 2]]
     assert b.n_tokens == 4
-
-
-def test_inverse_sqrt_schedule_peaks_at_warmup():
-    assert inverse_sqrt_lr(1, 1e-3, 100) == pytest.approx(1e-5)
-    assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
-    assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
 
 
 def train(out, corpus, **extra):

@@ -87,7 +87,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 def average_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nmt-average", description="Average the weights of checkpoints.")
-    p.add_argument("run", type=Path, help="run folder (uses its last N step checkpoints)")
+    p.add_argument("run", type=Path, help="run folder (uses its last N step checkpoints; of a wsd run, of its decay phase)")
     p.add_argument("--last", type=int, default=5, help="how many of the latest step checkpoints")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -98,7 +98,7 @@ def average_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"averaged {len(paths)} checkpoints into {args.out}")
+    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {args.out}")
     return 0
 
 
