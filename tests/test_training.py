@@ -26,6 +26,13 @@ def test_token_batches_cover_each_pair_once_within_budget():
         assert len(b) * max(max(lens[i], lens[::-1][i]) + 1 for i in b) <= 60 or len(b) == 1
 
 
+def test_token_batches_of_equal_longest_sides_group_target_lengths():
+    """Where the longest side ties, batches hold targets of one length: the least padding."""
+    tgt = [1 + i % 10 for i in range(40)]
+    batches = token_batches([10] * 40, tgt, max_tokens=44, seed=0, epoch=0)  # 4 pairs of 11 tokens a batch
+    assert all(len({tgt[i] for i in b}) == 1 for b in batches)
+
+
 def test_token_batches_depend_only_on_seed_and_epoch():
     lens = list(range(1, 50))
     assert token_batches(lens, lens, 40, 1, 2) == token_batches(lens, lens, 40, 1, 2)
