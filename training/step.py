@@ -41,6 +41,9 @@ def label_smoothed_loss(model: torch.nn.Module, batch: Batch, smoothing: float) 
     return batch_loss(model, batch.src, batch.tgt_in, batch.tgt_out, smoothing)
 
 
+LossFn = Callable[[torch.nn.Module, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
 def batch_loss(model: torch.nn.Module, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
     """label_smoothed_loss over plain tensors: what torch.compile traces."""
     logits = model(src, tgt_in)  # (B, T, V)
@@ -76,13 +79,14 @@ class TrainStep:
 
     def __init__(
         self, model: torch.nn.Module, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-        amp: MixedPrecision, t: TrainConfig, log: Callable[[str], None] = print,
+        amp: MixedPrecision, t: TrainConfig, log: Callable[[str], None] = print, loss_fn: LossFn | None = None,
     ) -> None:
         self.model, self.train_model, self.optimizer, self.amp = model, train_model, optimizer, amp
         self.smoothing, self.clip_norm = t.label_smoothing, t.clip_norm
         self.log = log
+        self.loss_fn = loss_fn or batch_loss
         # Dynamic shapes from the start: every batch has another (B, S, T).
-        self.compiled = torch.compile(batch_loss, dynamic=True) if t.compile else None
+        self.compiled = torch.compile(self.loss_fn, dynamic=True) if t.compile else None
         self.compile_seconds: float | None = None  # the first compiled step's time, compilation included
         self.grad_norm = 0.0  # the last step's gradient norm before clipping (0 when not clipping)
 
@@ -105,9 +109,9 @@ class TrainStep:
                     self.compile_seconds = time.perf_counter() - t0
                     self.log(f"torch.compile: first step {self.compile_seconds:.1f}s, compilation included")
                 return self.finish(sums)
-        return self.finish(self.accumulate(batches, n_tokens, world_size, batch_loss))
+        return self.finish(self.accumulate(batches, n_tokens, world_size, self.loss_fn))
 
-    def accumulate(self, batches: list[Batch], n_tokens: int, world_size: int, loss_fn) -> tuple[float, float]:
+    def accumulate(self, batches: list[Batch], n_tokens: int, world_size: int, loss_fn: LossFn) -> tuple[float, float]:
         loss_sum, nll_sum = 0.0, 0.0
         for i, b in enumerate(batches):
             # Gradients are all-reduced once, on the last backward of the step.
