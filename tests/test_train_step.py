@@ -99,3 +99,23 @@ def test_probe_times_both_precisions_and_auto_follows_it():
     chosen, record = choose_precision("auto", CPU, shapes)
     assert chosen in ("fp32", "bf16") and record["precision"] == chosen and record["probe_fp32_ms"] > 0
     assert choose_precision("fp32", CPU, shapes) == ("fp32", {"precision": "fp32"})
+
+
+def test_activation_dropout_drops_feed_forward_units_in_training_only():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(activation_dropout=0.5))
+    plain = build_model(tiny_model_config())
+    plain.load_state_dict(model.state_dict())
+    b = collate([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], bos=1, eos=2, pad=0)
+    model.train()
+    assert not torch.equal(model(b.src, b.tgt_in), model(b.src, b.tgt_in))
+    model.eval()
+    plain.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(b.src, b.tgt_in), plain(b.src, b.tgt_in))
+
+
+def test_dropout_keys_reach_the_model(tmp_path, toy_corpus):
+    tr = trainer(tmp_path, toy_corpus, **{"model.attention_dropout": 0.2, "model.activation_dropout": 0.3})
+    layer = tr.model.decoder.layers[0]
+    assert layer.self_attn.dropout == layer.cross_attn.dropout == 0.2 and layer.feed_forward.dropout == 0.3
