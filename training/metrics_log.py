@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,22 @@ class MetricsLog:
         self.file.close()
         if self.board:
             self.board.close()
+
+
+class Window:
+    """Summed loss, NLL and target tokens of the steps since the last training record."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.nll, self.tokens, self.start = 0.0, 0.0, 0, time.monotonic()
+
+    def add(self, loss: float, nll: float, tokens: int) -> None:
+        self.loss, self.nll, self.tokens = self.loss + loss, self.nll + nll, self.tokens + tokens
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
 
 
 def make_board(path: Path):

@@ -74,9 +74,6 @@ class StepBudget:
         """Seconds of the budget spent, this process's and those before it."""
         return self.spent_s + ((time.monotonic() if now is None else now) - self._start)
 
-    def exhausted(self, now: float | None = None) -> bool:
-        return bool(self.budget_s) and self.elapsed(now) >= self.budget_s
-
     def tick(self, step: int, now: float | None = None) -> None:
         """Record that `step` has just ended."""
         now = time.monotonic() if now is None else now

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -23,7 +22,7 @@ from training.config import ExperimentConfig
 from training.corpus import load_pairs
 from training.data import Batch, BatchSource, collate, length_filter, tokenize
 from training.distributed import World
-from training.metrics_log import MetricsLog
+from training.metrics_log import MetricsLog, Window
 from training.precision import MixedPrecision, choose_precision, training_shapes
 from training.schedule import StepBudget, decay_start, in_decay, learning_rate
 from training.signals import StopSignals
@@ -220,6 +219,8 @@ class Trainer:
         reason = ""
         while not reason:
             total = self.budget.total(st.step)
+            if world.size > 1 and t.max_minutes:
+                total = world.broadcast(total)  # one learning rate for all: rank 0's estimate
             lr = learning_rate(st.step + 1, t, total)
             loss, nll, n_tokens = self.train_step(lr)
             st.step += 1
@@ -235,15 +236,15 @@ class Trainer:
 
             if world.size > 1:  # a signal to any process stops them all
                 signals.received = int(max(world.gather(signals.received)))
-            reason = self.limit_reached()
             if t.max_minutes:
-                reason = world.broadcast(reason)  # clocks differ: rank 0's decides
+                st.elapsed_s = world.broadcast(st.elapsed_s)  # clocks differ: rank 0's decides
+            reason = self.limit_reached()
             if signals.received:
                 self.interrupted, reason = signals.received, f"interrupted by {signals.name}"
                 self.validate_and_save(validate=False, lr=lr, total=total)
             elif st.step % t.valid_every == 0 or reason:
                 self.validate_and_save(validate=True, lr=lr, total=total)
-                reason = reason or self.limit_reached()  # patience
+                reason = reason or self.limit_reached()  # patience, or the validation's time
             elif self.decay_save_due(total):
                 self.validate_and_save(validate=False, lr=lr, total=total)
         bar.close()
@@ -256,7 +257,8 @@ class Trainer:
             return f"reached train.max_steps={t.max_steps}"
         if t.max_epochs and st.epoch >= t.max_epochs:
             return f"reached train.max_epochs={t.max_epochs}"
-        if self.budget.exhausted():
+        # The time as of the last step or save, as the checkpoint holds it: a rerun decides alike.
+        if t.max_minutes and st.elapsed_s >= t.max_minutes * 60:
             return f"reached train.max_minutes={t.max_minutes}"
         if t.patience and st.bad_validations >= t.patience:
             return f"no better validation BLEU for {t.patience} validations"
@@ -329,6 +331,7 @@ class Trainer:
         part in the collectives."""
         st, world = self.state, self.world
         rngs = world.gather(rng_state(world.device)) if world.size > 1 else None
+        st.elapsed_s = self.budget.elapsed()  # validation counts against the budget too
         if world.is_main:
             metrics = {"lr": lr, "decay": in_decay(st.step, self.cfg.train, total), **self.precision_record}
             improved = False
@@ -346,8 +349,9 @@ class Trainer:
                 train_state=self.train_state(rngs), metrics=metrics, is_best=improved,
             )
         self.last_save = st.step
-        st.best_bleu, st.best_step, st.bad_validations = world.broadcast(
-            (st.best_bleu, st.best_step, st.bad_validations)
+        # Rank 0's figures on every process: they decide when to stop.
+        st.best_bleu, st.best_step, st.bad_validations, st.elapsed_s = world.broadcast(
+            (st.best_bleu, st.best_step, st.bad_validations, st.elapsed_s)
         )
 
     def validate(self) -> dict:
@@ -406,19 +410,3 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """A seed for the dropout of process `rank` that differs from every other process's."""
     return seed + 1_000_003 * rank + step
-
-
-class Window:
-    """Summed loss, NLL and target tokens of the steps since the last training record."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.nll, self.tokens, self.start = 0.0, 0.0, 0, time.monotonic()
-
-    def add(self, loss: float, nll: float, tokens: int) -> None:
-        self.loss, self.nll, self.tokens = self.loss + loss, self.nll + nll, self.tokens + tokens
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
