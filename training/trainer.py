@@ -196,16 +196,21 @@ class Trainer:
         done = self.world.broadcast(self.limit_reached())
         if done:
             self.log(f"nothing to do: the run in {self.out_dir} stopped at step {st.step} ({done})")
-            return st
-        if self.world.is_main:
-            self.metrics = MetricsLog(self.out_dir, st.step, self.log)
-            self.metrics.record({"step": st.step, **self.precision_record})
-        self.batches = self.remaining_batches()
-        with StopSignals() as signals:
-            reason = self.loop(signals)
-        self.log(f"stopped at step {st.step}: {reason}; best validation BLEU {st.best_bleu:.2f} at step {st.best_step}")
-        if self.metrics:
-            self.metrics.close()
+        else:
+            if self.world.is_main:
+                self.metrics = MetricsLog(self.out_dir, st.step, self.log)
+                if st.step == 0:  # the run's start; a resume keeps what it chose
+                    self.metrics.record({"step": 0, **self.precision_record})
+            self.batches = self.remaining_batches()
+            with StopSignals() as signals:
+                reason = self.loop(signals)
+            self.log(f"stopped at step {st.step}: {reason}; best validation BLEU {st.best_bleu:.2f} at step {st.best_step}")
+            if self.metrics:
+                self.metrics.close()
+        # Every collective finished before the process group can be torn down: a broadcast's
+        # source returns before gloo's thread has let go of its tensors, and that thread needs
+        # the GIL, which the main thread holds while DDP's reducer joins it (a hang at exit).
+        self.world.barrier()
         return st
 
     def loop(self, signals: StopSignals) -> str:
@@ -331,7 +336,6 @@ class Trainer:
         part in the collectives."""
         st, world = self.state, self.world
         rngs = world.gather(rng_state(world.device)) if world.size > 1 else None
-        st.elapsed_s = self.budget.elapsed()  # validation counts against the budget too
         if world.is_main:
             metrics = {"lr": lr, "decay": in_decay(st.step, self.cfg.train, total), **self.precision_record}
             improved = False
@@ -344,6 +348,7 @@ class Trainer:
                     st.bad_validations += 1
                 self.metrics.record({"step": st.step, **scores, "best_bleu": st.best_bleu})
                 metrics.update(scores)
+            st.elapsed_s = self.budget.elapsed()  # validation counts against the budget too
             self.ckpts.save(
                 step=st.step, config=self.config_record, tokenizer=self.tokenizer, model=self.model,
                 train_state=self.train_state(rngs), metrics=metrics, is_best=improved,
