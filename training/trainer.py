@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -48,8 +48,9 @@ class TrainState:
     best_step: int = 0
     bad_validations: int = 0
     tokens_seen: int = 0
-    elapsed_s: float = 0.0  # seconds of train.max_minutes spent, over all processes that ran it
-    seconds_per_step: float = 0.0  # the measured pace, for the steps a time budget leaves
+    # Wall-clock figures, left out of comparisons (two runs of the same steps are equal):
+    elapsed_s: float = field(default=0.0, compare=False)  # of train.max_minutes, over all processes that ran it
+    seconds_per_step: float = field(default=0.0, compare=False)  # the measured pace, for the steps a budget leaves
     precision: str = ""  # what train.precision resolved to at the start; kept on resume
 
 
