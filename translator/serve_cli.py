@@ -95,9 +95,6 @@ def serve_main(argv: list[str] | None = None) -> int:
             models.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not cfg.engine_process:
-        for service in models.services():  # first-call costs (packed weights, caches) before serving
-            service.translator.translate(["warm-up"])
     drainer = threading.Thread(target=_drain, args=(server, cfg.grace_seconds), name="drain")
 
     def on_signal(*_: Any) -> None:

@@ -89,9 +89,12 @@ def build_models(cfg: ServerConfig, engine_thread: bool = True) -> Models:
     engine = None if cfg.engine_process else SharedEngine(cfg.batching, cfg.threads, thread=engine_thread)
 
     def build(spec: ModelSpec) -> TranslationService:
-        return TranslationService.from_checkpoint(
+        service = TranslationService.from_checkpoint(
             spec.checkpoint, cfg.limits, cfg.batching, cfg.decoding, cfg.threads, engine_process=cfg.engine_process,
             engine=engine, name=spec.name, languages=(spec.source_language, spec.target_language))
+        if engine is not None:  # first-call costs (packed weights, caches) now, not on its first request
+            service.translator.translate(["warm-up"])
+        return service
 
     return Models(build, cfg.model_specs(), engine, cfg.swap_grace_seconds)
 
