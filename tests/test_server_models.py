@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import selectors
 import signal
@@ -275,6 +276,8 @@ def test_models_come_from_the_config_file_or_repeated_flags(tmp_path):
     cfg = parse_config(["--model", "x=c.pt", "--model", "y=d.pt"])
     assert [(m.name, m.checkpoint) for m in cfg.model_specs()] == [("x", "c.pt"), ("y", "d.pt")]
     assert parse_config(["--checkpoint", "runs/best.pt"]).model_specs() == (ModelSpec("best.pt", "runs/best.pt"),)
+    shipped = parse_config(["--config", str(ROOT / "deploy" / "serve.yaml"), "--model", "x=c.pt"])
+    assert (shipped.checkpoint, shipped.model_specs()) == ("", (ModelSpec("x", "c.pt"),))  # --model replaces it
 
 
 @pytest.mark.parametrize("argv, error", [
@@ -297,16 +300,28 @@ def test_server_config_refuses_no_model():
 # -- SIGHUP -----------------------------------------------------------------------------------
 
 
-def read_log_until(proc: subprocess.Popen, pattern: str, timeout: float = 120.0) -> str:
-    end = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stderr, selectors.EVENT_READ)
-        while time.monotonic() < end:
-            if sel.select(max(0.0, end - time.monotonic())):
-                line = proc.stderr.readline()
-                if re.search(pattern, line):
-                    return line
-    raise AssertionError(f"no log line matching {pattern!r} in {timeout} s")
+class LogReader:
+    """Lines of a process's stderr as they come, read straight from the pipe (a buffered reader
+    may hold several lines that select() no longer sees)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.fd = proc.stderr.fileno()
+        self.pending = ""
+
+    def until(self, pattern: str, timeout: float = 120.0) -> str:
+        end = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.fd, selectors.EVENT_READ)
+            while True:
+                *lines, self.pending = self.pending.split("\n")
+                for k, line in enumerate(lines):
+                    if re.search(pattern, line):
+                        self.pending = "\n".join([*lines[k + 1:], self.pending])
+                        return line
+                left = end - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise AssertionError(f"no log line matching {pattern!r} in {timeout} s")
+                self.pending += os.read(self.fd, 1 << 16).decode()
 
 
 def test_sighup_reloads_every_model_and_keeps_one_that_fails(tmp_path, checkpoints, offline):
@@ -319,19 +334,20 @@ def test_sighup_reloads_every_model_and_keeps_one_that_fails(tmp_path, checkpoin
     )
     try:
         port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", read_line(proc, 300)).group(1))
+        log = LogReader(proc)
         with TranslatorClient(f"127.0.0.1:{port}", timeout=60) as client:
             assert texts_of(client.translate(SENTENCES[:2])) == offline["en-de.pt"](SENTENCES[:2])
             replacement = tmp_path / "next.pt"
             replacement.write_bytes(checkpoints["en-de-2"].read_bytes())
             replacement.replace(served)  # as a deployment swaps a file: whole, in one step
             proc.send_signal(signal.SIGHUP)
-            read_log_until(proc, r"model m reloaded")
+            log.until(r"model m reloaded")
             response = client.translate(SENTENCES[:2])
             assert response.model.name == "m"
             assert texts_of(response) == offline["en-de-2.pt"](SENTENCES[:2])
             served.write_bytes(b"not a checkpoint")
             proc.send_signal(signal.SIGHUP)
-            line = read_log_until(proc, r"model m kept")
+            line = log.until(r"model m kept")
             assert "served.pt" in line
             assert texts_of(client.translate(SENTENCES[:2])) == offline["en-de-2.pt"](SENTENCES[:2])
         proc.send_signal(signal.SIGTERM)

@@ -104,7 +104,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     # On a thread of its own per signal, which ends with the reload (see translator.admin).
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(models,), name="reload").start())
+    reloading = threading.Lock()
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(models, reloading),
+                                                              name="reload").start())
     server.start()
     metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
@@ -117,23 +119,17 @@ def serve_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-_reloading = threading.Lock()
-
-
-def _reload(models) -> None:
-    """SIGHUP: every model again from its path; a refused one is logged and keeps serving."""
-    if not _reloading.acquire(blocking=False):
-        return  # a reload is running: it reads the files anew anyway
-    try:
-        log = logging.getLogger("translator.server")
+def _reload(models, reloading: threading.Lock) -> None:
+    """SIGHUP: every model again from its path; a refused one is logged and keeps serving. Reloads
+    run one after another, so a signal sent after a file changed always reads the new file."""
+    log = logging.getLogger("translator.server")
+    with reloading:
         log.info("SIGHUP: reloading %d models", len(models.services()))
         for name, error in models.reload_all().items():
             if error is None:
                 log.info("model %s reloaded", name)
             else:
                 log.error("model %s kept: the new checkpoint was refused: %s", name, error)
-    finally:
-        _reloading.release()
 
 
 def _drain(server, grace: float) -> None:

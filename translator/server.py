@@ -162,8 +162,8 @@ class TranslationServer:
         if self._stopped:
             return
         self._stopped = True
+        self.models.close()  # first: a client that sees NOT_SERVING is refused from then on
         self._loop.run(self.health.enter_graceful_shutdown())
-        self.models.close()
         if not self._loop.run(self.servicer.wait_idle(grace)):
             log.warning("requests still running after the %.1f s grace period are cancelled", grace)
         self._loop.run(self.grpc.stop(0))

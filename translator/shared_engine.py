@@ -80,7 +80,12 @@ class Lane:
             self._jobs = {k: j for k, j in self._jobs.items() if not j.done}
             self._jobs[id(job)] = job
         job.options = _LaneKey(self, job.options)
-        return self.engine.batcher.submit(job)
+        try:
+            return self.engine.batcher.submit(job)
+        except BaseException:  # refused (queue full, shutting down): nothing of it to wait for
+            with self._lock:
+                self._jobs.pop(id(job), None)
+            raise
 
     def close(self) -> None:
         """Refuse new jobs; admitted ones still finish."""
