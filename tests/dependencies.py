@@ -44,8 +44,9 @@ def installed() -> dict[str, list[str]]:
 
 
 def distributions(module: str) -> set[str]:
-    """Canonical names of the installed distributions that provide top-level `module`."""
-    return {canonicalize_name(d) for d in installed().get(module, [])}
+    """Canonical names of the installed distributions that provide top-level `module`; for a module
+    not installed here (an extra left out), the distribution of the same name."""
+    return {canonicalize_name(d) for d in installed().get(module, [module])}
 
 
 def runtime_imports(tree: ast.AST) -> set[str]:

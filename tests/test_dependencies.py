@@ -41,7 +41,6 @@ def test_every_third_party_import_is_declared_in_the_extras_that_install_it(tree
             if tree == "benchmarks" and (ROOT / "benchmarks" / f"{module}.py").exists():
                 continue  # a sibling script run from benchmarks/
             provided = distributions(module)
-            assert provided, f"{path.relative_to(ROOT)} imports {module}, which nothing installed provides"
             assert provided & declared, (f"{path.relative_to(ROOT)} imports {module} ({', '.join(sorted(provided))}),"
                                          f" not declared in the base install or {TREES[tree]}")
 
