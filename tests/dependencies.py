@@ -49,6 +49,24 @@ def distributions(module: str) -> set[str]:
     return {canonicalize_name(d) for d in installed().get(module, [module])}
 
 
+def closure(names: set[str]) -> set[str]:
+    """`names` and, recursively, the installed distributions they require (no extras)."""
+    out, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out.add(name)
+        try:
+            lines = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for req in map(Requirement, lines):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return out
+
+
 def runtime_imports(tree: ast.AST) -> set[str]:
     """Top-level modules `tree` imports here, at module level or in functions: the `if TYPE_CHECKING:`
     body and the branch of an `if sys.version_info ...:` that this Python skips are left out."""
