@@ -35,8 +35,9 @@ class PhraseTable:
                     raise DecodeOptionError(
                         f"constraint {j} of sentence {i} must be a non-empty list of token ids below "
                         f"{vocab_size} other than EOS, got {phrase!r}")
-        C = max((len(p) for p in constraints), default=0)
-        L = max((len(x) for p in constraints for x in p), default=0)
+        # At least one (padding) phrase of one token: the shapes stay the same without phrases.
+        C = max((len(p) for p in constraints), default=1) or 1
+        L = max((len(x) for p in constraints for x in p), default=1)
         tokens = torch.full((batch_size, C, L), -1, dtype=torch.long)
         lengths = torch.zeros(batch_size, C, dtype=torch.long)
         for i, phrases in enumerate(constraints):
