@@ -7,14 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("texts", "options", "request_id")
+    __slots__ = ("texts", "options", "request_id", "terms")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: DecodingOptions
     request_id: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    terms: _containers.RepeatedCompositeFieldContainer[Term]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
+
+class Term(_message.Message):
+    __slots__ = ("source", "target")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class DecodingOptions(_message.Message):
     __slots__ = ("beam_size", "length_penalty", "max_length", "n_best", "min_length", "return_scores", "return_alignments", "max_len_a", "max_len_b", "length_penalty_form", "length_includes_eos", "no_repeat_ngram", "sample", "top_k", "top_p", "temperature", "seed", "target_prefix")
@@ -71,14 +81,16 @@ class Translation(_message.Message):
     def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
-    __slots__ = ("text", "score", "alignment")
+    __slots__ = ("text", "score", "alignment", "unmet_terms")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    UNMET_TERMS_FIELD_NUMBER: _ClassVar[int]
     text: str
     score: float
     alignment: Alignment
-    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., alignment: _Optional[_Union[Alignment, _Mapping]] = ...) -> None: ...
+    unmet_terms: _containers.RepeatedCompositeFieldContainer[Term]
+    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., alignment: _Optional[_Union[Alignment, _Mapping]] = ..., unmet_terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
 
 class Alignment(_message.Message):
     __slots__ = ("source_tokens", "target_tokens", "weights")
@@ -217,7 +229,7 @@ class Architecture(_message.Message):
     def __init__(self, d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., d_ff: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost")
+    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost", "max_terms", "max_term_chars")
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +237,8 @@ class Limits(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_COST_FIELD_NUMBER: _ClassVar[int]
+    MAX_TERMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TERM_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_sentences: int
     max_sentence_chars: int
     max_source_tokens: int
@@ -232,4 +246,6 @@ class Limits(_message.Message):
     max_length: int
     max_message_bytes: int
     max_request_cost: int
-    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ...) -> None: ...
+    max_terms: int
+    max_term_chars: int
+    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ..., max_terms: _Optional[int] = ..., max_term_chars: _Optional[int] = ...) -> None: ...
