@@ -8,7 +8,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from translator.decode_options import DecodeOptions
+from translator.glossary import Term
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.translate import Translation, unchanged
@@ -91,10 +92,12 @@ class TranslatorClient:
         self.channel.close()
 
     def translate(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                  **options: Any) -> pb.TranslateResponse:
-        """Translate texts; options are DecodingOptions fields (beam_size=4, n_best=2, ...)."""
+                  terms: Sequence[tuple[str, str]] = (), **options: Any) -> pb.TranslateResponse:
+        """Translate texts; options are DecodingOptions fields (beam_size=4, n_best=2, ...);
+        terms: the glossary, (source phrase, target phrase) pairs."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options),
-                                      request_id=request_id)
+                                      request_id=request_id,
+                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
         return self._retry(lambda left: self.stub.Translate(request, timeout=left, metadata=self.metadata),
                            timeout)
 
@@ -177,8 +180,10 @@ class ServerBackend:
         options: DecodeOptions | None = None,
         progress: Callable[[int], None] | None = None,
         target_prefix: str = "",
+        glossary: Sequence[Term] = (),
     ) -> list[Translation]:
         request = self.request_options(options or DecodeOptions())
+        terms = [(t.source, t.target) for t in glossary]
         if target_prefix:
             request["target_prefix"] = target_prefix
 
@@ -186,9 +191,12 @@ class ServerBackend:
             out = [unchanged(text) for text in batch]
             todo = [i for i, text in enumerate(batch) if text.strip()]
             if todo:
-                response = self.client.translate([batch[i] for i in todo], return_scores=True, **request)
+                response = self.client.translate([batch[i] for i in todo], return_scores=True, terms=terms,
+                                                 **request)
                 for i, t in zip(todo, response.translations):
-                    nbest = [Translation(h.text, [], h.score) for h in t.hypotheses]
+                    nbest = [Translation(h.text, [], h.score,
+                                         unmet_terms=[Term(u.source, u.target) for u in h.unmet_terms])
+                             for h in t.hypotheses]
                     out[i] = dataclasses.replace(nbest[0], nbest=nbest)
             if progress:
                 progress(len(batch))
