@@ -172,3 +172,13 @@ def test_phrases_appear_in_a_real_models_output():
         assert nbest[0].unmet == ()
         for phrase in wanted:
             assert any(tokens[i : i + len(phrase)] == phrase for i in range(len(tokens)))
+
+
+def test_no_word_continuation_follows_a_phrase():
+    # Sentence 10 with A required: A B and A C tie (.025); B, the lower id, wins unless B continues a word.
+    model = ScriptedModel(CONSTRAINED)
+    assert search(model, sources(10), RAW.replace(beam_size=5), constraints=[[[A]]]).tokens == [[A, B]]
+    glued = torch.tensor([False, False, False, False, True, False])  # B continues the word before it
+    hyps = search(model, sources(10), RAW.replace(beam_size=5), constraints=[[[A]]], continuations=glued)
+    assert hyps.tokens == [[A, C]]
+    assert hyps.scores[0] == pytest.approx(log(0.05 * 0.5))

@@ -12,7 +12,8 @@ Each step (per sentence, K = beam_size):
      each (an empty bank's places go to the others); with no phrases this is plain score order;
   4. an EOS candidate within the first K finishes (at the last step, each of the first K does);
      the first K others become the next beams. EOS is allowed only to a beam that has met every
-     phrase, or that no longer has room to;
+     phrase, or that no longer has room to; after a phrase's last token, no token that would
+     continue its last word (`continuations`) may follow, so that the phrase stays as given;
   5. the stopping rules of translator.beam, counting only hypotheses that met every phrase.
 Scores are the model's own log-probabilities: nothing is added for a phrase. Finished hypotheses
 rank by whether they met every phrase, then by score; one that did not lists the phrases it lacks
@@ -45,10 +46,13 @@ def constrained_beam_steps(
     cancelled: Cancelled | None = None,
     on_step: OnStep | None = None,
     on_done: OnDone | None = None,
+    continuations: Tensor | None = None,
 ) -> Steps:
     """Beam search over src (B, S) with K = opts.beam_size (1 included) whose outputs contain, per
     sentence, each of its phrases constraints[i] (token-id lists); a step per next(). Returns
-    opts.n_best hypotheses each. See the module docstring; the hooks and `prefix` as in beam_steps."""
+    opts.n_best hypotheses each. See the module docstring; the hooks and `prefix` as in beam_steps.
+    continuations (V,): True for the tokens that continue the word before them (SentencePiece
+    pieces without the word-start mark); None lets any token follow a phrase."""
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
@@ -68,6 +72,8 @@ def constrained_beam_steps(
         if not beams.count:
             break
         logits = model.decode_step(beams.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b*k, V)
+        if continuations is not None:  # a phrase just completed ends its word
+            logits = logits.masked_fill(progress.just_met[:, None] & continuations.to(logits.device), NEG_INF)
         beams, progress = advance(beams, progress, logits, table, run, finished, opts, model.cfg.eos_id)
         if run.hooks.streaming:
             run.hooks.report(settled_prefixes(beams, finished, run.hooks.flags))

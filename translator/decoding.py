@@ -41,6 +41,7 @@ def search_steps(
     on_done: OnDone | None = None,
     admit: Admit | None = None,
     constraints: list[list[list[int]]] | None = None,
+    continuations: Tensor | None = None,
 ) -> Steps:
     """Translate src (B, S) of source ids (EOS-terminated, right-padded) into opts.n_best hypotheses
     each, a decoding step per next() (the first encodes src too): a server interleaves the steps of
@@ -59,6 +60,7 @@ def search_steps(
     constrained beam search (translator.constrained_beam), which takes no joining sentences
     (`admit` is not called); a greedy search with phrases is that search with one beam, and
     sampling with phrases is a DecodeOptionError. Hypothesis.unmet lists the phrases an output lacks.
+    continuations (V,): True for tokens that continue the word before them; none follows a phrase.
     A sentence's result does not depend on the other sentences of the batch or on padding (up to
     float rounding), except when sampling.
     """
@@ -66,7 +68,7 @@ def search_steps(
         if opts.sample:
             raise DecodeOptionError("sample cannot place required phrases (constraints); use beam search")
         return constrained_beam_steps(model, src, opts, constraints, prefix=prefix, cancelled=cancelled,
-                                      on_step=on_step, on_done=on_done)
+                                      on_step=on_step, on_done=on_done, continuations=continuations)
     steps = greedy_steps if opts.beam_size == 1 else beam_steps
     return steps(model, src, opts, prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_done,
                  admit=admit)

@@ -59,16 +59,17 @@ class Progress:
     met: Tensor  # (r, C) phrases contained; True for a sentence's missing (padding) phrases
     inside: Tensor  # (r,) the phrase being matched, -1 for none
     matched: Tensor  # (r,) tokens of it matched so far
+    just_met: Tensor  # (r,) whether its last token completed a phrase
 
     @classmethod
     def start(cls, table: PhraseTable, sentence: Tensor) -> Progress:
         """Rows of sentences `sentence` (r,) before any token."""
         r = sentence.numel()
         return cls(table.lengths[sentence] == 0, torch.full((r,), -1, dtype=torch.long),
-                   torch.zeros(r, dtype=torch.long))
+                   torch.zeros(r, dtype=torch.long), torch.zeros(r, dtype=torch.bool))
 
     def select(self, rows: Tensor) -> Progress:
-        return Progress(self.met[rows], self.inside[rows], self.matched[rows])
+        return Progress(self.met[rows], self.inside[rows], self.matched[rows], self.just_met[rows])
 
     def tokens_met(self, table: PhraseTable, sentence: Tensor) -> Tensor:
         """(r,) constraint tokens in place: whole phrases met plus the partial match."""
@@ -105,4 +106,4 @@ class Progress:
         complete = (inside >= 0) & (matched == length)
         met = self.met.clone()
         met[r[complete], inside[complete]] = True
-        return Progress(met, inside.masked_fill(complete, -1), matched.masked_fill(complete, 0))
+        return Progress(met, inside.masked_fill(complete, -1), matched.masked_fill(complete, 0), complete)

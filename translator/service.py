@@ -465,7 +465,8 @@ class TranslationService:
         hyps = yield from search_steps(self.translator.model, self.translator.source_batch(sources), opts,
                                        prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_result,
                                        admit=None if opts.sample or prefix or phrases else joining,
-                                       constraints=phrases)
+                                       constraints=phrases,
+                                       continuations=self.translator.continuations if phrases else None)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -200,7 +201,15 @@ class Translator:
 
     def search(self, src: torch.Tensor, opts: DecodeOptions, prefix: list[list[int]] | None = None,
                constraints: list[list[list[int]]] | None = None) -> Hypotheses:
-        return search(self.model, src, opts, prefix=prefix, constraints=constraints)
+        return search(self.model, src, opts, prefix=prefix, constraints=constraints,
+                      continuations=self.continuations if constraints else None)
+
+    @functools.cached_property
+    def continuations(self) -> torch.Tensor:
+        """(V,) True for the tokens that continue the word before them (none may follow a glossary term)."""
+        mask = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
+        mask[sorted(self.tokenizer.continuation_ids)] = True
+        return mask
 
     def source_batch(self, seqs: list[list[int]]) -> torch.Tensor:
         """EOS-terminated source ids as one right-padded (B, S) tensor on the model's device."""
