@@ -56,7 +56,7 @@ def constrained_beam_steps(
     B, S = src.shape
     if B == 0:
         return Hypotheses([])
-    table = PhraseTable.of(constraints, B, model.cfg.vocab_size, model.cfg.eos_id)
+    table = PhraseTable.of(constraints, B, model.cfg.vocab_size, model.cfg.eos_id, continuations)
     run = start_search(model, src, opts, prefix, cancelled, on_step, on_done)
     beams = Beams.start(torch.arange(B), 1, S if opts.alignment else None, model.cfg.bos_id)
     progress = Progress.start(table, beams.sentence)
@@ -72,8 +72,6 @@ def constrained_beam_steps(
         if not beams.count:
             break
         logits = model.decode_step(beams.last, run.cache, record_alignment=opts.alignment)[:, -1]  # (b*k, V)
-        if continuations is not None:  # a phrase just completed ends its word
-            logits = logits.masked_fill(progress.just_met[:, None] & continuations.to(logits.device), NEG_INF)
         beams, progress = advance(beams, progress, logits, table, run, finished, opts, model.cfg.eos_id)
         if run.hooks.streaming:
             run.hooks.report(settled_prefixes(beams, finished, run.hooks.flags))
@@ -91,6 +89,8 @@ def advance(beams: Beams, progress: Progress, logits: Tensor, table: PhraseTable
     logp = logits.float().log_softmax(dim=-1)  # (b*k, V)
     V = logp.size(-1)
     run.rules.apply(logp, step, row_sentence, beams.tokens)
+    if table.continuations is not None:  # a phrase just completed ends its word
+        logp.masked_fill_(progress.just_met[:, None] & table.continuations, NEG_INF)
     steps_left = run.budget[row_sentence] - step  # (b*k,) this step included
     owed = table.total[row_sentence] - progress.tokens_met(table, row_sentence)  # (b*k,)
     logp[(owed > 0) & (owed < steps_left), eos] = NEG_INF  # room left to meet every phrase: not yet EOS

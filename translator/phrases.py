@@ -22,10 +22,13 @@ class PhraseTable:
 
     tokens: Tensor  # (B, C, L) phrase token ids, -1 past a phrase's end
     lengths: Tensor  # (B, C) tokens per phrase; 0 where a sentence has fewer than C phrases
+    continuations: Tensor | None = None  # (V,) tokens that may not follow a phrase's last token
 
     @classmethod
-    def of(cls, constraints: list[list[list[int]]], batch_size: int, vocab_size: int, eos_id: int) -> PhraseTable:
-        """Per sentence, its phrases as token-id lists; checked to be non-empty, in the vocabulary, not EOS."""
+    def of(cls, constraints: list[list[list[int]]], batch_size: int, vocab_size: int, eos_id: int,
+           continuations: Tensor | None = None) -> PhraseTable:
+        """Per sentence, its phrases as token-id lists; checked to be non-empty, in the vocabulary, not EOS.
+        continuations (V,): True for the tokens that would continue a phrase's last word."""
         if len(constraints) != batch_size:
             raise DecodeOptionError(
                 f"constraints must give one list per sentence ({batch_size}), got {len(constraints)}")
@@ -44,7 +47,10 @@ class PhraseTable:
             for j, phrase in enumerate(phrases):
                 tokens[i, j, : len(phrase)] = torch.tensor(phrase, dtype=torch.long)
                 lengths[i, j] = len(phrase)
-        return cls(tokens, lengths)
+        if continuations is not None and continuations.shape != (vocab_size,):
+            raise DecodeOptionError(f"continuations must be one flag per token ({vocab_size}), "
+                                    f"got shape {tuple(continuations.shape)}")
+        return cls(tokens, lengths, None if continuations is None else continuations.to(tokens.device))
 
     @property
     def total(self) -> Tensor:
