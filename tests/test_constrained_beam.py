@@ -182,3 +182,18 @@ def test_no_word_continuation_follows_a_phrase():
     hyps = search(model, sources(10), RAW.replace(beam_size=5), constraints=[[[A]]], continuations=glued)
     assert hyps.tokens == [[A, C]]
     assert hyps.scores[0] == pytest.approx(log(0.05 * 0.5))
+
+
+def test_cancelled_sentence_leaves_at_once():
+    polls = []
+
+    def cancelled():
+        polls.append(1)
+        return [False, len(polls) > 1]  # sentence 11 is cancelled before the second step
+
+    model = ScriptedModel(CONSTRAINED)
+    hyps = search(model, sources(7, 11), RAW.replace(beam_size=2), constraints=[[[C]], [[A, B, C]]],
+                  cancelled=cancelled)
+    assert hyps.cancelled == [False, True]
+    assert hyps.tokens == [[A, C], []]
+    assert model.batch_sizes[:2] == [2, 2]

@@ -107,6 +107,20 @@ def test_server_places_terms_and_says_which_it_could_not(server_target):
         assert [(t.source, t.target) for t in unmet] == [(SENTENCES[0].split()[0], "katze frau hund rot")]
 
 
+def test_streamed_translation_with_terms_ends_as_the_whole_one(server_target):
+    terms = [(SENTENCES[1].split()[0], "katze frau")]
+    with TranslatorClient(server_target) as client:
+        whole = client.translate(SENTENCES[:2], beam_size=3, terms=terms).translations
+        streamed, final = ["", ""], ["", ""]
+        for msg in client.translate_stream(SENTENCES[:2], beam_size=3, terms=terms):
+            streamed[msg.index] += msg.text  # each message: the text newly final
+            if msg.done:
+                final[msg.index] = msg.translation.hypotheses[0].text
+    assert final == [t.hypotheses[0].text for t in whole]
+    assert [s.strip() for s in streamed] == [f.strip() for f in final]
+    assert "katze frau" in final[1]
+
+
 def test_server_refuses_contradictory_terms_naming_the_term(server_target):
     with TranslatorClient(server_target, retries=0) as client, pytest.raises(grpc.RpcError) as e:
         client.translate(SENTENCES[:1], terms=[("dog", "hund"), ("Dog", "katze")])

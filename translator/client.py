@@ -106,9 +106,10 @@ class TranslatorClient:
         return [t.hypotheses[0].text for t in self.translate(texts, **options).translations]
 
     def translate_stream(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                         **options: Any) -> Iterator[pb.TranslateStreamResponse]:
+                         terms: Sequence[tuple[str, str]] = (), **options: Any) -> Iterator[pb.TranslateStreamResponse]:
         """Stream of partial and final results. Retried only until the first message arrives."""
-        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id)
+        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
+                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
 
         def start(left: float) -> tuple[Any, pb.TranslateStreamResponse | None]:
             call = self.stub.TranslateStream(request, timeout=left, metadata=self.metadata)
