@@ -1,12 +1,26 @@
 """Training throughput of a preset on real Multi30K batches, and how close it runs to the machine's
-matrix-multiply peak.
+matrix-multiply peak, for the training step as it was and with each of its speed levers.
 
-Prints target tokens/second (median over runs), peak RSS, the model's matmul FLOPs per step
-(counted with torch.utils.flop_counter), the achieved matmul FLOP rate, and that rate as a fraction
-of what torch.matmul reaches on large square shapes in the same process. Run it on an otherwise
-idle machine: a busy second core slows small matrix work many times.
+Variants (`--variants`, run interleaved in one process on the same batches, the first one the
+reference of the speedups):
+    baseline   the step before the levers: fp32, torch's default Adam, the NLL for logging a
+               second cross entropy, batches sorted by their longer side only
+    fused      baseline + fused Adam
+    loss       baseline + one log-softmax for the smoothed loss and the NLL
+    bucketing  baseline + batches sorted by longer side, then target length (less padding)
+    bf16       baseline + bf16 autocast
+    compile    baseline + torch.compile of the loss's forward and backward
+    new        the trainer's step: --precision (auto: the trainer's probe decides), --compile,
+               fused Adam unless --no-fused, one log-softmax, the new bucketing
 
-    python benchmarks/train_throughput.py --config cpu --steps 20 --repeats 3 --json out.json
+For each it prints target tokens/second (median over repeats), the speedup over the first
+variant, the model's matmul FLOPs per target token (torch.utils.flop_counter), the achieved
+matmul FLOP rate and that rate as a fraction of what torch.matmul reaches on large square fp32
+shapes in the same process; compile's first step (compilation) is reported apart. Run it on an
+otherwise idle machine: a busy second core slows small matrix work many times.
+
+    python benchmarks/train_throughput.py --config cpu --variants baseline,fused,loss,bucketing,bf16,new \\
+        --steps 20 --repeats 3 --json out.json
 """
 
 from __future__ import annotations
@@ -14,24 +28,70 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import resource
 import statistics
 import time
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from training.config import load_config
 from training.corpus import load_pairs
 from training.data import BatchSource, length_filter, tokenize
-from training.trainer import label_smoothed_loss
+from training.precision import MixedPrecision, choose_precision, training_shapes
+from training.step import TrainStep, batch_loss, make_adam
 from translator.model import build_model
 from translator.tokenizer import train_tokenizer
 
 
-def matmul_peak(n: int, repeats: int = 5) -> float:
-    """FLOP/s of torch.matmul on (n, n) x (n, n) float32, median of repeats."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+@dataclass(frozen=True)
+class Variant:
+    precision: str = "fp32"
+    compile: bool = False
+    fused: bool = False
+    loss_once: bool = False
+    bucketing: bool = False
+
+
+LEVERS = {
+    "baseline": Variant(), "fused": Variant(fused=True), "loss": Variant(loss_once=True),
+    "bucketing": Variant(bucketing=True), "bf16": Variant(precision="bf16"), "compile": Variant(compile=True),
+}
+
+
+def loss_twice(model, src, tgt_in, tgt_out, smoothing):
+    """The loss before the levers: the NLL for logging was a second cross entropy."""
+    logits = model(src, tgt_in)  # (B, T, V)
+    flat, gold = logits.view(-1, logits.size(-1)), tgt_out.view(-1)
+    pad = model.cfg.pad_id
+    loss = F.cross_entropy(flat, gold, ignore_index=pad, label_smoothing=smoothing, reduction="sum")
+    with torch.no_grad():
+        nll = F.cross_entropy(flat, gold, ignore_index=pad, reduction="sum")
+    return loss, nll
+
+
+def longest_side_batches(src_lens, tgt_lens, max_tokens, seed, epoch) -> list[list[int]]:
+    """The batching before the levers: sorted by the longer side only, ties at random."""
+    rng = random.Random(seed * 100_003 + epoch)
+    noise = [rng.random() for _ in src_lens]
+    order = sorted(range(len(src_lens)), key=lambda i: (max(src_lens[i], tgt_lens[i]) + 1, noise[i]))
+    batches, batch = [], []
+    for i in order:
+        if batch and (len(batch) + 1) * (max(src_lens[i], tgt_lens[i]) + 1) > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def matmul_peak(n: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of torch.matmul on (n, n) x (n, n) in dtype, median of repeats."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -41,9 +101,42 @@ def matmul_peak(n: int, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
+class Runner:
+    """One variant's model, optimizer and step over its batches."""
+
+    def __init__(self, name: str, v: Variant, cfg, batches: list) -> None:
+        self.name, self.v, self.batches = name, v, batches
+        t = replace(cfg.train, precision=v.precision, compile=v.compile, fused_adam=v.fused)
+        torch.manual_seed(0)
+        self.model = build_model(cfg.model).train()
+        opt = make_adam(self.model.parameters(), t)
+        amp = MixedPrecision(v.precision, torch.device("cpu"))
+        self.step = TrainStep(self.model, self.model, opt, amp, t, loss_fn=batch_loss if v.loss_once else loss_twice)
+        self.rates: list[float] = []
+
+    def run(self, batches: list) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            self.step([b], 1e-4, b.n_tokens)
+        return time.perf_counter() - t0
+
+    def matmul_flops_per_token(self) -> float:
+        b = self.batches[0]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _ = batch_loss(self.model, b.src, b.tgt_in, b.tgt_out, 0.1)
+            loss.backward()
+        self.model.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / b.n_tokens
+
+
+def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="cpu")
+    p.add_argument("--variants", default="baseline,new", help=f"comma list of {', '.join([*LEVERS, 'new'])}")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the new step's precision")
+    p.add_argument("--compile", action="store_true", help="the new step through torch.compile")
+    p.add_argument("--no-fused", action="store_true", help="the new step with torch's default Adam")
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
@@ -51,67 +144,94 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    unknown = [n for n in args.variants.split(",") if n not in LEVERS and n != "new"]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
-    d, m = cfg.data, cfg.model
-
+    d, m, t = cfg.data, cfg.model, cfg.train
     pairs = load_pairs(d.train, d.src_lang, d.tgt_lang)
     tok = train_tokenizer((s for c in ("src", "tgt") for s in pairs[c]), d.vocab_size, d.spm_model_type)
     data = length_filter(tokenize(pairs, tok, None, "train"), d.max_len, d.max_len_ratio)
-    source = BatchSource(data, cfg.train.max_tokens, cfg.train.seed, m.bos_id, m.eos_id, m.pad_id)
-    batches = [source.collate(ix) for ix in source.epoch(0)[: args.warmup + args.steps]]
+    source = BatchSource(data, t.max_tokens, t.seed, m.bos_id, m.eos_id, m.pad_id)
+    n = args.warmup + args.steps
+    # Both batchings make as many batches and shuffle them with the same draws: batch i of
+    # either comes from the same place in the length order.
+    sorted_new = [source.collate(ix) for ix in source.epoch(0)[:n]]
+    sorted_old = [source.collate(ix) for ix in longest_side_batches(source.src_lens, source.tgt_lens, t.max_tokens, t.seed, 0)[:n]]
 
-    torch.manual_seed(0)
-    model = build_model(m).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=cfg.train.betas, eps=cfg.train.eps)
+    probe_record = {}
+    variants = {}
+    for name in args.variants.split(","):
+        if name == "new":
+            shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
+            precision, probe_record = choose_precision(args.precision, torch.device("cpu"), shapes)
+            variants[name] = Variant(precision, args.compile, not args.no_fused, True, True)
+        else:
+            variants[name] = LEVERS[name]
+    runners = [Runner(name, v, cfg, sorted_new if v.bucketing else sorted_old) for name, v in variants.items()]
+    flops = {r.name: r.matmul_flops_per_token() for r in runners}
+    first_step = {}
+    for r in runners:  # compilation and cold caches, outside the timed runs
+        first_step[r.name] = r.run(r.batches[:1])
 
-    def step(batch) -> None:
-        loss, _ = label_smoothed_loss(model, batch, cfg.train.label_smoothing)
-        (loss / batch.n_tokens).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(batches[0])
-    flops_first = counter.get_total_flops()
-    tokens_first = batches[0].n_tokens
-
-    rates, flop_rates = [], []
     for _ in range(args.repeats):
-        for b in batches[: args.warmup]:
-            step(b)
-        timed = batches[args.warmup :]
-        t0 = time.perf_counter()
-        for b in timed:
-            step(b)
-        dt = time.perf_counter() - t0
-        tokens = sum(b.n_tokens for b in timed)
-        rates.append(tokens / dt)
-        # Matmul FLOPs scale with tokens at these shapes; use the counted FLOPs per token.
-        flop_rates.append(flops_first / tokens_first * tokens / dt)
+        for r in runners:  # interleaved, so that a change in the machine's load hits every variant
+            r.run(r.batches[1 : args.warmup])
+            timed = r.batches[args.warmup :]
+            r.rates.append(sum(b.n_tokens for b in timed) / r.run(timed))
+    return report(args, runners, flops, first_step, probe_record)
 
+
+def report(args, runners: list[Runner], flops: dict, first_step: dict, probe_record: dict) -> int:
     peak = max(matmul_peak(2048), matmul_peak(4096, repeats=3))
+    ref = statistics.median(runners[0].rates)
+    rows = {}
+    for r in runners:
+        rate = statistics.median(r.rates)
+        rows[r.name] = {
+            **vars(r.v),
+            "train_tgt_tokens_per_s": rate,
+            "train_tgt_tokens_per_s_runs": r.rates,
+            "speedup": rate / ref,
+            "matmul_gflop_per_tgt_token": flops[r.name] / 1e9,
+            "model_matmul_gflops": flops[r.name] * rate / 1e9,
+            "matmul_fraction": flops[r.name] * rate / peak,
+            "first_step_s": first_step[r.name],
+            "tgt_tokens_per_step": statistics.mean(b.n_tokens for b in r.batches),
+        }
     result = {
-        "config": args.config,
-        "threads": args.threads,
-        "tgt_tokens_per_step": statistics.mean(b.n_tokens for b in batches),
-        "train_tgt_tokens_per_s": statistics.median(rates),
-        "train_tgt_tokens_per_s_runs": rates,
-        "matmul_gflop_per_tgt_token": flops_first / tokens_first / 1e9,
-        "model_matmul_gflops": statistics.median(flop_rates) / 1e9,
-        "torch_matmul_peak_gflops": peak / 1e9,
-        "matmul_fraction": statistics.median(flop_rates) / peak,
+        "config": args.config, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
+        "torch_matmul_peak_gflops": peak / 1e9, "new_step_precision": probe_record,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "variants": rows,
     }
-    for k, v in result.items():
-        print(f"{k:32s} {v}")
+    print(f"{result['machine']}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; new step: {probe_record or 'not run'}")
+    print(f"{'variant':10s} {'tgt tok/s':>10s} {'speedup':>8s} {'matmul frac':>11s} {'first step s':>12s}")
+    for name, row in rows.items():
+        print(f"{name:10s} {row['train_tgt_tokens_per_s']:10.0f} {row['speedup']:8.2f} "
+              f"{row['matmul_fraction']:11.3f} {row['first_step_s']:12.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

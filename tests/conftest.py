@@ -66,6 +66,7 @@ def tiny_overrides(corpus: dict[str, str], **extra: object) -> list[str]:
         "data.vocab_size": TOY_VOCAB, "model.d_model": 32, "model.n_heads": 4, "model.n_layers": 2,
         "model.d_ff": 64, "model.max_positions": 64, "data.max_len": 32, "train.max_tokens": 400,
         "train.warmup_steps": 10, "train.valid_every": 10, "train.log_every": 5, "train.threads": 1,
+        "train.precision": "fp32",  # not the probe's choice, which timing noise may change
         **extra,
     }
     return [f"{k}={v}" for k, v in items.items()]

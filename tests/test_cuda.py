@@ -9,7 +9,7 @@ from tests.conftest import tiny_model_config
 from tests.test_decoding import SEARCHES, source_rows, tiny_model
 from training.data import collate
 from training.precision import MixedPrecision
-from training.trainer import label_smoothed_loss
+from training.step import label_smoothed_loss
 from translator.decoding import DecodeOptions, search
 from translator.model import build_model
 from translator.translate import Translator, batch_tensor

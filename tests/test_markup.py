@@ -167,3 +167,15 @@ def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():
     result = restore_markup(markup, doc, aligned)
     assert result.text == "<b>one two</b> , three four"
     assert result.sentences[0].text == "one two , three four"
+
+
+def test_source_spans_point_into_the_marked_up_text():
+    source = '<p>A <b>dog</b> &amp; a cat.</p>\r\n<p>Two &lt;birds&gt; &#x1F642; sing!<br/>Yes &copy</p>'
+    markup = parse_markup(source)
+    doc = split_document(markup.text, words, 50, breaks=markup.breaks)
+    spans = [markup.source_span(s.span) for s in doc.sentences]
+    assert [source[a:b] for a, b in spans] == ["A <b>dog</b> &amp; a cat.", "Two &lt;birds&gt; &#x1F642; sing!",
+                                               "Yes &copy"]
+    assert [parse_markup(source[a:b]).text for a, b in spans] == doc.sources()
+    result = restore_markup(markup, doc, [AlignedTranslation([], [], []) for _ in doc.pieces])
+    assert [s.source for s in result.sentences] == spans

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import tiny_model_config
 from training.data import collate
 from training.precision import MixedPrecision
-from training.trainer import label_smoothed_loss
+from training.step import label_smoothed_loss
 from translator.config import ConfigError
 from translator.model import build_model
 

@@ -333,7 +333,7 @@ def test_requests_join_the_running_batch_and_match_offline(checkpoint, offline, 
 
 def test_overload_is_refused_at_once_and_no_request_is_lost(checkpoint, offline, caplog):
     caplog.set_level(logging.INFO, logger="translator.server")
-    cfg = server_config(checkpoint, limits=Limits(max_sentences=2, max_length=LONG),
+    cfg = server_config(checkpoint, limits=Limits(max_sentences=2, max_length=LONG, max_document_sentences=2),
                         batching=BatcherConfig(max_queue_sentences=2, max_queue_delay_ms=0.0))
     srv, port = create_server(cfg)
     srv.start()

@@ -154,7 +154,7 @@ def test_deadline_flag_bounds_a_request(checkpoint, started, tmp_path, capsys):
 
 
 def test_a_full_queue_is_retried_until_it_has_room(checkpoint, started):
-    target = started(checkpoint, limits=Limits(max_sentences=1, max_length=LONG),
+    target = started(checkpoint, limits=Limits(max_sentences=1, max_length=LONG, max_document_sentences=1),
                      batching=BatcherConfig(max_queue_sentences=1, max_queue_delay_ms=0.0))
     with grpc.insecure_channel(target) as channel:
         blocker = channel.unary_unary("/translator.v1.Translator/Translate",

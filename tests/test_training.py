@@ -12,7 +12,7 @@ from tests.conftest import tiny_overrides, toy_pairs
 from training.average import average_run
 from training.config import load_config
 from training.data import collate, token_batches
-from training.trainer import Trainer, inverse_sqrt_lr
+from training.trainer import Trainer
 from translator.checkpoint import CheckpointError, load_checkpoint
 from translator.translate import Translator
 
@@ -24,6 +24,13 @@ def test_token_batches_cover_each_pair_once_within_budget():
     assert seen == list(range(len(lens)))
     for b in batches:
         assert len(b) * max(max(lens[i], lens[::-1][i]) + 1 for i in b) <= 60 or len(b) == 1
+
+
+def test_token_batches_of_equal_longest_sides_group_target_lengths():
+    """Where the longest side ties, batches hold targets of one length: the least padding."""
+    tgt = [1 + i % 10 for i in range(40)]
+    batches = token_batches([10] * 40, tgt, max_tokens=44, seed=0, epoch=0)  # 4 pairs of 11 tokens a batch
+    assert all(len({tgt[i] for i in b}) == 1 for b in batches)
 
 
 def test_token_batches_depend_only_on_seed_and_epoch():
@@ -38,12 +45,6 @@ def test_teacher_forcing_shifts_target_by_the_start_token():
     assert b.tgt_in.tolist() == [[1, 7, 8, 9]]
     assert b.tgt_out.tolist() == [[7, 8, 9, 2]]
     assert b.n_tokens == 4
-
-
-def test_inverse_sqrt_schedule_peaks_at_warmup():
-    assert inverse_sqrt_lr(1, 1e-3, 100) == pytest.approx(1e-5)
-    assert inverse_sqrt_lr(100, 1e-3, 100) == pytest.approx(1e-3)
-    assert inverse_sqrt_lr(400, 1e-3, 100) == pytest.approx(5e-4)
 
 
 def train(out, corpus, **extra):

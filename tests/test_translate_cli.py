@@ -200,6 +200,7 @@ def test_markup_mode_writes_well_formed_markup(checkpoint, monkeypatch, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--n-best", "2", "--beam-size", "2"], "--n-best"),
     (["--scores"], "--scores"),
+    (["--target-prefix", "ein"], "--target-prefix"),
 ])
 def test_document_mode_refuses_line_flags(checkpoint, flags, message, capsys):
     assert translate_main(["--checkpoint", str(checkpoint), "--document", *flags]) == 2

@@ -43,11 +43,15 @@ def averaged_provenance(first: Provenance, sources: list[tuple[Path, Provenance,
 
 
 def average_run(run: Path, last: int, out: Path) -> list[Path]:
-    """Average the last `last` step checkpoints of a run folder."""
+    """Average the last `last` step checkpoints of a run folder; of a run trained with a wsd
+    schedule, only those written in its decay phase (the stable phase's weights, at the peak
+    learning rate, would undo the annealing)."""
     if last < 1:
         raise ValueError(f"--last must be >= 1, got {last}")
-    paths = CheckpointDir(run, keep_last=last).steps()[-last:]
+    paths = CheckpointDir(run, keep_last=last).steps()
     if not paths:
         raise CheckpointError(f"no step checkpoints under {run / 'checkpoints'}")
+    decay = [p for p in paths if load_checkpoint(p).metrics.get("decay")]
+    paths = (decay or paths)[-last:]
     average_checkpoints(paths, out)
     return paths

@@ -10,6 +10,9 @@ from translator.checkpoint import Checkpoint, CheckpointError, load_checkpoint, 
 from translator.config import to_dict
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# The temp files of translator.checkpoint.atomic_write (".NAME.RANDOM.tmp") for the files a run
+# writes: left behind only by a process killed in the middle of a write.
+PARTIAL_WRITE = re.compile(r"^\.(step_\d+\.pt|best\.pt|metrics\.jsonl)\.\w+\.tmp$")
 
 
 class CheckpointDir:
@@ -30,6 +33,17 @@ class CheckpointDir:
     def latest(self) -> Path | None:
         steps = self.steps()
         return steps[-1] if steps else None
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temp files of writes killed midway, in the run folder and its checkpoints."""
+        removed = []
+        for folder in (self.best.parent, self.dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if PARTIAL_WRITE.match(p.name):
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+        return removed
 
     def save(self, *, step: int, is_best: bool, **payload) -> Path:
         path = self.dir / f"step_{step:07d}.pt"

@@ -33,16 +33,29 @@ def train_main(argv: list[str] | None = None) -> int:
         world = init_distributed()  # a world of one unless started by torchrun
         trainer = Trainer(cfg, args.out, world=world, preset=args.config)
         trainer.run()
-        if world.is_main and not args.no_test and (args.out / "best.pt").exists():
+        if trainer.interrupted:
+            if world.is_main:
+                print(f"interrupted at step {trainer.state.step}, state saved; run the same command again to resume",
+                      file=sys.stderr)
+            return 128 + trainer.interrupted
+        best = args.out / "best.pt"
+        if world.is_main and not args.no_test and best.exists() and not has_test_score(best, cfg.data.test):
             from training.evaluate import evaluate_checkpoint
 
-            evaluate_checkpoint(args.out / "best.pt", cfg.data.test, record=True)
+            evaluate_checkpoint(best, cfg.data.test, record=True)
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown()
     return 0
+
+
+def has_test_score(path: Path, test: str) -> bool:
+    """Whether the checkpoint's metrics already hold a score on `test` (a rerun of a finished run)."""
+    from translator.checkpoint import load_checkpoint
+
+    return any(k.startswith(f"test_bleu:{test}:") for k in load_checkpoint(path).metrics)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -84,7 +97,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 def average_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nmt-average", description="Average the weights of checkpoints.")
-    p.add_argument("run", type=Path, help="run folder (uses its last N step checkpoints)")
+    p.add_argument("run", type=Path, help="run folder (uses its last N step checkpoints; of a wsd run, of its decay phase)")
     p.add_argument("--last", type=int, default=5, help="how many of the latest step checkpoints")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -95,7 +108,7 @@ def average_main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"averaged {len(paths)} checkpoints into {args.out}")
+    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {args.out}")
     return 0
 
 

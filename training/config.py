@@ -66,8 +66,16 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 1
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    # fp32, or mixed precision on a GPU: bf16 autocast, or fp16 autocast with loss scaling.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp32, bf16 autocast, or fp16 autocast with loss scaling (GPUs only); auto: bf16 where a
+    # probe at start measures its matmuls of this run's shapes faster than fp32's, else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the loss's forward and backward (falls back if it fails)
+    fused_adam: bool = True  # torch's fused Adam kernel where this torch has it for the device
+    # inverse_sqrt: warmup, then peak * sqrt(warmup / step). wsd: warmup, the peak held, then a
+    # decay to 0 over the last decay_fraction of the steps that max_steps or max_minutes allow.
+    schedule: Literal["inverse_sqrt", "wsd"] = "inverse_sqrt"
+    decay_fraction: float = 0.2
+    decay_shape: Literal["linear", "cosine"] = "linear"
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "accum_steps", "valid_every", "log_every", "keep_last"):
@@ -83,6 +91,13 @@ class TrainConfig:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be in [0, 1), got {self.betas}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.schedule == "wsd" and not (self.max_steps or self.max_minutes):
+            raise ConfigError(
+                "train.schedule=wsd needs train.max_steps or train.max_minutes (--max-minutes): "
+                "the decay must know where the run ends"
+            )
 
 
 @dataclass(frozen=True)

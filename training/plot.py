@@ -18,7 +18,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{n} is not valid JSON") from None
-        (valid if "valid_bleu" in rec else train).append(rec)
+        if "valid_bleu" in rec:
+            valid.append(rec)
+        elif "train_nll" in rec:  # not the run's other records (its precision at the start)
+            train.append(rec)
     if not train and not valid:
         raise ValueError(f"{path} holds no records")
     return train, valid

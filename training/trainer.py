@@ -1,22 +1,19 @@
-"""The training loop: teacher forcing, label smoothing, Adam with inverse-sqrt warmup,
-token-budget batches, gradient accumulation, validation BLEU, atomic checkpoints and exact resume;
-data-parallel across torchrun processes and in mixed precision on GPUs."""
+"""The training loop: teacher forcing, label smoothing, Adam with an inverse-sqrt or
+warmup-stable-decay schedule, token-budget batches, gradient accumulation, validation BLEU,
+atomic checkpoints and exact resume (also after SIGINT/SIGTERM, which save the state);
+data-parallel across torchrun processes, in mixed precision where it pays."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -25,25 +22,21 @@ from training.config import ExperimentConfig
 from training.corpus import load_pairs
 from training.data import Batch, BatchSource, collate, length_filter, tokenize
 from training.distributed import World
-from training.precision import MixedPrecision
+from training.metrics_log import MetricsLog, Window
+from training.precision import MixedPrecision, choose_precision, training_shapes
 from training.provenance import pairs_sha256, run_provenance
+from training.schedule import StepBudget, decay_start, in_decay, learning_rate
+from training.signals import StopSignals
+from training.step import TrainStep, label_smoothed_loss, make_adam
 from training.streaming import StreamingBatchSource, stream_pairs, stream_sentences
 from translator.config import to_dict
 from translator.decoding import DecodeOptions
-from translator.model import EncoderDecoder, build_model
+from translator.model import build_model
 from translator.provenance import utc_now
 from translator.tokenizer import Tokenizer, train_tokenizer
 from translator.translate import Translator
 
 TOKENIZER_SAMPLE = 2_000_000  # sentences SentencePiece trains on at most
-
-
-def inverse_sqrt_lr(step: int, peak: float, warmup: int) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then peak * sqrt(warmup / step)."""
-    step = max(step, 1)
-    if warmup == 0:
-        return peak / math.sqrt(step)
-    return peak * min(step / warmup, math.sqrt(warmup / step))
 
 
 @dataclass
@@ -57,21 +50,10 @@ class TrainState:
     best_step: int = 0
     bad_validations: int = 0
     tokens_seen: int = 0
-
-
-def label_smoothed_loss(model: EncoderDecoder, batch: Batch, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross entropy and summed NLL over real target tokens.
-
-    `model` may be wrapped in DistributedDataParallel, whose forward synchronises gradients.
-    """
-    logits = model(batch.src, batch.tgt_in)  # (B, T, V)
-    V = logits.size(-1)
-    flat, gold = logits.view(-1, V), batch.tgt_out.view(-1)  # (B*T, V), (B*T,)
-    pad = getattr(model, "module", model).cfg.pad_id
-    loss = F.cross_entropy(flat, gold, ignore_index=pad, label_smoothing=smoothing, reduction="sum")
-    with torch.no_grad():
-        nll = F.cross_entropy(flat, gold, ignore_index=pad, reduction="sum")
-    return loss, nll
+    # Wall-clock figures, left out of comparisons (two runs of the same steps are equal):
+    elapsed_s: float = field(default=0.0, compare=False)  # of train.max_minutes, over all processes that ran it
+    seconds_per_step: float = field(default=0.0, compare=False)  # the measured pace, for the steps a budget leaves
+    precision: str = ""  # what train.precision resolved to at the start; kept on resume
 
 
 class Trainer:
@@ -91,33 +73,58 @@ class Trainer:
         self.config_record = {**to_dict(cfg), "preset": preset}
         self.log = log if self.world.is_main else lambda *_: None
         self.ckpts = CheckpointDir(out_dir, cfg.train.keep_last)
+        if self.world.is_main:
+            for p in self.ckpts.remove_partial_writes():
+                self.log(f"removed {p}, left by a write that did not finish")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.amp = MixedPrecision(cfg.train.precision, self.world.device)
         latest = self.ckpts.latest()
         resumed = self.ckpts.load_for_resume(latest, cfg) if latest else None
         with self.world.main_first():  # the others read rank 0's tokenizer and token cache
             self.tokenizer = resumed.tokenizer if resumed else self.fit_tokenizer()
             self.train_data, self.valid_data = self.load_data()
         self.provenance = run_provenance(cfg.data.train, self.corpus_sha256)
+        self.precision_record = self.resolve_precision(resumed.train_state["state"] if resumed else {})
+        self.amp = MixedPrecision(self.precision_record["precision"], self.world.device)
         self.seed_everything(cfg.train.seed)
         self.model = build_model(cfg.model).to(self.world.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
-            weight_decay=cfg.train.weight_decay,
-        )
+        self.optimizer = make_adam(self.model.parameters(), cfg.train, self.log)
         self.state = TrainState()
         if resumed:
             self.restore(resumed.model_state, resumed.train_state)
             self.log(f"resumed from {latest} at step {self.state.step}")
         elif self.world.rank:
             torch.manual_seed(rank_seed(cfg.train.seed, self.world.rank, 0))  # its own dropout
+        self.state.precision = self.amp.precision
         self.train_model = self.model
         if self.world.size > 1:  # the wrap broadcasts rank 0's weights
             ids = [self.world.device.index] if self.world.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        self.metrics_file = (out_dir / "metrics.jsonl").open("a", encoding="utf-8") if self.world.is_main else None
-        self.board = make_board(out_dir / "tensorboard") if self.world.is_main else None
+        self.step = TrainStep(self.model, self.train_model, self.optimizer, self.amp, cfg.train, self.log)
+        self.metrics: MetricsLog | None = None  # opened when training starts: a finished run's rerun writes nothing
+        self.steps_run = 0  # optimizer steps this process made
+        self.interrupted = 0  # the number of the signal that stopped the run, if one did
+        self.last_save = self.state.step
+
+    def resolve_precision(self, resumed_state: dict) -> dict:
+        """What train.precision means for this run, and what to record about it: `auto` is
+        resolved by rank 0's probe at the run's start and kept when the run resumes."""
+        t, m = self.cfg.train, self.cfg.model
+        if t.precision == "auto" and resumed_state.get("precision"):
+            self.log(f"train.precision=auto: {resumed_state['precision']}, as chosen at the run's start")
+            return {"precision": resumed_state["precision"], "precision_setting": "auto"}
+        record = None
+        if self.world.is_main:
+            shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
+            _, record = choose_precision(t.precision, self.world.device, shapes)
+        record = self.world.broadcast(record)
+        if t.precision == "auto":
+            bf16 = "failed" if record["probe_bf16_ms"] is None else f"{record['probe_bf16_ms']:.1f} ms"
+            self.log(
+                f"train.precision=auto: {record['precision']} (probe of this run's matmuls: fp32 "
+                f"{record['probe_fp32_ms']:.1f} ms, bf16 autocast {bf16}{' ' + record['probe_error'] if record['probe_error'] else ''})"
+            )
+        return record
 
     @staticmethod
     def seed_everything(seed: int) -> None:
@@ -189,87 +196,119 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainState:
+        """Train until a limit, patience or a signal stops the run; a no-op for a finished run."""
+        t, st = self.cfg.train, self.state
+        self.budget = StepBudget(t.max_steps, t.max_minutes * 60, st.elapsed_s, st.seconds_per_step)
+        self.budget.start()
+        done = self.world.broadcast(self.limit_reached())
+        if done:
+            self.log(f"nothing to do: the run in {self.out_dir} stopped at step {st.step} ({done})")
+        else:
+            if self.world.is_main:
+                self.metrics = MetricsLog(self.out_dir, st.step, self.log)
+                if st.step == 0:  # the run's start; a resume keeps what it chose
+                    self.metrics.record({"step": 0, **self.precision_record})
+            self.batches = self.remaining_batches()
+            with StopSignals() as signals:
+                reason = self.loop(signals)
+            self.log(f"stopped at step {st.step}: {reason}; best validation BLEU {st.best_bleu:.2f} at step {st.best_step}")
+            if self.metrics:
+                self.metrics.close()
+        # Every collective finished before the process group can be torn down: a broadcast's
+        # source returns before gloo's thread has let go of its tensors, and that thread needs
+        # the GIL, which the main thread holds while DDP's reducer joins it (a hang at exit).
+        self.world.barrier()
+        return st
+
+    def loop(self, signals: StopSignals) -> str:
+        """Steps until one should stop; why it stopped."""
         t, st, world = self.cfg.train, self.state, self.world
-        start = time.monotonic()
-        deadline = start + t.max_minutes * 60 if t.max_minutes else math.inf
-        self.batches = self.remaining_batches()
         bar = tqdm(
             initial=st.step, total=t.max_steps or None, unit="step", dynamic_ncols=True, mininterval=5,
             disable=not world.is_main,
         )
-        window_tokens, window_start, window_loss, window_nll = 0, time.monotonic(), 0.0, 0.0
-        stop_reason = ""
-        while not stop_reason:
-            lr = inverse_sqrt_lr(st.step + 1, t.lr, t.warmup_steps)
+        window = Window()
+        reason = ""
+        while not reason:
+            total = self.budget.total(st.step)
+            if world.size > 1 and t.max_minutes:
+                total = world.broadcast(total)  # one learning rate for all: rank 0's estimate
+            lr = learning_rate(st.step + 1, t, total)
             loss, nll, n_tokens = self.train_step(lr)
-            window_loss += loss
-            window_nll += nll
             st.step += 1
             st.tokens_seen += n_tokens
-            window_tokens += n_tokens
+            self.steps_run += 1
+            self.budget.tick(st.step)
+            st.elapsed_s, st.seconds_per_step = self.budget.elapsed(), self.budget.seconds_per_step
+            window.add(loss, nll, n_tokens)
             bar.update(1)
-
             if st.step % t.log_every == 0:
-                window_loss, window_nll = world.all_sum([window_loss, window_nll])
-                now = time.monotonic()
-                rec = {
-                    "step": st.step, "epoch": st.epoch, "lr": lr,
-                    "train_loss": window_loss / window_tokens, "train_nll": window_nll / window_tokens,
-                    "tgt_tokens_per_s": window_tokens / (now - window_start),
-                    "elapsed_min": (now - start) / 60,
-                }
-                self.record(rec)
+                rec = self.train_record(window, lr, total)
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tgt_tokens_per_s']:.0f}")
-                window_tokens, window_start, window_loss, window_nll = 0, now, 0.0, 0.0
 
-            if t.max_steps and st.step >= t.max_steps:
-                stop_reason = f"reached train.max_steps={t.max_steps}"
-            elif t.max_epochs and st.epoch >= t.max_epochs:
-                stop_reason = f"reached train.max_epochs={t.max_epochs}"
-            elif time.monotonic() >= deadline:
-                stop_reason = f"reached train.max_minutes={t.max_minutes}"
+            if world.size > 1:  # a signal to any process stops them all
+                signals.received = int(max(world.gather(signals.received)))
             if t.max_minutes:
-                stop_reason = world.broadcast(stop_reason)  # clocks differ: rank 0's decides
-            if st.step % t.valid_every == 0 or stop_reason:
-                self.validate_and_save()
-                if t.patience and st.bad_validations >= t.patience:
-                    stop_reason = stop_reason or f"no better validation BLEU for {t.patience} validations"
+                st.elapsed_s = world.broadcast(st.elapsed_s)  # clocks differ: rank 0's decides
+            reason = self.limit_reached()
+            if signals.received:
+                self.interrupted, reason = signals.received, f"interrupted by {signals.name}"
+                self.validate_and_save(validate=False, lr=lr, total=total)
+            elif st.step % t.valid_every == 0 or reason:
+                self.validate_and_save(validate=True, lr=lr, total=total)
+                reason = reason or self.limit_reached()  # patience, or the validation's time
+            elif self.decay_save_due(total):
+                self.validate_and_save(validate=False, lr=lr, total=total)
         bar.close()
-        self.log(f"stopped at step {st.step}: {stop_reason}; best validation BLEU {st.best_bleu:.2f} at step {st.best_step}")
-        if self.metrics_file:
-            self.metrics_file.close()
-        if self.board:
-            self.board.close()
-        return st
+        return reason
+
+    def limit_reached(self) -> str:
+        """Which limit of the run has been reached, if any ("" for none)."""
+        t, st = self.cfg.train, self.state
+        if t.max_steps and st.step >= t.max_steps:
+            return f"reached train.max_steps={t.max_steps}"
+        if t.max_epochs and st.epoch >= t.max_epochs:
+            return f"reached train.max_epochs={t.max_epochs}"
+        # The time as of the last step or save, as the checkpoint holds it: a rerun decides alike.
+        if t.max_minutes and st.elapsed_s >= t.max_minutes * 60:
+            return f"reached train.max_minutes={t.max_minutes}"
+        if t.patience and st.bad_validations >= t.patience:
+            return f"no better validation BLEU for {t.patience} validations"
+        return ""
+
+    def decay_save_due(self, total: float) -> bool:
+        """Whether to save a checkpoint now so that the decay phase of a wsd schedule leaves
+        about keep_last of them, evenly spread, to average into the final model."""
+        t, step = self.cfg.train, self.state.step
+        if not in_decay(step, t, total):
+            return False
+        interval = math.ceil((total - decay_start(total, t.warmup_steps, t.decay_fraction)) / t.keep_last)
+        return step - self.last_save >= max(interval, 1)
+
+    def train_record(self, window: Window, lr: float, total: float) -> dict:
+        """Log the training figures of the steps since the last record, and start a new window."""
+        st = self.state
+        loss, nll = self.world.all_sum([window.loss, window.nll])
+        rec = {
+            "step": st.step, "epoch": st.epoch, "lr": lr,
+            "train_loss": loss / window.tokens, "train_nll": nll / window.tokens,
+            "tgt_tokens_per_s": window.tokens / window.seconds(),
+            "elapsed_min": st.elapsed_s / 60, "grad_norm": self.step.grad_norm,
+        }
+        if math.isfinite(total):
+            rec["steps_total_estimate"] = round(total)
+        if self.metrics:
+            self.metrics.record(rec)
+        window.reset()
+        return rec
 
     def train_step(self, lr: float) -> tuple[float, float, int]:
         """One optimizer step over this process's batches: its summed loss and NLL, and the
         target tokens of the step summed over all processes."""
-        t, world = self.cfg.train, self.world
-        self.train_model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         batches = self.next_batches()
-        n_tokens = int(world.all_sum([sum(b.n_tokens for b in batches)])[0])
-        loss_sum, nll_sum = 0.0, 0.0
-        for i, b in enumerate(batches):
-            # Gradients are all-reduced once, on the last backward of the step.
-            sync = world.size == 1 or i == len(batches) - 1
-            with nullcontext() if sync else self.train_model.no_sync():
-                with self.amp.autocast():
-                    loss, nll = label_smoothed_loss(self.train_model, b, t.label_smoothing)
-                # DDP averages gradients over processes; scaling by their number makes the result
-                # the gradient of the step's summed loss over all its tokens, as in one process.
-                self.amp.scaler.scale(loss * world.size / n_tokens).backward()
-            loss_sum += loss.item()
-            nll_sum += nll.item()
-        if t.clip_norm:
-            self.amp.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
-        self.amp.scaler.step(self.optimizer)
-        self.amp.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, nll_sum, n_tokens
+        n_tokens = int(self.world.all_sum([sum(b.n_tokens for b in batches)])[0])
+        loss, nll = self.step(batches, lr, n_tokens, self.world.size)
+        return loss, nll, n_tokens
 
     def remaining_batches(self) -> Iterator:
         """The batches of the current epoch not consumed yet."""
@@ -299,35 +338,44 @@ class Trainer:
                 mine.append(self.train_data.collate(item).to(world.device))
         return mine
 
-    def validate_and_save(self) -> None:
-        """Rank 0 validates and writes a checkpoint; every process takes part in the collectives."""
+    def validate_and_save(self, validate: bool, lr: float, total: float) -> None:
+        """Rank 0 validates (when `validate`) and writes a step checkpoint; every process takes
+        part in the collectives."""
         st, world = self.state, self.world
         rngs = world.gather(rng_state(world.device)) if world.size > 1 else None
         if world.is_main:
-            self.validate(rngs)
-        st.best_bleu, st.best_step, st.bad_validations = world.broadcast(
-            (st.best_bleu, st.best_step, st.bad_validations)
+            metrics = {"lr": lr, "decay": in_decay(st.step, self.cfg.train, total), **self.precision_record}
+            improved = False
+            if validate:
+                scores = self.validate()
+                improved = scores["valid_bleu"] > st.best_bleu
+                if improved:
+                    st.best_bleu, st.best_step, st.bad_validations = scores["valid_bleu"], st.step, 0
+                else:
+                    st.bad_validations += 1
+                self.metrics.record({"step": st.step, **scores, "best_bleu": st.best_bleu})
+                metrics.update(scores)
+            st.elapsed_s = self.budget.elapsed()  # validation counts against the budget too
+            self.ckpts.save(
+                step=st.step, config=self.config_record, tokenizer=self.tokenizer, model=self.model,
+                train_state=self.train_state(rngs), metrics=metrics, is_best=improved,
+                provenance=replace(self.provenance, step=st.step, created=utc_now(),
+                                   valid_bleu=metrics.get("valid_bleu")),
+            )
+        self.last_save = st.step
+        # Rank 0's figures on every process: they decide when to stop.
+        st.best_bleu, st.best_step, st.bad_validations, st.elapsed_s = world.broadcast(
+            (st.best_bleu, st.best_step, st.bad_validations, st.elapsed_s)
         )
 
-    def validate(self, rank_rngs: list[dict] | None) -> None:
-        st = self.state
+    def validate(self) -> dict:
+        """Validation loss and BLEU (greedy) of the current weights."""
         valid_loss = self.valid_loss()
         n = self.cfg.train.valid_bleu_sentences or len(self.valid_data)
         refs = list(self.valid_data["tgt"][:n])
         translator = Translator(self.model, self.tokenizer, DecodeOptions())  # decodes on the model's device
         hyps = [tr.text for tr in translator.translate(list(self.valid_data["src"][:n]))]
-        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
-        improved = bleu > st.best_bleu
-        if improved:
-            st.best_bleu, st.best_step, st.bad_validations = bleu, st.step, 0
-        else:
-            st.bad_validations += 1
-        self.record({"step": st.step, "valid_loss": valid_loss, "valid_bleu": bleu, "best_bleu": st.best_bleu})
-        self.ckpts.save(
-            step=st.step, config=self.config_record, tokenizer=self.tokenizer, model=self.model,
-            train_state=self.train_state(rank_rngs), metrics={"valid_bleu": bleu, "valid_loss": valid_loss},
-            provenance=replace(self.provenance, step=st.step, created=utc_now(), valid_bleu=bleu), is_best=improved,
-        )
+        return {"valid_loss": valid_loss, "valid_bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
 
     @torch.inference_mode()
     def valid_loss(self) -> float:
@@ -358,18 +406,6 @@ class Trainer:
             ts["grad_scaler"] = self.amp.scaler.state_dict()
         return ts
 
-    def record(self, rec: dict) -> None:
-        if not self.metrics_file:
-            return
-        self.metrics_file.write(json.dumps(rec) + "\n")
-        self.metrics_file.flush()
-        if self.board:
-            for k, v in rec.items():
-                if k != "step":
-                    self.board.add_scalar(k, v, rec["step"])
-        if "valid_bleu" in rec:
-            self.log(f"step {rec['step']}: valid loss {rec['valid_loss']:.3f}, valid BLEU {rec['valid_bleu']:.2f}")
-
 
 def rng_state(device: torch.device) -> dict:
     """This process's torch RNG states: the CPU one and, on a GPU, the device's."""
@@ -388,12 +424,3 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """A seed for the dropout of process `rank` that differs from every other process's."""
     return seed + 1_000_003 * rank + step
-
-
-def make_board(path: Path):
-    """A TensorBoard writer, or None where tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(path))

@@ -132,10 +132,10 @@ def translate_main(argv: list[str] | None = None) -> int:
 
 
 def check_document_flags(args: argparse.Namespace, opts: DecodeOptions) -> None:
-    if args.server:
-        raise ValueError("--document and --markup need a local --checkpoint")
+    if args.target_prefix:
+        raise ValueError("--document and --markup translate whole documents: --target-prefix applies to lines")
     if args.glossary:
-        raise ValueError("--glossary applies to lines; --document and --markup do not take one")
+        raise ValueError("--document and --markup translate whole documents: --glossary applies to lines")
     if opts.n_best > 1 or args.scores or args.attention_png:
         raise ValueError("--document and --markup write one document: --n-best, --scores and "
                          "--attention-png apply to lines")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from translator.decode_options import DecodeOptions
+from translator.documents import DocumentLimits, DocumentResult, TranslatedSentence
 from translator.glossary import Term
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
@@ -92,11 +93,12 @@ class TranslatorClient:
         self.channel.close()
 
     def translate(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                  terms: Sequence[tuple[str, str]] = (), **options: Any) -> pb.TranslateResponse:
-        """Translate texts; options are DecodingOptions fields (beam_size=4, n_best=2, ...);
-        terms: the glossary, (source phrase, target phrase) pairs."""
+                  document: pb.DocumentOptions | None = None, terms: Sequence[tuple[str, str]] = (),
+                  **options: Any) -> pb.TranslateResponse:
+        """Translate texts (documents, with `document`); options are DecodingOptions fields
+        (beam_size=4, n_best=2, ...); terms: the glossary, (source phrase, target phrase) pairs."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options),
-                                      request_id=request_id,
+                                      request_id=request_id, document=document,
                                       terms=[pb.Term(source=s, target=t) for s, t in terms])
         return self._retry(lambda left: self.stub.Translate(request, timeout=left, metadata=self.metadata),
                            timeout)
@@ -106,10 +108,11 @@ class TranslatorClient:
         return [t.hypotheses[0].text for t in self.translate(texts, **options).translations]
 
     def translate_stream(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                         terms: Sequence[tuple[str, str]] = (), **options: Any) -> Iterator[pb.TranslateStreamResponse]:
+                         document: pb.DocumentOptions | None = None, terms: Sequence[tuple[str, str]] = (),
+                         **options: Any) -> Iterator[pb.TranslateStreamResponse]:
         """Stream of partial and final results. Retried only until the first message arrives."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
-                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
+                                      document=document, terms=[pb.Term(source=s, target=t) for s, t in terms])
 
         def start(left: float) -> tuple[Any, pb.TranslateStreamResponse | None]:
             call = self.stub.TranslateStream(request, timeout=left, metadata=self.metadata)
@@ -210,6 +213,23 @@ class ServerBackend:
                 return [t for batch in batches for t in batch]
         except grpc.RpcError as e:  # an OSError, so that command-line callers report it plainly
             raise ConnectionError(f"translation server: {e.code().name}: {e.details()}") from None
+
+    def translate_document(
+        self, text: str, options: DecodeOptions | None = None, lang: str | None = None,
+        limits: DocumentLimits | None = None, markup: bool = False,
+    ) -> DocumentResult:
+        """Translator.translate_document through the server, whose own limits apply (`limits` is
+        taken for the same signature and not sent)."""
+        request = self.request_options(options or DecodeOptions())
+        document = pb.DocumentOptions(enabled=True, markup=markup, language=lang or "")
+        try:
+            response = self.client.translate([text], document=document, **request)
+        except grpc.RpcError as e:
+            raise ConnectionError(f"translation server: {e.code().name}: {e.details()}") from None
+        doc = response.translations[0].document
+        return DocumentResult(doc.text, tuple(
+            TranslatedSentence((s.source_start, s.source_end), (s.target_start, s.target_end), s.text)
+            for s in doc.sentences))
 
     def request_options(self, opts: DecodeOptions) -> dict[str, Any]:
         """DecodingOptions fields for opts; a ValueError names an option the API cannot carry."""

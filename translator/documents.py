@@ -211,16 +211,22 @@ def reassemble(doc: Document, translations: list[str]) -> DocumentResult:
         gap = doc.text[cursor : sentence.span[0]]
         out.append(gap)
         length += len(gap)
-        parts = []
-        for i, (a, _) in enumerate(sentence.pieces):
-            if i:
-                parts.append(doc.text[sentence.pieces[i - 1][1] : a])
-            parts.append(translations[k].strip())
-            k += 1
-        translated = "".join(parts)
+        translated = join_pieces(doc.text, sentence, translations[k : k + len(sentence.pieces)])
+        k += len(sentence.pieces)
         out.append(translated)
         sentences.append(TranslatedSentence(sentence.span, (length, length + len(translated)), translated))
         length += len(translated)
         cursor = sentence.span[1]
     out.append(doc.text[cursor:])
     return DocumentResult("".join(out), tuple(sentences))
+
+
+def join_pieces(text: str, sentence: Sentence, translations: Sequence[str]) -> str:
+    """A sentence's translation: its pieces' translations joined with the source's whitespace
+    between the pieces."""
+    parts = []
+    for i, (a, _) in enumerate(sentence.pieces):
+        if i:
+            parts.append(text[sentence.pieces[i - 1][1] : a])
+        parts.append(translations[i].strip())
+    return "".join(parts)

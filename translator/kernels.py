@@ -233,10 +233,11 @@ class LayerNorm(torch.nn.LayerNorm):
     64 x 256, the arithmetic a few; at an encoder's 1,024 x 256, ~250 us)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: torch's op, traceable
+            return super().forward(x)
         lib = library()
         if (
             lib is None
-            or torch.is_grad_enabled()
             or not (plain_f32(x) and x.is_contiguous() and x.numel())
             or self.weight is None or self.bias is None
             or self.normalized_shape != (x.size(-1),)

@@ -33,6 +33,8 @@ BLOCK = frozenset({"address", "article", "aside", "blockquote", "br", "caption",
                    "header", "hr", "li", "main", "nav", "ol", "option", "p", "pre", "section", "table",
                    "tbody", "td", "tfoot", "th", "thead", "title", "tr", "ul"})
 TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
+# A character reference as html.unescape reads one.
+CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +67,14 @@ class Markup:
     stacks: tuple[Stack, ...]  # one per character of text
     points: tuple[Point, ...]  # in order of position
     breaks: tuple[int, ...] = ()  # where a block element begins or ends: split_document's breaks
+    origins: tuple[Span, ...] = ()  # per character of text, the characters of the marked-up text it came from
+
+    def source_span(self, span: Span) -> Span:
+        """The span of the marked-up text that plain `span` came from (tags inside it included)."""
+        a, b = span
+        if a >= b or not self.origins:
+            return span
+        return self.origins[a][0], self.origins[b - 1][1]
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,11 @@ class AlignedTranslation:
 
 
 class _Parser(HTMLParser):
-    def __init__(self) -> None:
+    def __init__(self, source: str) -> None:
         super().__init__(convert_charrefs=True)
+        self.source = source
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", source)]  # getpos() counts "\n" only
+        self.origins: list[Span] = []
         self.chars: list[str] = []
         self.stacks: list[Stack] = []
         self.points: list[Point] = []
@@ -130,6 +143,8 @@ class _Parser(HTMLParser):
         stack = self.stack
         self.chars.extend(data)
         self.stacks.extend([stack] * len(data))
+        line, column = self.getpos()
+        self.origins.extend(origins(self.source, self.line_starts[line - 1] + column, data))
 
     def handle_comment(self, data: str) -> None:
         self.point(f"<!--{data}-->")
@@ -144,10 +159,29 @@ class _Parser(HTMLParser):
 def parse_markup(text: str) -> Markup:
     """Plain text and markup of `text`; an end tag that closes nothing is dropped, and elements
     left open run to the end of the text."""
-    parser = _Parser()
+    parser = _Parser(text)
     parser.feed(text)
     parser.close()
-    return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks))
+    return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks),
+                  tuple(parser.origins))
+
+
+def origins(source: str, start: int, data: str) -> list[Span]:
+    """Per character of `data`, read from `source` at `start`, the span of `source` it came from:
+    itself, or the character reference that decodes to it (all of whose characters share it)."""
+    out: list[Span] = []
+    i = start
+    while len(out) < len(data):
+        k = len(out)
+        ref = CHARREF.match(source, i) if source[i : i + 1] == "&" else None
+        decoded = html.unescape(ref.group()) if ref else ""
+        if ref and not data.startswith(ref.group(), k) and decoded and data.startswith(decoded, k):
+            out += [(i, ref.end())] * len(decoded)
+            i = ref.end()
+        else:
+            out.append((i, min(i + 1, len(source))))
+            i += 1
+    return out
 
 
 @dataclass
@@ -187,7 +221,7 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     for unit in units:
         if unit.sentence is not None and not unit.is_markup:
             plain[unit.sentence].append(unit.text)
-    sentences = tuple(TranslatedSentence(s.span, span, "".join(parts).strip())
+    sentences = tuple(TranslatedSentence(markup.source_span(s.span), span, "".join(parts).strip())
                       for s, span, parts in zip(doc.sentences, spans, plain))
     return DocumentResult(text, sentences)
 

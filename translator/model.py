@@ -34,6 +34,7 @@ class ModelConfig:
     d_ff: int = 2048
     dropout: float = 0.1
     attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # on the feed-forward's hidden units, in training
     max_positions: int = 256
     norm_first: bool = False
     pad_id: int = 0
@@ -48,7 +49,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
             )
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("pad_id", "bos_id", "eos_id"):
@@ -123,16 +124,20 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise feed-forward: Linear(D, F) -> ReLU -> Linear(F, D), as in the paper.
 
-    No dropout inside: the paper drops only sublayer outputs and embeddings, and on CPU the
-    (B*T, F) mask would cost a tenth of a training step.
+    The paper drops only sublayer outputs and embeddings; `dropout` on the hidden units
+    (activation dropout, as small-data recipes use) is off by default: on CPU the (B*T, F) mask
+    costs about a tenth of a training step.
     """
 
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.w_1 = gemm.Linear(d_model, d_ff)
         self.w_2 = gemm.Linear(d_ff, d_model)
+        self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.dropout:
+            return self.w_2(F.dropout(F.relu(self.w_1(x)), self.dropout))  # (B, T, F) hidden dropped
         if isinstance(self.w_1, gemm.Linear):  # the ReLU in the product's native call
             return self.w_2(self.w_1(x, relu=True))
         return self.w_2(F.relu(self.w_1(x)))  # a swapped layer (a quantized copy)
@@ -170,7 +175,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
         self.sublayers = nn.ModuleList(
             [Residual(cfg.d_model, cfg.dropout, cfg.norm_first) for _ in range(2)]
         )
@@ -462,7 +467,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff)
+        self.feed_forward = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation_dropout)
         self.sublayers = nn.ModuleList(
             [Residual(cfg.d_model, cfg.dropout, cfg.norm_first) for _ in range(3)]
         )

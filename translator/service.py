@@ -24,13 +24,24 @@ from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
 from translator.decode_options import DecodeOptionError, check_budgets
 from translator.decoding import DecodeOptions, search_steps
+from translator.document_requests import (
+    DocumentEvent,
+    DocumentRequest,
+    DocumentStream,
+    PieceTranslation,
+    SplitDocuments,
+    check_language,
+    piece_translations,
+    split_documents,
+)
+from translator.documents import DocumentLimitError, DocumentResult
 from translator.engine_process import EngineSpec, RemoteBatcher
 from translator.glossary import GlossaryError, GlossaryLimits, Term
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
 from translator.provenance import Provenance
-from translator.translate import Translator
+from translator.translate import Translator, aligned_translation, passed_through
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
 FORBIDDEN_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -58,6 +69,10 @@ class Limits:
     # minimum come to ~16 million and held a decoder for 33 s; 64 sentences of 100 tokens at beam 5
     # to 5 million.
     max_request_cost: int = 8_000_000
+    # A document request's characters (before markup is read) and sentences (counting each piece
+    # of a sentence cut for the model), summed over its texts; max_sentence_chars does not apply.
+    max_document_chars: int = 10_000
+    max_document_sentences: int = 64
     max_terms: int = 64  # glossary terms per request
     max_term_chars: int = 200  # per source or target phrase of a term
 
@@ -218,6 +233,11 @@ class TranslationService:
                 f"batching.max_queue_sentences ({batching.max_queue_sentences}) must be >= "
                 f"limits.max_sentences ({self.limits.max_sentences}) or full requests never fit"
             )
+        if batching.max_queue_sentences < self.limits.max_document_sentences:
+            raise ConfigError(
+                f"batching.max_queue_sentences ({batching.max_queue_sentences}) must be >= "
+                f"limits.max_document_sentences ({self.limits.max_document_sentences}) or full documents never fit"
+            )
         cfg = translator.model.cfg
         self.max_length = min(self.limits.max_length, cfg.max_positions - 1)
         self.info = ModelInfo(
@@ -279,8 +299,14 @@ class TranslationService:
         call = call or Call()
         prepared = self.prepare(texts, options)
         out = [[Candidate(text, 0.0)] for text in prepared.texts]
+        for k, r in enumerate(await self._decode_all(prepared, call)):
+            out[prepared.decoded[k]] = self._candidates(prepared, k, r)
+        return out
+
+    async def _decode_all(self, prepared: _Prepared, call: Call) -> list[list[Hypothesis]]:
+        """The n-best hypotheses of each of the prepared sources, decoded as one job."""
         if not prepared.sources:
-            return out
+            return []
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
 
@@ -291,13 +317,10 @@ class TranslationService:
         job = self._submit(prepared, call, stream=False, listener=listener)
         try:
             await ended
-            raw = job.wait()  # at once: the job has ended
+            return job.wait()  # at once: the job has ended
         finally:
             job.cancel()  # a no-op once finished; stops decoding if the task was cancelled
             _record(call, job)
-        for k, r in enumerate(raw):
-            out[prepared.decoded[k]] = self._candidates(prepared, k, r)
-        return out
 
     def translate_stream_async(
         self, texts: Sequence[str], options: RequestOptions, call: Call | None = None
@@ -334,6 +357,97 @@ class TranslationService:
                 job.cancel()
                 _record(call, job)
 
+    # -- documents: split into sentences, decoded as one job among other requests' sentences,
+    # put back together (translator.document_requests) -------------------------------------------
+
+    async def translate_documents_async(
+        self, texts: Sequence[str], options: RequestOptions, document: DocumentRequest, call: Call | None = None
+    ) -> list[DocumentResult]:
+        """Each text translated as a document, its layout (and markup) kept."""
+        call = call or Call()
+        split, prepared = self.prepare_documents(texts, options, document)
+        raw = await self._decode_all(prepared, call)
+        decoded = [self._piece(prepared, document, k, nbest) for k, nbest in enumerate(raw)]
+        return split.results(piece_translations(prepared.texts, prepared.decoded, decoded, self._passed(document)))
+
+    def translate_documents_stream_async(
+        self, texts: Sequence[str], options: RequestOptions, document: DocumentRequest, call: Call | None = None
+    ) -> AsyncIterator[DocumentEvent]:
+        """Each document's sentences as they become final, in document order, then the whole
+        document. Checks and queues the request before returning, so errors raise here."""
+        call = call or Call()
+        split, prepared = self.prepare_documents(texts, options, document)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, int, Any]] = asyncio.Queue()
+        job = None
+        if prepared.sources:
+            job = self._submit(prepared, call, stream=False,
+                               listener=lambda event: _call_soon(loop, events.put_nowait, event))
+        return self._document_stream_async(split, prepared, document, job, call, events)
+
+    async def _document_stream_async(self, split: SplitDocuments, prepared: _Prepared, document: DocumentRequest,
+                                     job: Job | None, call: Call, events: asyncio.Queue) -> AsyncIterator[DocumentEvent]:
+        stream = DocumentStream(split, piece_translations(prepared.texts, prepared.decoded,
+                                                          [None] * len(prepared.decoded), self._passed(document)))
+        try:
+            for event in stream.ready():  # documents with no sentence to decode: done at once
+                yield event
+            while job is not None:
+                kind, k, value = await events.get()
+                if kind == "end":
+                    job.wait()  # at once; raises the job's error, if it failed
+                    return
+                for event in stream.add(prepared.decoded[k], self._piece(prepared, document, k, value)):
+                    yield event
+        finally:
+            if job is not None:
+                job.cancel()
+                _record(call, job)
+
+    def prepare_documents(
+        self, texts: Sequence[str], options: RequestOptions, document: DocumentRequest
+    ) -> tuple[SplitDocuments, _Prepared]:
+        """Check the request, split its documents into the pieces the model takes and tokenize
+        them; raises InvalidArgument naming the first bad field or limit."""
+        lim = self.limits
+        if not texts:
+            raise InvalidArgument("texts is empty: send at least one document")
+        if len(texts) > lim.max_sentences:
+            raise InvalidArgument(f"texts has {len(texts)} documents; at most {lim.max_sentences} per request")
+        for name, given in (("n_best", (options.n_best or 1) > 1), ("return_scores", options.return_scores),
+                            ("return_alignments", options.return_alignments),
+                            ("target_prefix", bool(options.target_prefix))):
+            if given:
+                raise InvalidArgument(f"options.{name} applies to sentences; a document request returns one "
+                                      f"translation per document")
+        if options.terms:
+            raise InvalidArgument("terms apply to sentence requests; a document request takes none")
+        for i, text in enumerate(texts):
+            _check_chars(text, i)
+        try:
+            check_language(document.language)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        try:
+            split = split_documents(texts, document, self.translator.count_tokens, self.translator.max_source_tokens,
+                                    document.language or self.identity.source_language or self.translator.src_lang,
+                                    lim.max_document_chars, lim.max_document_sentences)
+        except DocumentLimitError as e:
+            raise InvalidArgument(str(e)) from None
+        options = dataclasses.replace(options, n_best=1, return_alignments=document.markup)
+        return split, self._prepared(split.sources(), options, "sentence piece {} of the documents")
+
+    def _piece(self, prepared: _Prepared, document: DocumentRequest, k: int, nbest: list[Hypothesis]) -> PieceTranslation:
+        """The translation of source k (a piece of the documents) from its n-best."""
+        best, source = nbest[0], prepared.texts[prepared.decoded[k]]
+        aligned = aligned_translation(self.tokenizer, source, best.tokens, best.alignment) if document.markup else None
+        return PieceTranslation(self.tokenizer.decode([best.tokens])[0], aligned)
+
+    def _passed(self, document: DocumentRequest) -> Callable[[str], PieceTranslation]:
+        """A content-free piece's translation: itself."""
+        return lambda source: PieceTranslation(
+            source, passed_through(self.tokenizer, source) if document.markup else None)
+
     def prepare(self, texts: Sequence[str], options: RequestOptions) -> _Prepared:
         """Check every limit and tokenize; raises InvalidArgument naming the first bad field."""
         lim = self.limits
@@ -349,12 +463,12 @@ class TranslationService:
                 )
             if not text.strip():
                 raise InvalidArgument(f"texts[{i}] is empty or only whitespace")
-            bad = FORBIDDEN_CHARS.search(text)
-            if bad:
-                raise InvalidArgument(
-                    f"texts[{i}] holds U+{ord(bad.group()):04X} at offset {bad.start()}: control characters "
-                    f"and unpaired surrogates are not text"
-                )
+            _check_chars(text, i)
+        return self._prepared(list(texts), options, "texts[{}]")
+
+    def _prepared(self, texts: list[str], options: RequestOptions, name: str) -> _Prepared:
+        """Decoding options checked and texts tokenized, content-free ones set aside; `name`
+        formats a text's index as messages name it."""
         opts = self.decode_options(options)
         prefix = self._target_prefix(options.target_prefix)
         eos, limit = self.translator.model.cfg.eos_id, self.translator.max_source_tokens
@@ -363,23 +477,23 @@ class TranslationService:
             if not self.tokenizer.has_content(ids):
                 continue  # content-free: passed through unchanged
             if len(ids) > limit:
-                raise InvalidArgument(f"texts[{i}] has {len(ids)} tokens; the model takes at most {limit}")
+                raise InvalidArgument(f"{name.format(i)} has {len(ids)} tokens; the model takes at most {limit}")
             sources.append(ids + [eos])
             decoded.append(i)
         try:
             check_budgets(opts, {i: len(s) for i, s in zip(decoded, sources)}, self.translator.model.cfg.max_positions,
-                          len(prefix), "options.min_length", "texts[{}]", "options.target_prefix")
+                          len(prefix), "options.min_length", name, "options.target_prefix")
         except DecodeOptionError as e:
             raise InvalidArgument(str(e)) from None
         cost = self.request_cost(sources, opts) if sources else 0
-        if cost > lim.max_request_cost:
+        if cost > self.limits.max_request_cost:
             raise InvalidArgument(
                 f"the request asks for {cost:,} units of decoding (source tokens x options.beam_size x output "
-                f"budget, summed over texts); at most {lim.max_request_cost:,}: send fewer or shorter texts, "
+                f"budget, summed over texts); at most {self.limits.max_request_cost:,}: send fewer or shorter texts, "
                 f"or lower options.beam_size or options.max_length"
             )
         terms, phrases = self._glossary(texts, options.terms, decoded)
-        return _Prepared(sources, opts, options, list(texts), decoded, tuple(prefix), terms, phrases)
+        return _Prepared(sources, opts, options, texts, decoded, tuple(prefix), terms, phrases)
 
     def _glossary(self, texts: Sequence[str], terms: Sequence[Term], decoded: list[int]) -> tuple[tuple, tuple]:
         """Per decoded text, the request's terms that apply to it and their target phrases' ids."""
@@ -507,6 +621,12 @@ def check_request_id(request_id: str) -> None:
     if not request_id.isprintable():
         bad = next(c for c in request_id if not c.isprintable())
         raise InvalidArgument(f"request_id holds U+{ord(bad):04X}: only printable characters are allowed")
+
+
+def _check_chars(text: str, i: int) -> None:
+    if bad := FORBIDDEN_CHARS.search(text):
+        raise InvalidArgument(f"texts[{i}] holds U+{ord(bad.group()):04X} at offset {bad.start()}: control characters "
+                              f"and unpaired surrogates are not text")
 
 
 def _check_int(name: str, value: int | None, lo: int, hi: int, hi_name: str | None = None) -> int | None:

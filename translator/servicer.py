@@ -29,6 +29,8 @@ from translator.batcher import (
     QueueFull,
     ShuttingDown,
 )
+from translator.document_requests import DocumentEvent, DocumentRequest, SentenceDone
+from translator.documents import DocumentResult, TranslatedSentence
 from translator.glossary import Term
 from translator.metrics import Metrics
 from translator.proto.translator.v1 import translator_pb2 as pb
@@ -170,6 +172,37 @@ def _translation(candidates: list[Candidate], scores: bool) -> pb.Translation:
     return out
 
 
+def _document_request(request: pb.TranslateRequest) -> DocumentRequest | None:
+    d = request.document
+    if not d.enabled:
+        if d.markup or d.language:
+            raise InvalidArgument("document.markup and document.language need document.enabled")
+        return None
+    return DocumentRequest(markup=d.markup, language=d.language)
+
+
+def _sentence(s: SentenceDone | TranslatedSentence) -> pb.DocumentSentence:
+    out = pb.DocumentSentence(source_start=s.source[0], source_end=s.source[1], text=s.text)
+    if s.target is not None:
+        out.target_start, out.target_end = s.target
+    return out
+
+
+def _document_translation(doc: DocumentResult) -> pb.Translation:
+    return pb.Translation(hypotheses=[pb.Hypothesis(text=doc.text)], document=pb.TranslatedDocument(
+        text=doc.text, sentences=[_sentence(s) for s in doc.sentences]))
+
+
+def _document_event(event: DocumentEvent, model: pb.ModelIdentity | None) -> pb.TranslateStreamResponse:
+    msg = pb.TranslateStreamResponse(index=event.index, text=event.text, model=model)
+    if event.sentence is not None:
+        msg.sentence.CopyFrom(_sentence(event.sentence))
+    if event.result is not None:
+        msg.done = True
+        msg.translation.CopyFrom(_document_translation(event.result))
+    return msg
+
+
 def _identity(ident: ModelIdentity) -> pb.ModelIdentity:
     return pb.ModelIdentity(name=ident.name, checkpoint_sha256=ident.checkpoint_sha256,
                             source_language=ident.source_language, target_language=ident.target_language)
@@ -193,7 +226,8 @@ def _model_info(info: ModelInfo) -> pb.ModelInfo:
         limits=pb.Limits(max_sentences=lim.max_sentences, max_sentence_chars=lim.max_sentence_chars,
                          max_source_tokens=info.max_source_tokens, max_beam_size=lim.max_beam_size,
                          max_length=info.max_length, max_message_bytes=lim.max_message_bytes,
-                         max_request_cost=lim.max_request_cost, max_terms=lim.max_terms,
+                         max_request_cost=lim.max_request_cost, max_document_chars=lim.max_document_chars,
+                         max_document_sentences=lim.max_document_sentences, max_terms=lim.max_terms,
                          max_term_chars=lim.max_term_chars),
         defaults=defaults,
         metrics=info.metrics,
@@ -237,6 +271,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                         context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         async with self._rpc("Translate", request, context) as rpc:
             check_request(request)
+            if document := _document_request(request):
+                docs = await self.service.translate_documents_async(
+                    list(request.texts), _request_options(request.options, request.terms), document, rpc.call)
+                return pb.TranslateResponse(translations=[_document_translation(d) for d in docs], model=self.model)
             results = await self.service.translate_async(list(request.texts), _request_options(request.options, request.terms),
                                                          rpc.call)
             scores = request.options.return_scores
@@ -248,6 +286,15 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
         async with self._rpc("TranslateStream", request, context) as rpc:
             check_request(request)
             options = _request_options(request.options, request.terms)
+            if document := _document_request(request):
+                stream = self.service.translate_documents_stream_async(list(request.texts), options, document,
+                                                                       rpc.call)
+                async with contextlib.aclosing(stream):
+                    first = True
+                    async for event in stream:
+                        yield _document_event(event, self.model if first else None)
+                        first = False
+                return
             events = self.service.translate_stream_async(list(request.texts), options, rpc.call)
             async with contextlib.aclosing(events):
                 model: pb.ModelIdentity | None = self.model

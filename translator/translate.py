@@ -59,6 +59,22 @@ def unchanged(text: str) -> Translation:
     return replace(only, nbest=[only])
 
 
+def aligned_translation(
+    tokenizer: Tokenizer, source: str, tokens: list[int], alignment: torch.Tensor | None
+) -> AlignedTranslation:
+    """What restore_markup needs of one translated piece of a document: alignment (T, S + 1)."""
+    pieces = [piece if token > UNK else "" for token, piece in zip(tokens, tokenizer.pieces(tokens))]
+    return AlignedTranslation(tokenizer.spans(source), pieces, alignment.tolist() if alignment is not None else [])
+
+
+def passed_through(tokenizer: Tokenizer, source: str) -> AlignedTranslation:
+    """A content-free piece as its own translation, each token aligned to itself, so that its
+    characters keep their markup."""
+    spans = tokenizer.spans(source)
+    pieces = [source[a:b].replace(" ", "\u2581") for a, b in spans]
+    return AlignedTranslation(spans, pieces, [[float(i == j) for j in range(len(spans))] for i in range(len(spans))])
+
+
 class Translator:
     """Translates lists of sentences with one model, tokenizer and default decoding options.
 
@@ -182,11 +198,9 @@ class Translator:
             return reassemble(doc, [t.text for t in self.translate(doc.sources(), opts)])
         results = self.translate(doc.sources(), opts.replace(alignment=True, n_best=1))
         aligned = [
-            AlignedTranslation(
-                self.tokenizer.spans(source),
-                [piece if token > UNK else "" for token, piece in zip(t.tokens, self.tokenizer.pieces(t.tokens))],
-                t.alignment.tolist() if t.alignment is not None else [],
-            )
+            aligned_translation(self.tokenizer, source, t.tokens, t.alignment)
+            if self.tokenizer.has_content(self.tokenizer.encode([source])[0])
+            else passed_through(self.tokenizer, source)
             for source, t in zip(doc.sources(), results)
         ]
         return restore_markup(parsed, doc, aligned)

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("texts", "options", "request_id", "terms")
+    __slots__ = ("texts", "options", "request_id", "terms", "document")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TERMS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: DecodingOptions
     request_id: str
     terms: _containers.RepeatedCompositeFieldContainer[Term]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
+    document: DocumentOptions
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ..., document: _Optional[_Union[DocumentOptions, _Mapping]] = ...) -> None: ...
 
 class Term(_message.Message):
     __slots__ = ("source", "target")
@@ -25,6 +27,16 @@ class Term(_message.Message):
     source: str
     target: str
     def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class DocumentOptions(_message.Message):
+    __slots__ = ("enabled", "markup", "language")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MARKUP_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    markup: bool
+    language: str
+    def __init__(self, enabled: _Optional[bool] = ..., markup: _Optional[bool] = ..., language: _Optional[str] = ...) -> None: ...
 
 class DecodingOptions(_message.Message):
     __slots__ = ("beam_size", "length_penalty", "max_length", "n_best", "min_length", "return_scores", "return_alignments", "max_len_a", "max_len_b", "length_penalty_form", "length_includes_eos", "no_repeat_ngram", "sample", "top_k", "top_p", "temperature", "seed", "target_prefix")
@@ -75,10 +87,34 @@ class TranslateResponse(_message.Message):
     def __init__(self, translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ...) -> None: ...
 
 class Translation(_message.Message):
-    __slots__ = ("hypotheses",)
+    __slots__ = ("hypotheses", "document")
     HYPOTHESES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     hypotheses: _containers.RepeatedCompositeFieldContainer[Hypothesis]
-    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ...) -> None: ...
+    document: TranslatedDocument
+    def __init__(self, hypotheses: _Optional[_Iterable[_Union[Hypothesis, _Mapping]]] = ..., document: _Optional[_Union[TranslatedDocument, _Mapping]] = ...) -> None: ...
+
+class TranslatedDocument(_message.Message):
+    __slots__ = ("text", "sentences")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    sentences: _containers.RepeatedCompositeFieldContainer[DocumentSentence]
+    def __init__(self, text: _Optional[str] = ..., sentences: _Optional[_Iterable[_Union[DocumentSentence, _Mapping]]] = ...) -> None: ...
+
+class DocumentSentence(_message.Message):
+    __slots__ = ("source_start", "source_end", "target_start", "target_end", "text")
+    SOURCE_START_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_END_FIELD_NUMBER: _ClassVar[int]
+    TARGET_START_FIELD_NUMBER: _ClassVar[int]
+    TARGET_END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    source_start: int
+    source_end: int
+    target_start: int
+    target_end: int
+    text: str
+    def __init__(self, source_start: _Optional[int] = ..., source_end: _Optional[int] = ..., target_start: _Optional[int] = ..., target_end: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
     __slots__ = ("text", "score", "alignment", "unmet_terms")
@@ -103,18 +139,20 @@ class Alignment(_message.Message):
     def __init__(self, source_tokens: _Optional[_Iterable[str]] = ..., target_tokens: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class TranslateStreamResponse(_message.Message):
-    __slots__ = ("index", "text", "done", "translation", "model")
+    __slots__ = ("index", "text", "done", "translation", "model", "sentence")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TRANSLATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SENTENCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     done: bool
     translation: Translation
     model: ModelIdentity
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ...) -> None: ...
+    sentence: DocumentSentence
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., sentence: _Optional[_Union[DocumentSentence, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -229,7 +267,7 @@ class Architecture(_message.Message):
     def __init__(self, d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., d_ff: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost", "max_terms", "max_term_chars")
+    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost", "max_document_chars", "max_document_sentences", "max_terms", "max_term_chars")
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +275,8 @@ class Limits(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_COST_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENT_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_TERMS_FIELD_NUMBER: _ClassVar[int]
     MAX_TERM_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_sentences: int
@@ -246,6 +286,8 @@ class Limits(_message.Message):
     max_length: int
     max_message_bytes: int
     max_request_cost: int
+    max_document_chars: int
+    max_document_sentences: int
     max_terms: int
     max_term_chars: int
-    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ..., max_terms: _Optional[int] = ..., max_term_chars: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ..., max_document_chars: _Optional[int] = ..., max_document_sentences: _Optional[int] = ..., max_terms: _Optional[int] = ..., max_term_chars: _Optional[int] = ...) -> None: ...

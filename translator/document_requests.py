@@ -1,0 +1,193 @@
+"""Document requests of the translation service: documents split into the pieces the model takes,
+checked against the request's limits, and put back together from the pieces' translations, all at
+once or sentence by sentence as they become final (translator.documents, translator.markup).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from translator.documents import (
+    CountTokens,
+    Document,
+    DocumentLimitError,
+    DocumentLimits,
+    DocumentResult,
+    Span,
+    join_pieces,
+    reassemble,
+    split_document,
+)
+from translator.markup import AlignedTranslation, Markup, parse_markup, restore_markup
+
+# A language tag as BCP 47 spells one ("en", "pt-BR", "zh-Hant"): what the splitter is given.
+LANGUAGE = re.compile(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,4}")
+
+
+@dataclass(frozen=True)
+class DocumentRequest:
+    """How a request's texts are documents: with inline markup or not, in which language."""
+
+    markup: bool = False
+    language: str = ""  # for the sentence splitter; "" = the model's source language
+
+
+@dataclass(frozen=True)
+class PieceTranslation:
+    """One piece's translation: its text and, for markup, what restore_markup needs of it."""
+
+    text: str
+    aligned: AlignedTranslation | None = None
+
+
+@dataclass(frozen=True)
+class SentenceDone:
+    """A sentence of a document, final: its source span, its span in the translated document
+    (None with markup, whose tags are placed once the whole document is translated), its text."""
+
+    source: Span
+    target: Span | None
+    text: str
+
+
+@dataclass(frozen=True)
+class DocumentEvent:
+    """Document `index` of a request, streamed: `text` to append to it, the sentence that became
+    final; in its last event, `result`, the whole document."""
+
+    index: int
+    text: str
+    sentence: SentenceDone | None = None
+    result: DocumentResult | None = None
+
+
+@dataclass(frozen=True)
+class SplitDocuments:
+    """A request's documents as the pieces the model takes (in `sources()` order)."""
+
+    docs: list[Document]
+    markups: list[Markup | None]
+    starts: list[int]  # index of each document's first piece among all the request's pieces
+
+    def sources(self) -> list[str]:
+        return [source for doc in self.docs for source in doc.sources()]
+
+    def results(self, pieces: Sequence[PieceTranslation]) -> list[DocumentResult]:
+        """Every document put back together from the translations of all the request's pieces."""
+        return [self.result(i, pieces) for i in range(len(self.docs))]
+
+    def result(self, i: int, pieces: Sequence[PieceTranslation]) -> DocumentResult:
+        doc, markup = self.docs[i], self.markups[i]
+        own = pieces[self.starts[i] : self.starts[i] + len(doc.pieces)]
+        if markup is None:
+            return reassemble(doc, [p.text for p in own])
+        return restore_markup(markup, doc, [p.aligned for p in own if p.aligned is not None])
+
+
+def check_language(language: str) -> None:
+    """A ValueError unless `language` is empty or a language tag."""
+    if language and not (len(language) <= 35 and LANGUAGE.fullmatch(language)):
+        shown = language if len(language) <= 40 else language[:40] + "..."
+        raise ValueError(f"document.language must be a language code such as 'en' or 'pt-BR', got {shown!r}")
+
+
+def split_documents(
+    texts: Sequence[str], request: DocumentRequest, count_tokens: CountTokens, max_tokens: int,
+    language: str, max_chars: int, max_sentences: int,
+) -> SplitDocuments:
+    """The request's documents split into sentences in `language` and pieces of at most
+    `max_tokens` tokens. Characters (before markup is read), sentences and pieces are summed over
+    the texts and checked against the limits as soon as each is known; over one,
+    DocumentLimitError naming the limit."""
+    chars = sum(len(t) for t in texts)
+    if chars > max_chars:
+        raise DocumentLimitError(
+            f"the documents have {chars:,} characters; max_document_chars allows {max_chars:,} per request")
+    docs, markups, starts = [], [], []
+    sentences = pieces = 0
+    for text in texts:
+        markup = parse_markup(text) if request.markup else None
+        plain, breaks = (markup.text, markup.breaks) if markup else (text, ())
+        left = DocumentLimits(max_chars=max(len(plain), 1), max_sentences=max(max_sentences - sentences, 1))
+        try:
+            doc = split_document(plain, count_tokens, max_tokens, language, left, breaks)
+        except DocumentLimitError:
+            doc = None
+        if doc is None or sentences + len(doc.sentences) > max_sentences:
+            raise DocumentLimitError(
+                f"the documents have more than {max_sentences} sentences; max_document_sentences allows "
+                f"{max_sentences} per request")
+        docs.append(doc)
+        markups.append(markup)
+        starts.append(pieces)
+        sentences += len(doc.sentences)
+        pieces += len(doc.pieces)
+    if pieces > max_sentences:
+        raise DocumentLimitError(
+            f"the documents' {sentences} sentences are {pieces} pieces once those longer than the model takes are "
+            f"cut; max_document_sentences allows {max_sentences} per request")
+    return SplitDocuments(docs, markups, starts)
+
+
+class DocumentStream:
+    """Sentences of a request's documents in document order as their pieces' translations come
+    in, in any order: `add` gives the events that a piece's translation makes final."""
+
+    def __init__(self, split: SplitDocuments, pieces: list[PieceTranslation | None]) -> None:
+        self.split = split
+        self.pieces = pieces  # per piece of the request; None until translated
+        self.next = [0] * len(split.docs)  # per document, its first sentence not yet sent
+        self.length = [0] * len(split.docs)  # per document, the length of the text sent
+        self.ended = [False] * len(split.docs)
+
+    def add(self, k: int, piece: PieceTranslation) -> list[DocumentEvent]:
+        self.pieces[k] = piece
+        return self._document(bisect.bisect_right(self.split.starts, k) - 1)
+
+    def ready(self) -> list[DocumentEvent]:
+        """The events of every sentence now final and not yet sent, and the last event of every
+        document now complete."""
+        events: list[DocumentEvent] = []
+        for i in range(len(self.split.docs)):
+            events += self._document(i)
+        return events
+
+    def _document(self, i: int) -> list[DocumentEvent]:
+        doc, start, markup = self.split.docs[i], self.split.starts[i], self.split.markups[i]
+        plain = markup is None
+        events = []
+        first = start + sum(len(s.pieces) for s in doc.sentences[: self.next[i]])
+        while self.next[i] < len(doc.sentences):
+            sentence = doc.sentences[self.next[i]]
+            own = self.pieces[first : first + len(sentence.pieces)]
+            if any(p is None for p in own):
+                return events
+            text = join_pieces(doc.text, sentence, [p.text for p in own if p is not None])
+            previous_end = doc.sentences[self.next[i] - 1].span[1] if self.next[i] else 0
+            gap = doc.text[previous_end : sentence.span[0]] if plain else ""
+            target = (self.length[i] + len(gap), self.length[i] + len(gap) + len(text)) if plain else None
+            source = markup.source_span(sentence.span) if markup else sentence.span
+            events.append(DocumentEvent(i, gap + text, SentenceDone(source, target, text)))
+            self.length[i] += len(gap) + len(text)
+            self.next[i] += 1
+            first += len(sentence.pieces)
+        if not self.ended[i]:
+            self.ended[i] = True
+            result = self.split.result(i, self.pieces)  # type: ignore[arg-type]  # all translated now
+            tail = result.text[self.length[i] :] if plain else ""
+            events.append(DocumentEvent(i, tail, result=result))
+        return events
+
+
+def piece_translations(
+    sources: Sequence[str], decoded: Sequence[int], translated: Sequence[PieceTranslation | None],
+    passed: Callable[[str], PieceTranslation],
+) -> list[Any]:
+    """Every piece's translation: the decoded ones (`decoded[k]` is the piece of `translated[k]`;
+    None for one not translated yet), the others (content-free) passed through by `passed`."""
+    todo = dict(zip(decoded, translated))
+    return [todo[i] if i in todo else passed(source) for i, source in enumerate(sources)]
