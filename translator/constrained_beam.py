@@ -22,6 +22,8 @@ rank by whether they met every phrase, then by score; one that did not lists the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -79,38 +81,67 @@ def constrained_beam_steps(
     return Hypotheses(nbest, list(run.hooks.flags))
 
 
-def advance(beams: Beams, progress: Progress, logits: Tensor, table: PhraseTable, run: SearchSetup,
-            finished: Finished, opts: DecodeOptions, eos: int) -> tuple[Beams, Progress]:
-    """One constrained step: register finished candidates, pick the next beams, drop stopped sentences."""
-    b, k = beams.scores.shape
-    K = opts.beam_size
-    step = beams.tokens.size(1)  # sentences never join: all are at one step
+@dataclass
+class Ranked:
+    """Each sentence's M candidates in the order they take beam places; each (b, M)."""
+
+    scores: Tensor  # summed log-probability of beam + token, -inf for none
+    tokens: Tensor  # the token added
+    log_probs: Tensor  # its log-probability
+    parent: Tensor  # the beam row it extends
+    progress: Progress  # (b*M rows) where each stands with its sentence's phrases
+
+
+def step_log_probs(beams: Beams, progress: Progress, logits: Tensor, table: PhraseTable, run: SearchSetup,
+                   eos: int) -> Tensor:
+    """Next-token log-probabilities (b*k, V) of the beams, with the step rules and the phrase rules
+    (no word continuation right after a phrase; no EOS while every phrase can still fit) applied."""
+    step, k = beams.tokens.size(1), beams.scores.size(1)
     row_sentence = beams.sentence.repeat_interleave(k)  # (b*k,)
     logp = logits.float().log_softmax(dim=-1)  # (b*k, V)
-    V = logp.size(-1)
     run.rules.apply(logp, step, row_sentence, beams.tokens)
-    if table.continuations is not None:  # a phrase just completed ends its word
+    if table.continuations is not None:
         logp.masked_fill_(progress.just_met[:, None] & table.continuations, NEG_INF)
     steps_left = run.budget[row_sentence] - step  # (b*k,) this step included
     owed = table.total[row_sentence] - progress.tokens_met(table, row_sentence)  # (b*k,)
-    logp[(owed > 0) & (owed < steps_left), eos] = NEG_INF  # room left to meet every phrase: not yet EOS
-    step_align = run.cache.alignments.pop() if opts.alignment else None  # (b*k, S)
+    logp[(owed > 0) & (owed < steps_left), eos] = NEG_INF
+    return logp
 
-    cand_beam, cand_token = candidates(beams.scores, logp.view(b, k, V), progress.wanted(table, row_sentence), K)
+
+def rank(beams: Beams, progress: Progress, logp: Tensor, table: PhraseTable, budget: Tensor, K: int) -> Ranked:
+    """The candidates of each sentence, scored, banked and put in bank order (module docstring)."""
+    b, k = beams.scores.shape
+    V = logp.size(-1)
+    step = beams.tokens.size(1)
+    row_sentence = beams.sentence.repeat_interleave(k)  # (b*k,)
+    cand_beam, tokens = candidates(beams.scores, logp.view(b, k, V), progress.wanted(table, row_sentence), K)
     M = cand_beam.size(1)
     parent = torch.arange(b)[:, None] * k + cand_beam  # (b, M) row each candidate extends
-    cand_logp = logp[parent, cand_token]  # (b, M)
-    scores = beams.scores.gather(1, cand_beam) + cand_logp  # (b, M)
-    scores = scores.masked_fill(duplicates(cand_beam * V + cand_token), NEG_INF)
+    log_probs = logp[parent, tokens]  # (b, M)
+    scores = beams.scores.gather(1, cand_beam) + log_probs  # (b, M)
+    scores = scores.masked_fill(duplicates(cand_beam * V + tokens), NEG_INF)
     cand_sentence = beams.sentence.repeat_interleave(M)  # (b*M,)
-    after = progress.select(parent.flatten()).after(cand_token.flatten(), table, cand_sentence)
+    after = progress.select(parent.flatten()).after(tokens.flatten(), table, cand_sentence)
     met = after.tokens_met(table, cand_sentence).view(b, M)
-    room = run.budget[beams.sentence][:, None] - step - 1 - (table.total[beams.sentence][:, None] - met)  # (b, M)
-    banks = torch.where((room >= 1) | (met == table.total[beams.sentence][:, None]), met, 0)
-    order = bank_order(scores, cand_beam * V + cand_token, banks, int(table.total.max()) + 1)  # (b, M)
-    scores, cand_token, cand_logp, parent = (x.gather(1, order) for x in (scores, cand_token, cand_logp, parent))
+    total = table.total[beams.sentence][:, None]  # (b, 1)
+    room = budget[beams.sentence][:, None] - step - 1 - (total - met)  # (b, M) steps to spare after the phrases
+    banks = torch.where((room >= 1) | (met == total), met, 0)
+    order = bank_order(scores, cand_beam * V + tokens, banks, int(table.total.max()) + 1)  # (b, M)
     pick = (torch.arange(b)[:, None] * M + order).flatten()  # (b*M,) rows of `after`, in order
-    after = after.select(pick)
+    return Ranked(*(x.gather(1, order) for x in (scores, tokens, log_probs, parent)), after.select(pick))
+
+
+def advance(beams: Beams, progress: Progress, logits: Tensor, table: PhraseTable, run: SearchSetup,
+            finished: Finished, opts: DecodeOptions, eos: int) -> tuple[Beams, Progress]:
+    """One constrained step: register finished candidates, pick the next beams, drop stopped sentences."""
+    K = opts.beam_size
+    step = beams.tokens.size(1)  # sentences never join: all are at one step
+    logp = step_log_probs(beams, progress, logits, table, run, eos)  # (b*k, V)
+    step_align = run.cache.alignments.pop() if opts.alignment else None  # (b*k, S)
+    ranked = rank(beams, progress, logp, table, run.budget, K)
+    scores, cand_token, cand_logp, parent, after = (ranked.scores, ranked.tokens, ranked.log_probs,
+                                                    ranked.parent, ranked.progress)
+    M = scores.size(1)
 
     is_eos = cand_token == eos
     last_step = run.budget[beams.sentence] <= step + 1  # (b,)
