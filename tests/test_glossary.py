@@ -11,6 +11,7 @@ from translator.cli import translate_main
 from translator.client import TranslatorClient
 from translator.decoding import DecodeOptions
 from translator.glossary import GlossaryError, GlossaryLimits, Term, check_glossary, read_glossary, terms_in
+from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.server import create_server
 
 LINES = ["the red dog runs", "a small cat sleeps on the street", "the man sees"]
@@ -126,6 +127,13 @@ def test_server_refuses_contradictory_terms_naming_the_term(server_target):
         client.translate(SENTENCES[:1], terms=[("dog", "hund"), ("Dog", "katze")])
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "term 'Dog' has two targets" in e.value.details()
+
+
+def test_server_refuses_terms_on_a_document_request(server_target):
+    with TranslatorClient(server_target, retries=0) as client, pytest.raises(grpc.RpcError) as e:
+        client.translate(SENTENCES[:1], document=pb.DocumentOptions(enabled=True), terms=[("dog", "hund")])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "terms apply to sentence requests" in e.value.details()
 
 
 def test_glossary_limits_reach_model_info(server_target):
