@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 minutes="${MINUTES:-10}"
 run="${RUN:-runs/quickstart}"
 port="${PORT:-50051}"
-[ -x .venv/bin/nmt-serve ] && [ -x .venv/bin/nmt-translate ] || bash scripts/setup.sh .venv
+# training and serving: the `train` and `serve` extras (pyproject.toml)
+.venv/bin/python -c "import datasets, grpc, matplotlib, sacrebleu" 2>/dev/null || bash scripts/setup.sh .venv train,serve
 export PATH="$PWD/.venv/bin:$PATH"
 
 nmt-train --config cpu --out "$run" --max-minutes "$minutes" train.valid_every=100

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create a fresh virtual environment at $1 (default .venv) and install the project into it.
+# Create a fresh virtual environment at $1 (default .venv) and install the project into it, with the
+# extras named in $2 (comma-separated, from pyproject.toml: serve, train, export, dev, ...).
 # torch==2.13.0 goes in first: on CPU machines that pin is a local CPU build, while an open
 # `torch` requirement on its own would pull a multi-GB CUDA build.
 set -euo pipefail

@@ -13,7 +13,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent import futures
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tests.dependencies import distributions, following_translator, requirements
 from training.config import resolve_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,6 @@ def load_script(path: Path):
 
 
 healthcheck = load_script(DEPLOY / "healthcheck.py")
-
-# Third-party module -> the distribution the server image installs for it.
-DISTRIBUTIONS = {
-    "torch": "torch", "sentencepiece": "sentencepiece", "grpc": "grpcio", "grpc_health": "grpcio-health-checking",
-    "grpc_reflection": "grpcio-reflection", "google": "protobuf", "yaml": "PyYAML", "sentencex": "sentencex",
-}
-
 
 def manifests() -> dict[str, dict]:
     """Every Kubernetes object under deploy/k8s by `Kind/name`."""
@@ -130,33 +123,33 @@ def test_entrypoints_are_installed_scripts_whose_help_works(capsys):
         assert f"usage: {prog}" in capsys.readouterr().out
 
 
-def third_party_imports(entry: Path) -> set[str]:
-    """Top-level third-party modules `entry` can import, following the translator package."""
-    seen, todo, found = set(), [entry], set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                top = name.split(".")[0]
-                if top == "translator":
-                    module = ROOT / (name.replace(".", "/") + ".py")
-                    todo += [module] if module.exists() else []
-                elif top not in sys.stdlib_module_names and top != "__future__":
-                    found.add(top)
-    return found
+def pip_installs(steps: list[tuple[str, str]]) -> list[list[str]]:
+    """The arguments of every `pip install` in the RUN instructions, in order."""
+    out = []
+    for run in instruction(steps, "RUN"):
+        for command in run.split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                out.append(words[2:])
+    return out
 
 
-def test_server_image_installs_every_module_nmt_serve_imports():
-    installed = " ".join(instruction(server_stage(), "RUN"))
-    for module in sorted(third_party_imports(ROOT / "translator" / "serve_cli.py")):
-        assert module in DISTRIBUTIONS, f"nmt-serve imports {module}: add it to the image and to DISTRIBUTIONS"
-        assert DISTRIBUTIONS[module] in installed, f"Dockerfile.server does not install {DISTRIBUTIONS[module]}"
+def test_server_image_installs_cpu_torch_then_the_serve_extra_from_pyproject():
+    setup_pin = next(w for w in shlex.split((ROOT / "scripts" / "setup.sh").read_text()) if w.startswith("torch=="))
+    torch_pin, project = pip_installs(server_stage())
+    assert torch_pin == [setup_pin, "--index-url", "https://download.pytorch.org/whl/cpu"]
+    assert project == [".[serve]"], "the server image installs the project with its serve extra, no versions by hand"
+    assert "COPY pyproject.toml README.md ./" in [f"COPY {a}" for a in instruction(server_stage(), "COPY")]
+
+
+def test_train_image_installs_the_train_extra():
+    assert pip_installs(dockerfile("Dockerfile.train")) == [[".[train]"]]
+
+
+def test_serve_extra_provides_every_module_nmt_serve_imports():
+    declared = requirements("serve")
+    for module in sorted(following_translator(ROOT / "translator" / "serve_cli.py")):
+        assert distributions(module) & declared, f"nmt-serve imports {module}: declare it in the base install or `serve`"
 
 
 def test_server_deployment_probes_grpc_health_and_requests_resources():

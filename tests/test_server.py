@@ -60,20 +60,22 @@ PROVENANCE = Provenance(
 )
 
 
-def write_checkpoint(path: Path, tokenizer: Tokenizer) -> Path:
-    torch.manual_seed(0)
+def write_checkpoint(path: Path, tokenizer: Tokenizer, seed: int = 0, languages: tuple[str, str] = ("en", "de")) -> Path:
+    """A tiny model of `seed`'s weights (another seed translates differently)."""
+    torch.manual_seed(seed)
     cfg = tiny_model_config(max_positions=MAX_POSITIONS)
     model = build_model(cfg)
     with torch.no_grad():
         model.embed.tokens.weight[cfg.eos_id].zero_()  # logit 0 for EOS: some other token always beats it
-    config = {"model": to_dict(cfg), "data": {"src_lang": "en", "tgt_lang": "de"}}
+    config = {"model": to_dict(cfg), "data": {"src_lang": languages[0], "tgt_lang": languages[1]}}
     save_checkpoint(path, config=config, tokenizer=tokenizer, model=model, metrics={BLEU_KEY: 12.5},
                     provenance=PROVENANCE)
     return path
 
 
-def server_config(checkpoint: Path, **changes) -> ServerConfig:
-    base = {"checkpoint": str(checkpoint), "port": 0, "limits": LIMITS, "decoding": DEFAULTS,
+def server_config(checkpoint: Path | None, **changes) -> ServerConfig:
+    """None: the models come in `changes`."""
+    base = {"checkpoint": str(checkpoint) if checkpoint else "", "port": 0, "limits": LIMITS, "decoding": DEFAULTS,
             "batching": BatcherConfig(max_queue_sentences=64, max_queue_delay_ms=2.0)}
     return ServerConfig(**{**base, **changes})
 

@@ -6,16 +6,17 @@ batches of at most `max_batch_tokens` (sentences x longest source x beam). A req
 no batch decoding starts at once; while others decode, a new batch waits at most
 `max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different options)
 decode at once, a step at a time, the one with the least compute so far next (the rule of
-Linux's fair scheduler): a one-sentence request's 3 ms steps keep coming while a long request's
-100 ms steps run, and a lone batch never waits for anyone. A request that ends early (cancelled,
+Linux's fair scheduler): a one-sentence request's short steps keep coming while a long request's
+long steps run, and a lone batch never waits for anyone. A request that ends early (cancelled,
 past its deadline) gives its places in the queue back at once; its sentences leave the queue,
 and a running batch at its next step.
 
 All decoding runs on one thread, the engine (`run`): a second thread starting OpenMP work
 (torch's or the native kernels') gives the process a second thread team, more OpenMP threads
-than cores, and libgomp then stops spinning between parallel regions: a decoder step on a
-non-main thread of a process whose main thread had run torch ops measured 3.5-4x slower (greedy,
-one sentence, 2 threads). `nmt-serve` runs the engine on its main thread, which loaded the model.
+than cores, and libgomp then stops spinning between parallel regions, so that every region pays
+a wake-up: decoding on a thread other than the one that loaded the model is several times slower
+(benchmarks/engine_thread.py, docs/RESULTS.md). `nmt-serve` runs the engine on its main thread,
+which loaded the model.
 
 With `continuous` on, a running batch also takes queued sentences with its options between steps
 (iteration-level batching), as far as its token budget allows, if the decode function asks

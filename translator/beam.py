@@ -55,8 +55,8 @@ def beam_candidates(scores: Tensor, logp: Tensor, n: int) -> Candidates:
 
 def each_beams_best(scores: Tensor, logp: Tensor, n: int) -> Candidates | None:
     """`beam_candidates` from each beam's n best tokens: a sentence's n best candidates are among
-    them, and ranking k * n per sentence instead of k * V saves the sums over (b, k, V) (64
-    sentences x 5 beams x 8,000 tokens: 4.7 -> 4.0 ms; beam search x1.02-1.03). None when a
+    them, and ranking k * n per sentence instead of k * V saves the sums over (b, k, V)
+    (docs/HISTORY.md, round 4). None when a
     beam's n-th and (n+1)-th tokens tie (or it has fewer than n finite ones): which of the tied
     tokens rank first is then decided over all of them, by `top_n_stable`."""
     b, k, V = logp.shape

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,6 +112,7 @@ def translate_main(argv: list[str] | None = None) -> int:
 
     try:
         opts = decoding_options(args)
+        check_extras(args)
         if args.document or args.markup:
             check_document_flags(args, opts)
         backend = open_backend(args)
@@ -129,6 +131,14 @@ def translate_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """Name the missing extra before any work: the base install translates a local checkpoint only."""
+    for wanted, module, flag, extra in ((args.server, "grpc", "--server", "serve"),
+                                        (args.attention_png, "matplotlib", "--attention-png", "plot")):
+        if wanted and importlib.util.find_spec(module) is None:
+            raise ValueError(f"{flag} needs the {extra!r} extra: pip install 'nmt-translator[{extra}]'")
 
 
 def check_document_flags(args: argparse.Namespace, opts: DecodeOptions) -> None:

@@ -93,12 +93,15 @@ class TranslatorClient:
         self.channel.close()
 
     def translate(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                  document: pb.DocumentOptions | None = None, terms: Sequence[tuple[str, str]] = (),
+                  document: pb.DocumentOptions | None = None, model: str = "", source_language: str = "",
+                  target_language: str = "", terms: Sequence[tuple[str, str]] = (),
                   **options: Any) -> pb.TranslateResponse:
-        """Translate texts (documents, with `document`); options are DecodingOptions fields
-        (beam_size=4, n_best=2, ...); terms: the glossary, (source phrase, target phrase) pairs."""
-        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options),
-                                      request_id=request_id, document=document,
+        """Translate texts (documents, with `document`) with the model named, or the one for the
+        language pair, or the server's default; options are DecodingOptions fields (beam_size=4,
+        n_best=2, ...); terms: the glossary, (source phrase, target phrase) pairs."""
+        request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
+                                      document=document, model=model, source_language=source_language,
+                                      target_language=target_language,
                                       terms=[pb.Term(source=s, target=t) for s, t in terms])
         return self._retry(lambda left: self.stub.Translate(request, timeout=left, metadata=self.metadata),
                            timeout)
@@ -108,11 +111,16 @@ class TranslatorClient:
         return [t.hypotheses[0].text for t in self.translate(texts, **options).translations]
 
     def translate_stream(self, texts: list[str], timeout: float | None = None, request_id: str = "",
-                         document: pb.DocumentOptions | None = None, terms: Sequence[tuple[str, str]] = (),
+                         document: pb.DocumentOptions | None = None, model: str = "",
+                         source_language: str = "", target_language: str = "",
+                         terms: Sequence[tuple[str, str]] = (),
                          **options: Any) -> Iterator[pb.TranslateStreamResponse]:
-        """Stream of partial and final results. Retried only until the first message arrives."""
+        """Stream of partial and final results (model chosen as translate() says). Retried only
+        until the first message arrives."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
-                                      document=document, terms=[pb.Term(source=s, target=t) for s, t in terms])
+                                      document=document, model=model, source_language=source_language,
+                                      target_language=target_language,
+                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
 
         def start(left: float) -> tuple[Any, pb.TranslateStreamResponse | None]:
             call = self.stub.TranslateStream(request, timeout=left, metadata=self.metadata)
@@ -124,9 +132,13 @@ class TranslatorClient:
         yield first
         yield from call
 
-    def model_info(self) -> pb.ModelInfo:
-        return self._retry(lambda left: self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=left,
+    def model_info(self, model: str = "") -> pb.ModelInfo:
+        return self._retry(lambda left: self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=left,
                                                                metadata=self.metadata), None)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self._retry(lambda left: self.stub.ListModels(pb.ListModelsRequest(), timeout=left,
+                                                                   metadata=self.metadata), None).models)
 
     def _retry(self, call: Callable[[float], T], timeout: float | None) -> T:
         """call(seconds left before the deadline), retried as the class docstring says."""

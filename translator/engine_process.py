@@ -174,6 +174,11 @@ class RemoteBatcher:
         return self._admission.pending
 
     @property
+    def failed(self) -> bool:
+        """The engine process died and could not be restarted: requests are refused."""
+        return self._stopped.is_set() and not self._stopping
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid
 

@@ -2,9 +2,9 @@
 through oneDNN's sgemm where it is installed.
 
 `Linear` keeps its weight packed in panels for the native kernel (`kernels.panel_linear`) and
-multiplies over them at inference: oneDNN's sgemm packs the weight again at every call, which
-at a decoding step's few rows costs it up to 1.6x (4 rows; even at 1 and 320 rows;
-benchmarks/gemm_backends.py, docs/RESULTS.md round 7). Training, other dtypes and devices,
+multiplies over them at inference: oneDNN's sgemm packs the weight again at every call, a cost
+that a decoding step's few rows cannot spread (benchmarks/gemm_backends.py, docs/HISTORY.md
+round 7). Training, other dtypes and devices,
 tracing, or no native kernels: `F.linear`.
 
 The output projection multiplies through oneDNN's JIT sgemm (what CTranslate2 multiplies with
@@ -113,10 +113,10 @@ def matmul(x: Tensor, columns: Tensor) -> Tensor:
     return out
 
 
-# oneDNN 2023.2's sgemm runs 280 to ~400 rows against the 8,000-wide output projection 1.25x
-# slower per row than 256 or 400 rows (beam 5 over 64 sentences is 320 rows); torch's own oneDNN
-# matmul primitive over a weight packed in advance keeps its rate there and matches the sgemm
-# above (benchmarks/generator.py). `packed_linear` takes it past PACKED_ROWS rows.
+# oneDNN 2023.2's sgemm slows down per row between ~280 and ~400 rows of the 8,000-wide output
+# projection, where beam 5 over 64 sentences runs (320 rows); torch's own oneDNN matmul
+# primitive over a weight packed in advance keeps its rate there and matches the sgemm above
+# (benchmarks/generator.py, docs/HISTORY.md round 5). `packed_linear` takes it past PACKED_ROWS rows.
 PACKED_ROWS = 256
 
 

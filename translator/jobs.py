@@ -146,6 +146,10 @@ class Job:
             self._on_end(self)
         self._emit(("end", -1, None))
 
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended (results or error) or timeout passes; whether it has."""
+        return self._done.wait(timeout)
+
     def wait(self) -> list[Any]:
         """Block until the job ends; its results in source order, or its error raised."""
         timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())

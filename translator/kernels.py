@@ -15,8 +15,8 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
   call for every layer's keys and values instead of two torch ops per tensor);
 - a decoder layer's whole step for one new position per row (`decoder_steps`): the same
   arithmetic as translator.model's layers, through the functions above, with no torch op and no
-  Python between the products (a step at 64 rows x1.23, at 1 row x2).
-docs/RESULTS.md has the figures. The library is compiled for this CPU (`-march=native`) into a
+  Python between the products.
+docs/RESULTS.md and docs/HISTORY.md have the figures. The library is compiled for this CPU (`-march=native`) into a
 cache directory the first time a process asks for it, and reused from there. Without a C
 compiler with OpenMP (`$CC`, else `cc`), or with `NMT_KERNELS=0`, each falls back to torch:
 same results within float rounding, only slower.
@@ -229,8 +229,8 @@ def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: b
 class LayerNorm(torch.nn.LayerNorm):
     """`nn.LayerNorm` (same parameters, same state dict) whose inference over the last dimension
     of a contiguous float32 CPU tensor is one native call, its rows split over the threads from
-    an encoder's size on (torch's op and its allocation cost ~30 us at a decoding step's
-    64 x 256, the arithmetic a few; at an encoder's 1,024 x 256, ~250 us)."""
+    an encoder's size on: at a decoding step's few rows torch's op and its allocation cost far
+    more than the arithmetic (docs/HISTORY.md, rounds 6 and 7)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: torch's op, traceable

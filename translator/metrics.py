@@ -96,13 +96,20 @@ class Metrics:
         self.latency = Histogram("nmt_request_seconds", "RPC latency from arrival to answer.", ("method",))
         self.queue = Histogram("nmt_queue_seconds", "Time requests waited for their first decode step.")
         self.decode = Histogram("nmt_decode_seconds", "Time requests spent in decode batches.")
+        self.model_requests = Counter("nmt_model_requests_total", "Finished RPCs by model, method and status code.",
+                                      ("model", "method", "code"))
+        self.model_latency = Histogram("nmt_model_request_seconds", "RPC latency by model.", ("model",))
         self.queue_depth = Gauge("nmt_queue_sentences", "Sentences admitted and not yet finished.",
                                  queue_depth)
 
     def record(self, method: str, code: str, seconds: float, sentences: int, queue_ms: float,
-               decode_ms: float) -> None:
+               decode_ms: float, model: str = "") -> None:
+        """model: the name of the model that served the call ("" when none did, e.g. a refusal)."""
         self.requests.inc(method, code)
         self.latency.observe(seconds, method)
+        if model:
+            self.model_requests.inc(model, method, code)
+            self.model_latency.observe(seconds, model)
         if code == "OK":
             self.sentences.inc(amount=sentences)
         if decode_ms:
@@ -110,7 +117,8 @@ class Metrics:
             self.decode.observe(decode_ms / 1000.0)
 
     def render(self) -> str:
-        families = (self.requests, self.sentences, self.latency, self.queue, self.decode, self.queue_depth)
+        families = (self.requests, self.sentences, self.latency, self.queue, self.decode, self.model_requests,
+                    self.model_latency, self.queue_depth)
         return "\n".join(line for f in families for line in f.render()) + "\n"
 
 

@@ -60,9 +60,10 @@ class ModelConfig:
 # Outside autograd, up to FEW_QUERIES queries per sentence and head (a decoding step: one, or a
 # sentence's beams over its source; the encoder over a source of up to 40 tokens) take the native
 # kernel (translator.kernels) where it is built: torch's fused kernel, made for long runs of
-# queries, is slower there (64 sentences x 1 query over 20 keys 170 -> 107 us; an encoder's 64
-# sentences of 25 tokens 2,364 -> 1,589 us, of 40 4,454 -> 3,811); from ~50 queries on the fused
-# kernel's blocking wins (64: 8,307 against 9,208 us; docs/RESULTS.md).
+# queries, spends most of its time per (sentence, head) item when each has only a few queries,
+# while the native kernel keeps an item's scores and sums in registers; with many queries the
+# fused kernel's blocking wins, and the bound sits below the measured crossover (docs/HISTORY.md,
+# round 7).
 FEW_QUERIES = 40
 
 
@@ -439,8 +440,8 @@ class DecoderCache:
             start = start - first
             self.start = start if bool(start.any()) else None
         # Rows that fit the buffers are reordered in the slot table alone: copying every key and
-        # value of every layer is memory-bound (~27 GB/s), a beam step's 5%, and with sentences
-        # joining a running beam search (rows with their own starts) it would be every step's.
+        # value of every layer is bound by memory bandwidth, and with sentences joining a running
+        # beam search (rows with their own starts) it would be every step's.
         buffers = self.layers[0].self_k
         in_table = buffers is not None and index.numel() <= buffers.size(1)
         if in_table:
@@ -617,8 +618,8 @@ class Generator(nn.Module):
     Decoding steps (no autograd) take faster forms of the same product, measured by
     benchmarks/generator.py: through oneDNN (translator.gemm), a (D, V) row-major copy of the
     weight up to gemm.PACKED_ROWS rows and the weight packed for torch's oneDNN primitive past
-    them (the native kernel's packed panels, `kernels.panel_linear`, measured 0.72-0.97x the
-    sgemm at 1-64 rows and 0.92-0.97x the primitive past 256: not taken); without oneDNN, through
+    them (the native kernel's packed panels, `kernels.panel_linear`, are slower than both for
+    this one wide product, so they are not taken: docs/HISTORY.md, round 7); without oneDNN, through
     MKL: for one row the (D, V) copy, for 2 to FEW_ROWS rows the logits computed transposed.
     Copies are kept until the weight changes (V x D floats each).
     """

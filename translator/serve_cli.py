@@ -1,4 +1,6 @@
-"""`nmt-serve`: serve a checkpoint over gRPC until SIGTERM / SIGINT, then drain and exit 0."""
+"""`nmt-serve`: serve one checkpoint or several named models over gRPC until SIGTERM / SIGINT,
+then drain and exit 0. SIGHUP reloads every model from its configured path (swapped without
+downtime; a checkpoint that fails verification is refused, logged, and the old model serves on)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from translator.config import ConfigError, apply_overrides, apply_values, from_d
 # flag -> ServerConfig key
 FLAGS = {
     "checkpoint": "checkpoint", "host": "host", "port": "port", "metrics_port": "metrics_port",
-    "auth_token_file": "auth_token_file", "grace_seconds": "grace_seconds", "threads": "threads",
+    "auth_token_file": "auth_token_file", "admin_token_file": "admin_token_file", "grace_seconds": "grace_seconds", "threads": "threads",
     "tls_cert": "tls.cert_file", "tls_key": "tls.key_file", "tls_client_ca": "tls.client_ca_file",
 }
 
@@ -26,11 +28,15 @@ def parse_config(argv: list[str] | None) -> Any:
     p = argparse.ArgumentParser(prog="nmt-serve", description="Serve a translation checkpoint over gRPC.")
     p.add_argument("--config", help="YAML file with ServerConfig keys (see deploy/serve.yaml)")
     p.add_argument("--checkpoint", help="checkpoint file (.pt) to serve")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="serve checkpoint PATH as model NAME; repeat for several (the first is the default)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port")
     p.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
     p.add_argument("--auth-token-file", help="require 'authorization: Bearer <token in file>'")
+    p.add_argument("--admin-token-file", help="turn on the Admin service (load / reload / unload models), "
+                   "its calls needing 'authorization: Bearer <token in file>'")
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
@@ -44,7 +50,17 @@ def parse_config(argv: list[str] | None) -> Any:
     flags = {key: getattr(args, name) for name, key in FLAGS.items() if getattr(args, name) is not None}
     if args.reflection:
         flags["reflection"] = True
+    if args.model:
+        flags["models"] = [_model_flag(value) for value in args.model]
+        flags.setdefault("checkpoint", "")  # --model replaces the config file's checkpoint
     return from_dict(ServerConfig, apply_overrides(apply_values(data, flags), list(args.overrides)))
+
+
+def _model_flag(value: str) -> dict[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--model takes NAME=PATH, got {value!r}")
+    return {"name": name, "checkpoint": path}
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -60,8 +76,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     from translator.checkpoint import CheckpointError
     from translator.engine_process import EngineStartError
     from translator.runtime import keep_freed_memory
-    from translator.server import create_server
-    from translator.service import TranslationService
+    from translator.server import build_models, create_server
 
     keep_freed_memory()
     if cfg.engine_process:  # the front end only tokenizes: its torch ops are tiny
@@ -70,22 +85,18 @@ def serve_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(cfg.threads)
     if kernels.library() is not None:  # built or loaded now, not on the first request
         logging.getLogger("translator.kernels").info("native decoding kernels loaded")
-    # The decoding engine runs on this thread, which loads the model: one thread doing all the
+    # The decoding engine runs on this thread, which loads the models: one thread doing all the
     # OpenMP work keeps libgomp spinning between parallel regions (translator.batcher); or on the
-    # main thread of a process of its own (engine_process), which warms itself up.
-    service = None
+    # main thread of a process of its own per model (engine_process), which warms itself up.
+    models = None
     try:
-        service = TranslationService.from_checkpoint(cfg.checkpoint, cfg.limits, cfg.batching, cfg.decoding,
-                                                     cfg.threads, engine_thread=False,
-                                                     engine_process=cfg.engine_process)
-        server, port = create_server(cfg, service)
+        models = build_models(cfg, engine_thread=False)
+        server, port = create_server(cfg, models)
     except (ConfigError, CheckpointError, EngineStartError, OSError) as e:
-        if service is not None:
-            service.stop()
+        if models is not None:
+            models.stop()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not cfg.engine_process:
-        service.translator.translate(["warm-up"])  # first-call costs (packed weights, caches) before serving
     drainer = threading.Thread(target=_drain, args=(server, cfg.grace_seconds), name="drain")
 
     def on_signal(*_: Any) -> None:
@@ -94,16 +105,33 @@ def serve_main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # On a thread of its own per signal, which ends with the reload (see translator.admin).
+    reloading = threading.Lock()
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(models, reloading),
+                                                              name="reload").start())
     server.start()
     metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
-    service.run_engine()  # until the drain stops the service
+    models.run_engine()  # until the drain stops the models
     if drainer.ident is None:  # not drained: the engine process died and could not be restarted
         server.stop()
         print("error: the decoding engine stopped and could not be restarted", file=sys.stderr)
         return 1
     drainer.join()
     return 0
+
+
+def _reload(models, reloading: threading.Lock) -> None:
+    """SIGHUP: every model again from its path; a refused one is logged and keeps serving. Reloads
+    run one after another, so a signal sent after a file changed always reads the new file."""
+    log = logging.getLogger("translator.server")
+    with reloading:
+        log.info("SIGHUP: reloading %d models", len(models.services()))
+        for name, error in models.reload_all().items():
+            if error is None:
+                log.info("model %s reloaded", name)
+            else:
+                log.error("model %s kept: the new checkpoint was refused: %s", name, error)
 
 
 def _drain(server, grace: float) -> None:

@@ -41,6 +41,10 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
                                        require_client_auth=ca is not None)
 
 
+class AccessDenied(Exception):
+    """A call lacks the token its method needs (the admin token)."""
+
+
 def read_token(path: str) -> str:
     token = Path(path).read_text(encoding="utf-8").strip()
     if not token:
@@ -49,10 +53,12 @@ def read_token(path: str) -> str:
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
-    """Calls must carry `authorization: Bearer <token>`; health checks are exempt."""
+    """Calls must carry `authorization: Bearer <token>`; health checks are exempt, and the methods
+    under the `exempt` prefixes (the admin service, which checks a token of its own)."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, exempt: tuple[str, ...] = ()) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._exempt = (HEALTH_PREFIX, *exempt)
 
     async def intercept_service(
         self,
@@ -60,7 +66,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
+        if handler is None or details.method.startswith(self._exempt):
             return handler
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):

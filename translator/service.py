@@ -41,6 +41,7 @@ from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
 from translator.provenance import Provenance
+from translator.shared_engine import Lane, SharedEngine
 from translator.translate import Translator, aligned_translation, passed_through
 
 # C0/C1 control characters other than tab, newline and carriage return, and lone surrogates.
@@ -215,12 +216,14 @@ class TranslationService:
         engine_thread: bool = True,
         engine_process: EngineSpec | None = None,
         origin: CheckpointOrigin | None = None,
+        engine: SharedEngine | None = None,
     ) -> None:
         """threads: intra-op threads of the decoding engine; 0 = torch's default. engine_thread:
         decode on a thread of the service's own; False: the caller runs `run_engine()` (best on
         the thread that loaded the model: see translator.batcher). engine_process: decode in a
         process of its own started from this spec instead (translator.engine_process); the
-        service then only checks, tokenizes and detokenizes."""
+        service then only checks, tokenizes and detokenizes. engine: decode on this engine, shared
+        with other models (translator.shared_engine), instead of one of the service's own."""
         if threads < 0:
             raise ConfigError(f"threads must be >= 0, got {threads}")
         self.translator = translator
@@ -254,8 +257,10 @@ class TranslationService:
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
             origin=origin,
         )
-        self.batcher: Batcher | RemoteBatcher
-        if engine_process is not None:
+        self.batcher: Batcher | RemoteBatcher | Lane
+        if engine is not None:
+            self.batcher = engine.lane(self._decode)
+        elif engine_process is not None:
             self.batcher = RemoteBatcher(engine_process)
         else:
             self.batcher = Batcher(self._decode, batching,
@@ -271,9 +276,15 @@ class TranslationService:
         threads: int = 0,
         engine_thread: bool = True,
         engine_process: bool = False,
+        engine: SharedEngine | None = None,
+        name: str = "",
+        languages: tuple[str, str] = ("", ""),
     ) -> TranslationService:
-        """Load the checkpoint once (weights-only unpickling) and build the service around it;
-        with engine_process, an engine process loads it too and does the decoding."""
+        """Load the checkpoint once (weights-only unpickling, verified: CheckpointError) and build
+        the service around it; with engine_process, an engine process loads it too and does the
+        decoding; with engine, it decodes on that shared engine. name: the model's name (default:
+        the file's); languages: (source, target) to serve it as, each where the checkpoint's
+        record is to be replaced."""
         path = Path(path)
         ckpt = load_checkpoint(path)
         digest = hashlib.sha256()
@@ -281,13 +292,13 @@ class TranslationService:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         data = ckpt.config.get("data", {})
-        identity = ModelIdentity(path.name, digest.hexdigest(), data.get("src_lang", ""),
-                                 data.get("tgt_lang", ""))
+        identity = ModelIdentity(name or path.name, digest.hexdigest(), languages[0] or data.get("src_lang", ""),
+                                 languages[1] or data.get("tgt_lang", ""))
         translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
         spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
         origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
-                   spec if engine_process else None, origin)
+                   spec if engine_process else None, origin, None if engine_process else engine)
 
     # -- requests: awaited on an event loop, so no thread waits; a cancelled task (the caller
     # left, its deadline passed) cancels the request -----------------------------------------

@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +29,17 @@ from translator.batcher import (
     QueueFull,
     ShuttingDown,
 )
+from translator.checkpoint import CheckpointError
+from translator.config import ConfigError
 from translator.document_requests import DocumentEvent, DocumentRequest, SentenceDone
 from translator.documents import DocumentResult, TranslatedSentence
+from translator.engine_process import EngineStartError
 from translator.glossary import Term
 from translator.metrics import Metrics
+from translator.models import ModelExists, Models, UnknownModel
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
+from translator.server_security import AccessDenied
 from translator.service import (
     Call,
     Candidate,
@@ -59,6 +64,12 @@ DEADLINE_SLACK_S = 0.05
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownModel, grpc.StatusCode.NOT_FOUND),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),  # a model to load, e.g. a bad name
+    (ModelExists, grpc.StatusCode.ALREADY_EXISTS),
+    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),  # a model to load failed verification
+    (EngineStartError, grpc.StatusCode.FAILED_PRECONDITION),
+    (AccessDenied, grpc.StatusCode.UNAUTHENTICATED),  # the admin token
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
@@ -82,6 +93,7 @@ class _Rpc:
     id: str
     call: Call
     code: grpc.StatusCode = grpc.StatusCode.OK
+    model: str = ""  # the name of the model that served it
 
 
 class _Malformed:
@@ -255,14 +267,14 @@ def _provenance(origin: CheckpointOrigin) -> pb.Provenance:
 
 
 class TranslatorServicer(pb_grpc.TranslatorServicer):
-    """translator.v1.Translator over a TranslationService, on grpc.aio; one structured log line per
+    """translator.v1.Translator over the served Models, on grpc.aio; one structured log line per
     call. Lives on the server's event loop: a cancelled handler task (the client left, its deadline
-    passed) cancels the request inside the service."""
+    passed) cancels the request inside the service. A request holds the model it was routed to
+    until it ends, so a swap never moves it to other weights mid-way."""
 
-    def __init__(self, service: TranslationService, metrics: Metrics | None = None) -> None:
-        self.service = service
+    def __init__(self, models: Models, metrics: Metrics | None = None) -> None:
+        self.models = models
         self.metrics = metrics or Metrics()
-        self.model = _identity(service.identity)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -271,46 +283,63 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                         context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         async with self._rpc("Translate", request, context) as rpc:
             check_request(request)
-            if document := _document_request(request):
-                docs = await self.service.translate_documents_async(
-                    list(request.texts), _request_options(request.options, request.terms), document, rpc.call)
-                return pb.TranslateResponse(translations=[_document_translation(d) for d in docs], model=self.model)
-            results = await self.service.translate_async(list(request.texts), _request_options(request.options, request.terms),
-                                                         rpc.call)
-            scores = request.options.return_scores
-            return pb.TranslateResponse(translations=[_translation(r, scores) for r in results],
-                                        model=self.model)
+            with self._checkout(request, rpc) as service:
+                if document := _document_request(request):
+                    docs = await service.translate_documents_async(
+                        list(request.texts), _request_options(request.options, request.terms), document, rpc.call)
+                    return pb.TranslateResponse(translations=[_document_translation(d) for d in docs],
+                                                model=_identity(service.identity))
+                results = await service.translate_async(list(request.texts), _request_options(request.options, request.terms),
+                                                        rpc.call)
+                scores = request.options.return_scores
+                return pb.TranslateResponse(translations=[_translation(r, scores) for r in results],
+                                            model=_identity(service.identity))
 
     async def TranslateStream(self, request: pb.TranslateRequest,
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._rpc("TranslateStream", request, context) as rpc:
             check_request(request)
             options = _request_options(request.options, request.terms)
-            if document := _document_request(request):
-                stream = self.service.translate_documents_stream_async(list(request.texts), options, document,
-                                                                       rpc.call)
-                async with contextlib.aclosing(stream):
-                    first = True
-                    async for event in stream:
-                        yield _document_event(event, self.model if first else None)
-                        first = False
-                return
-            events = self.service.translate_stream_async(list(request.texts), options, rpc.call)
-            async with contextlib.aclosing(events):
-                model: pb.ModelIdentity | None = self.model
-                async for ev in events:
-                    msg = pb.TranslateStreamResponse(index=ev.index, text=ev.text, model=model)
-                    if ev.result is not None:
-                        msg.done = True
-                        msg.translation.CopyFrom(_translation(ev.result, request.options.return_scores))
-                    model = None
-                    yield msg
+            with self._checkout(request, rpc) as service:
+                if document := _document_request(request):
+                    stream = service.translate_documents_stream_async(list(request.texts), options, document,
+                                                                      rpc.call)
+                    async with contextlib.aclosing(stream):
+                        first: pb.ModelIdentity | None = _identity(service.identity)
+                        async for event in stream:
+                            yield _document_event(event, first)
+                            first = None
+                    return
+                events = service.translate_stream_async(list(request.texts), options, rpc.call)
+                async with contextlib.aclosing(events):
+                    model: pb.ModelIdentity | None = _identity(service.identity)
+                    async for ev in events:
+                        msg = pb.TranslateStreamResponse(index=ev.index, text=ev.text, model=model)
+                        if ev.result is not None:
+                            msg.done = True
+                            msg.translation.CopyFrom(_translation(ev.result, request.options.return_scores))
+                        model = None
+                        yield msg
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        async with self._rpc("GetModelInfo", request, context):
+        async with self._rpc("GetModelInfo", request, context) as rpc:
             check_request(request)
-            return _model_info(self.service.info)
+            service = self.models.route(request.model)
+            rpc.model = service.identity.name
+            return _model_info(service.info)
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async with self._rpc("ListModels", request, context):
+            check_request(request)
+            return pb.ListModelsResponse(models=[_model_info(info) for info in self.models.infos()])
+
+    @contextlib.contextmanager
+    def _checkout(self, request: pb.TranslateRequest, rpc: _Rpc) -> Iterator[TranslationService]:
+        with self.models.checkout(request.model, request.source_language, request.target_language) as service:
+            rpc.model = service.identity.name
+            yield service
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds until no call of this servicer is running; True if none is."""
@@ -360,9 +389,9 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
 
     def _log(self, method: str, rpc: _Rpc, seconds: float) -> None:
         s = rpc.call
-        self.metrics.record(method, rpc.code.name, seconds, s.sentences, s.queue_ms, s.decode_ms)
+        self.metrics.record(method, rpc.code.name, seconds, s.sentences, s.queue_ms, s.decode_ms, rpc.model)
         log.info(json.dumps({
-            "event": "rpc", "id": rpc.id, "method": method, "status": rpc.code.name,
+            "event": "rpc", "id": rpc.id, "method": method, "status": rpc.code.name, "model": rpc.model,
             "sentences": s.sentences, "src_tokens": s.src_tokens, "queue_ms": round(s.queue_ms, 2),
             "decode_ms": round(s.decode_ms, 2), "steps": s.steps, "total_ms": round(seconds * 1000.0, 2),
         }))
@@ -389,5 +418,7 @@ def generic_handler(servicer: TranslatorServicer) -> grpc.GenericRpcHandler:
             pb.TranslateStreamResponse.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, _parser(pb.GetModelInfoRequest), pb.ModelInfo.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, _parser(pb.ListModelsRequest), pb.ListModelsResponse.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

@@ -10,9 +10,8 @@ from collections.abc import Iterable
 import sentencepiece as spm
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
-# SentencePiece's list calls start a thread per core, ~0.1 ms a call: from this many texts on
-# they pay (64 sentences 0.32 ms against 0.47 one by one); below, one call per text is faster
-# (one sentence 7 us against 92).
+# SentencePiece's list calls start a thread per core on every call: that fixed cost pays only
+# from a few dozen texts on; below, one call per text is faster (docs/HISTORY.md, round 7).
 BATCH_CALL_MIN = 32
 
 

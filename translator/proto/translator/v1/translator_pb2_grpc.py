@@ -49,6 +49,11 @@ class TranslatorStub:
                 request_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/translator.v1.Translator/ListModels',
+                request_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class TranslatorServicer:
@@ -77,6 +82,13 @@ class TranslatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model the server serves, the default (the one a request that names none gets) first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranslatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_TranslatorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.GetModelInfoRequest.FromString,
                     response_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsRequest.FromString,
+                    response_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +194,207 @@ class Translator:
             '/translator.v1.Translator/GetModelInfo',
             translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.GetModelInfoRequest.SerializeToString,
             translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/translator.v1.Translator/ListModels',
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsRequest.SerializeToString,
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Changing what the server serves. Off (UNIMPLEMENTED) unless the server is given an admin token
+    file; every call needs `authorization: Bearer <admin token>`. A checkpoint is loaded and
+    verified beside the models being served; only then does it take requests. One that fails
+    verification is refused (FAILED_PRECONDITION, with the reason) and nothing changes.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/translator.v1.Admin/LoadModel',
+                request_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/translator.v1.Admin/ReloadModel',
+                request_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/translator.v1.Admin/UnloadModel',
+                request_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Changing what the server serves. Off (UNIMPLEMENTED) unless the server is given an admin token
+    file; every call needs `authorization: Bearer <admin token>`. A checkpoint is loaded and
+    verified beside the models being served; only then does it take requests. One that fails
+    verification is refused (FAILED_PRECONDITION, with the reason) and nothing changes.
+    """
+
+    def LoadModel(self, request, context):
+        """Serve a checkpoint under a new name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """Replace a model by a checkpoint (its configured one when none is given): new requests go to
+        the new weights at once, requests already running finish on the old ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stop serving a model; its running requests finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.LoadModelRequest.FromString,
+                    response_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ReloadModelRequest.FromString,
+                    response_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelRequest.FromString,
+                    response_serializer=translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'translator.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('translator.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Changing what the server serves. Off (UNIMPLEMENTED) unless the server is given an admin token
+    file; every call needs `authorization: Bearer <admin token>`. A checkpoint is loaded and
+    verified beside the models being served; only then does it take requests. One that fails
+    verification is refused (FAILED_PRECONDITION, with the reason) and nothing changes.
+    """
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/translator.v1.Admin/LoadModel',
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.LoadModelRequest.SerializeToString,
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/translator.v1.Admin/ReloadModel',
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ReloadModelRequest.SerializeToString,
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/translator.v1.Admin/UnloadModel',
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelRequest.SerializeToString,
+            translator_dot_proto_dot_translator_dot_v1_dot_translator__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
