@@ -192,9 +192,12 @@ class Finished:
             self.hyps[s].append(h)
         n = self.opts.n_best
         for s in set(sentences):
-            ranked = self.hyps[s] = sorted(self.hyps[s], key=lambda h: -h.score)  # stable: earlier wins ties
-            self.count[s] = len(ranked)
-            if len(ranked) >= n:
+            # Those lacking a required phrase (constrained search) rank last, and the stopping rule
+            # counts only the others; stable: earlier wins ties.
+            ranked = self.hyps[s] = sorted(self.hyps[s], key=lambda h: (bool(h.unmet), -h.score))
+            complete = sum(not h.unmet for h in ranked)
+            self.count[s] = complete
+            if complete >= n:
                 self.nth_best[s] = ranked[n - 1].score
 
     def satisfied(self, sentence: Tensor, best_live: Tensor) -> Tensor:

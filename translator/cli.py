@@ -10,12 +10,13 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from translator.config import ConfigError
 from translator.decode_options import PRESETS, DecodeOptions
+from translator.glossary import Term, read_glossary
 from translator.length import PENALTY_FORMS
 from translator.translate import Translation
 
@@ -77,7 +78,7 @@ class TranslateBackend(Protocol):
 
     def translate(
         self, texts: list[str], options: DecodeOptions | None = None, progress: Callable[[int], None] | None = None,
-        target_prefix: str = "",
+        target_prefix: str = "", glossary: Sequence[Term] = (),
     ) -> list[Translation]: ...
 
 
@@ -102,6 +103,9 @@ def translate_main(argv: list[str] | None = None) -> int:
     add_decoding_flags(p)
     p.add_argument("--target-prefix", default="", metavar="TEXT",
                    help="text every translation starts with (forced, then continued by the model)")
+    p.add_argument("--glossary", type=Path, metavar="TSV",
+                   help="terms, one 'source<TAB>target' a line: a line holding a source phrase (any case, whole "
+                        "words) gets a translation holding its target phrase as written")
     add_client_flags(p)
     args = p.parse_args(argv)
     from translator.checkpoint import CheckpointError
@@ -115,10 +119,12 @@ def translate_main(argv: list[str] | None = None) -> int:
         if args.document or args.markup:
             translate_document_file(backend, args, opts)
             return 0
+        glossary = read_glossary(args.glossary) if args.glossary else []
         lines = read_lines(args.input)
         results = translate_lines(backend, lines, opts, show_progress=args.input is not None,
-                                  target_prefix=args.target_prefix)
+                                  target_prefix=args.target_prefix, glossary=glossary)
         write_results(results, args.output, opts.n_best > 1, args.scores)
+        report_unmet_terms(results)
         if args.attention_png and lines:
             save_attention(backend, lines[0], opts, args.attention_png)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
@@ -138,6 +144,8 @@ def check_extras(args: argparse.Namespace) -> None:
 def check_document_flags(args: argparse.Namespace, opts: DecodeOptions) -> None:
     if args.target_prefix:
         raise ValueError("--document and --markup translate whole documents: --target-prefix applies to lines")
+    if args.glossary:
+        raise ValueError("--document and --markup translate whole documents: --glossary applies to lines")
     if opts.n_best > 1 or args.scores or args.attention_png:
         raise ValueError("--document and --markup write one document: --n-best, --scores and "
                          "--attention-png apply to lines")
@@ -191,12 +199,21 @@ def read_lines(path: Path | None) -> list[str]:
 
 
 def translate_lines(
-    backend: TranslateBackend, lines: list[str], opts: DecodeOptions, show_progress: bool, target_prefix: str = ""
+    backend: TranslateBackend, lines: list[str], opts: DecodeOptions, show_progress: bool, target_prefix: str = "",
+    glossary: Sequence[Term] = (),
 ) -> list[Translation]:
     from tqdm import tqdm
 
     with tqdm(total=len(lines), unit="sent", disable=not show_progress, file=sys.stderr) as bar:
-        return backend.translate(lines, opts, progress=bar.update, target_prefix=target_prefix)
+        return backend.translate(lines, opts, progress=bar.update, target_prefix=target_prefix, glossary=glossary)
+
+
+def report_unmet_terms(results: list[Translation]) -> None:
+    """A line on stderr for each glossary term a best translation lacks (its length budget left no room)."""
+    for i, result in enumerate(results, start=1):
+        for term in result.unmet_terms:
+            print(f"line {i}: glossary term {term.source!r} -> {term.target!r} does not fit its translation",
+                  file=sys.stderr)
 
 
 def write_results(results: list[Translation], path: Path | None, nbest: bool, scores: bool) -> None:

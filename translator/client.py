@@ -8,7 +8,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ import grpc
 
 from translator.decode_options import DecodeOptions
 from translator.documents import DocumentLimits, DocumentResult, TranslatedSentence
+from translator.glossary import Term
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.translate import Translation, unchanged
@@ -93,13 +94,15 @@ class TranslatorClient:
 
     def translate(self, texts: list[str], timeout: float | None = None, request_id: str = "",
                   document: pb.DocumentOptions | None = None, model: str = "", source_language: str = "",
-                  target_language: str = "", **options: Any) -> pb.TranslateResponse:
+                  target_language: str = "", terms: Sequence[tuple[str, str]] = (),
+                  **options: Any) -> pb.TranslateResponse:
         """Translate texts (documents, with `document`) with the model named, or the one for the
         language pair, or the server's default; options are DecodingOptions fields (beam_size=4,
-        n_best=2, ...)."""
+        n_best=2, ...); terms: the glossary, (source phrase, target phrase) pairs."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
                                       document=document, model=model, source_language=source_language,
-                                      target_language=target_language)
+                                      target_language=target_language,
+                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
         return self._retry(lambda left: self.stub.Translate(request, timeout=left, metadata=self.metadata),
                            timeout)
 
@@ -110,12 +113,14 @@ class TranslatorClient:
     def translate_stream(self, texts: list[str], timeout: float | None = None, request_id: str = "",
                          document: pb.DocumentOptions | None = None, model: str = "",
                          source_language: str = "", target_language: str = "",
+                         terms: Sequence[tuple[str, str]] = (),
                          **options: Any) -> Iterator[pb.TranslateStreamResponse]:
         """Stream of partial and final results (model chosen as translate() says). Retried only
         until the first message arrives."""
         request = pb.TranslateRequest(texts=texts, options=pb.DecodingOptions(**options), request_id=request_id,
                                       document=document, model=model, source_language=source_language,
-                                      target_language=target_language)
+                                      target_language=target_language,
+                                      terms=[pb.Term(source=s, target=t) for s, t in terms])
 
         def start(left: float) -> tuple[Any, pb.TranslateStreamResponse | None]:
             call = self.stub.TranslateStream(request, timeout=left, metadata=self.metadata)
@@ -191,8 +196,10 @@ class ServerBackend:
         options: DecodeOptions | None = None,
         progress: Callable[[int], None] | None = None,
         target_prefix: str = "",
+        glossary: Sequence[Term] = (),
     ) -> list[Translation]:
         request = self.request_options(options or DecodeOptions())
+        terms = [(t.source, t.target) for t in glossary]
         if target_prefix:
             request["target_prefix"] = target_prefix
 
@@ -200,9 +207,12 @@ class ServerBackend:
             out = [unchanged(text) for text in batch]
             todo = [i for i, text in enumerate(batch) if text.strip()]
             if todo:
-                response = self.client.translate([batch[i] for i in todo], return_scores=True, **request)
+                response = self.client.translate([batch[i] for i in todo], return_scores=True, terms=terms,
+                                                 **request)
                 for i, t in zip(todo, response.translations):
-                    nbest = [Translation(h.text, [], h.score) for h in t.hypotheses]
+                    nbest = [Translation(h.text, [], h.score,
+                                         unmet_terms=[Term(u.source, u.target) for u in h.unmet_terms])
+                             for h in t.hypotheses]
                     out[i] = dataclasses.replace(nbest[0], nbest=nbest)
             if progress:
                 progress(len(batch))

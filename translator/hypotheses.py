@@ -18,6 +18,7 @@ class Hypothesis:
     log_probs has one entry per token; eos_log_prob is None when the budget cut the hypothesis.
     alignment (len(tokens), S) holds, per output token, the cross-attention over the sentence's
     S real source tokens (averaged over heads and layers), when requested.
+    unmet: in a constrained search, the indices of the sentence's required phrases it lacks.
     """
 
     tokens: list[int]
@@ -25,6 +26,7 @@ class Hypothesis:
     log_probs: list[float]
     eos_log_prob: float | None
     alignment: Tensor | None = None
+    unmet: tuple[int, ...] = ()
 
     @property
     def log_prob(self) -> float:

@@ -36,6 +36,7 @@ from translator.document_requests import (
 )
 from translator.documents import DocumentLimitError, DocumentResult
 from translator.engine_process import EngineSpec, RemoteBatcher
+from translator.glossary import GlossaryError, GlossaryLimits, Term
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
 from translator.model import ModelConfig
@@ -73,6 +74,8 @@ class Limits:
     # of a sentence cut for the model), summed over its texts; max_sentence_chars does not apply.
     max_document_chars: int = 10_000
     max_document_sentences: int = 64
+    max_terms: int = 64  # glossary terms per request
+    max_term_chars: int = 200  # per source or target phrase of a term
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -102,6 +105,7 @@ class RequestOptions:
     temperature: float | None = None
     seed: int | None = None
     target_prefix: str = ""  # text every translation starts with
+    terms: tuple[Term, ...] = ()  # glossary (translator.glossary)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Candidate:
     text: str
     score: float
     alignment: Alignment | None = None
+    unmet_terms: tuple[Term, ...] = ()  # glossary terms of its text whose target it lacks
 
 
 @dataclass(frozen=True)
@@ -181,15 +186,19 @@ class _Prepared:
     texts: list[str]  # all of the request's
     decoded: list[int]  # the request index of each source
     prefix: tuple[int, ...] = ()  # forced target prefix
+    terms: tuple[tuple[Term, ...], ...] = ()  # per source: the glossary terms that apply to it
+    phrases: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per source: those terms' target ids
 
 
 @dataclass(frozen=True)
 class _Forced:
-    """What a request with a forced target prefix is batched by: its options and the prefix's ids
-    (requests without one are batched by their DecodeOptions alone)."""
+    """What a request with a forced target prefix or glossary phrases is batched by: its options,
+    the prefix's ids, and each source's required phrases (requests without either are batched by
+    their DecodeOptions alone). Requests with equal keys share batches."""
 
     options: DecodeOptions
     prefix: tuple[int, ...]
+    phrases: tuple[tuple[tuple[int, ...], tuple[tuple[int, ...], ...]], ...] = ()  # (source ids, its phrases)
 
 
 class TranslationService:
@@ -422,6 +431,8 @@ class TranslationService:
             if given:
                 raise InvalidArgument(f"options.{name} applies to sentences; a document request returns one "
                                       f"translation per document")
+        if options.terms:
+            raise InvalidArgument("terms apply to sentence requests; a document request takes none")
         for i, text in enumerate(texts):
             _check_chars(text, i)
         try:
@@ -492,7 +503,19 @@ class TranslationService:
                 f"budget, summed over texts); at most {self.limits.max_request_cost:,}: send fewer or shorter texts, "
                 f"or lower options.beam_size or options.max_length"
             )
-        return _Prepared(sources, opts, options, texts, decoded, tuple(prefix))
+        terms, phrases = self._glossary(texts, options.terms, decoded)
+        return _Prepared(sources, opts, options, texts, decoded, tuple(prefix), terms, phrases)
+
+    def _glossary(self, texts: Sequence[str], terms: Sequence[Term], decoded: list[int]) -> tuple[tuple, tuple]:
+        """Per decoded text, the request's terms that apply to it and their target phrases' ids."""
+        if not terms:
+            return (), ()
+        limits = GlossaryLimits(self.limits.max_terms, self.limits.max_term_chars)
+        try:
+            applied, phrases = self.translator.glossary_phrases([texts[i] for i in decoded], terms, limits)
+        except GlossaryError as e:
+            raise InvalidArgument(f"terms: {e}") from None
+        return tuple(map(tuple, applied)), tuple(tuple(map(tuple, p)) for p in phrases)
 
     def _target_prefix(self, text: str) -> list[int]:
         """Token ids of a request's target prefix (none for empty text)."""
@@ -544,7 +567,8 @@ class TranslationService:
                 listener: Callable[[tuple[str, int, Any]], None] | None = None) -> Job:
         call.sentences = len(prepared.sources)
         call.src_tokens = sum(len(s) for s in prepared.sources)
-        key = _Forced(prepared.options, prepared.prefix) if prepared.prefix else prepared.options
+        phrases = tuple(zip(map(tuple, prepared.sources), prepared.phrases)) if any(prepared.phrases) else ()
+        key = _Forced(prepared.options, prepared.prefix, phrases) if prepared.prefix or phrases else prepared.options
         job = Job(prepared.sources, key, cost=prepared.options.beam_size,
                   deadline=call.deadline, stream=stream, listener=listener)
         return self.batcher.submit(job)
@@ -553,15 +577,21 @@ class TranslationService:
                 admit) -> Generator[None, None, list[Any]]:
         """The batcher's decode function: one search over a padded batch, a step at a time, split
         per sentence. Queued sentences join it between its steps (not when sampling, nor with a
-        forced prefix, which joining sentences would not get)."""
+        forced prefix or glossary phrases, which joining sentences would not get)."""
         def joining(alive: int) -> torch.Tensor | None:
             new = admit(alive)
             return self.translator.source_batch(new) if new else None  # (b, S')
 
-        opts, prefix = (key.options, [list(key.prefix)] * len(sources)) if isinstance(key, _Forced) else (key, None)
+        opts, prefix, phrases = key, None, None
+        if isinstance(key, _Forced):
+            opts, prefix = key.options, [list(key.prefix)] * len(sources) if key.prefix else None
+            required = dict(key.phrases)
+            phrases = [[list(p) for p in required.get(tuple(s), ())] for s in sources] if required else None
         hyps = yield from search_steps(self.translator.model, self.translator.source_batch(sources), opts,
                                        prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_result,
-                                       admit=None if opts.sample or prefix else joining)
+                                       admit=None if opts.sample or prefix or phrases else joining,
+                                       constraints=phrases,
+                                       continuations=self.translator.continuations if phrases else None)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
@@ -574,7 +604,8 @@ class TranslationService:
             if req.return_alignments and h.alignment is not None:
                 alignment = Alignment(self.tokenizer.pieces(prepared.sources[i]),
                                       self.tokenizer.pieces(h.tokens), h.alignment.tolist())
-            out.append(Candidate(text, h.score if req.return_scores else 0.0, alignment))
+            unmet = tuple(prepared.terms[i][j] for j in h.unmet) if prepared.terms else ()
+            out.append(Candidate(text, h.score if req.return_scores else 0.0, alignment, unmet))
         return out
 
     # -- lifecycle --------------------------------------------------------------------------

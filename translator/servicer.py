@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from translator.config import ConfigError
 from translator.document_requests import DocumentEvent, DocumentRequest, SentenceDone
 from translator.documents import DocumentResult, TranslatedSentence
 from translator.engine_process import EngineStartError
+from translator.glossary import Term
 from translator.metrics import Metrics
 from translator.models import ModelExists, Models, UnknownModel
 from translator.proto.translator.v1 import translator_pb2 as pb
@@ -145,7 +146,7 @@ OPTIONAL_FIELDS = ("beam_size", "length_penalty", "max_length", "n_best", "min_l
                    "temperature", "seed")
 
 
-def _request_options(o: pb.DecodingOptions) -> RequestOptions:
+def _request_options(o: pb.DecodingOptions, terms: Sequence[Any] = ()) -> RequestOptions:
     def opt(name: str) -> Any:
         if not o.HasField(name):
             return None
@@ -153,7 +154,8 @@ def _request_options(o: pb.DecodingOptions) -> RequestOptions:
         return _shortest_decimal(value) if isinstance(value, float) else value
 
     return RequestOptions(**{name: opt(name) for name in OPTIONAL_FIELDS}, return_scores=o.return_scores,
-                          return_alignments=o.return_alignments, target_prefix=o.target_prefix)
+                          return_alignments=o.return_alignments, target_prefix=o.target_prefix,
+                          terms=tuple(Term(t.source, t.target) for t in terms))
 
 
 def _shortest_decimal(value: float) -> float:
@@ -178,6 +180,7 @@ def _translation(candidates: list[Candidate], scores: bool) -> pb.Translation:
             a = c.alignment
             h.alignment.CopyFrom(pb.Alignment(source_tokens=a.source_tokens, target_tokens=a.target_tokens,
                                               weights=[w for row in a.weights for w in row]))
+        h.unmet_terms.extend(pb.Term(source=t.source, target=t.target) for t in c.unmet_terms)
     return out
 
 
@@ -236,7 +239,8 @@ def _model_info(info: ModelInfo) -> pb.ModelInfo:
                          max_source_tokens=info.max_source_tokens, max_beam_size=lim.max_beam_size,
                          max_length=info.max_length, max_message_bytes=lim.max_message_bytes,
                          max_request_cost=lim.max_request_cost, max_document_chars=lim.max_document_chars,
-                         max_document_sentences=lim.max_document_sentences),
+                         max_document_sentences=lim.max_document_sentences, max_terms=lim.max_terms,
+                         max_term_chars=lim.max_term_chars),
         defaults=defaults,
         metrics=info.metrics,
         provenance=_provenance(info.origin) if info.origin else None,
@@ -282,10 +286,10 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
             with self._checkout(request, rpc) as service:
                 if document := _document_request(request):
                     docs = await service.translate_documents_async(
-                        list(request.texts), _request_options(request.options), document, rpc.call)
+                        list(request.texts), _request_options(request.options, request.terms), document, rpc.call)
                     return pb.TranslateResponse(translations=[_document_translation(d) for d in docs],
                                                 model=_identity(service.identity))
-                results = await service.translate_async(list(request.texts), _request_options(request.options),
+                results = await service.translate_async(list(request.texts), _request_options(request.options, request.terms),
                                                         rpc.call)
                 scores = request.options.return_scores
                 return pb.TranslateResponse(translations=[_translation(r, scores) for r in results],
@@ -295,7 +299,7 @@ class TranslatorServicer(pb_grpc.TranslatorServicer):
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
         async with self._rpc("TranslateStream", request, context) as rpc:
             check_request(request)
-            options = _request_options(request.options)
+            options = _request_options(request.options, request.terms)
             with self._checkout(request, rpc) as service:
                 if document := _document_request(request):
                     stream = service.translate_documents_stream_async(list(request.texts), options, document,

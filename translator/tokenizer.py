@@ -69,6 +69,13 @@ class Tokenizer:
         return frozenset(i for i in range(UNK + 1, self.vocab_size)
                          if any(unicodedata.category(c)[0] in "LN" for c in self.sp.id_to_piece(i)))
 
+    @functools.cached_property
+    def continuation_ids(self) -> frozenset[int]:
+        """Ids of the pieces that go on with the word before them: no word-start mark, and a letter or
+        a digit first ("r" after "▁Einheimische"); what may not follow a required phrase."""
+        return frozenset(i for i in range(UNK + 1, self.vocab_size)
+                         if not (p := self.sp.id_to_piece(i)).startswith("▁") and unicodedata.category(p[0])[0] in "LN")
+
     def has_content(self, ids: list[int]) -> bool:
         """Whether token ids (of one text) hold a word to translate: a known piece with a letter or a
         digit. Text without one is content-free: only whitespace, punctuation, symbols and emoji,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -17,6 +18,14 @@ from translator.documents import (
     check_chars,
     reassemble,
     split_document,
+)
+from translator.glossary import (
+    DEFAULT_GLOSSARY_LIMITS,
+    GlossaryError,
+    GlossaryLimits,
+    Term,
+    check_glossary,
+    terms_in,
 )
 from translator.markup import AlignedTranslation, parse_markup, restore_markup
 from translator.model import EncoderDecoder
@@ -33,12 +42,15 @@ class Translation:
     log_probs: list[float] = field(default_factory=list)  # per token
     alignment: torch.Tensor | None = None  # (len(tokens), source tokens + EOS) when requested
     nbest: list[Translation] = field(default_factory=list)  # all n_best translations, best first
+    unmet_terms: list[Term] = field(default_factory=list)  # glossary terms whose target it lacks
 
 
-def translations(tokenizer: Tokenizer, hyps: list[Hypothesis]) -> list[Translation]:
-    """Hypotheses of one sentence as translations, best first."""
+def translations(tokenizer: Tokenizer, hyps: list[Hypothesis], terms: Sequence[Term] = ()) -> list[Translation]:
+    """Hypotheses of one sentence as translations, best first; terms: the glossary terms that
+    applied to it, in the order of its search's phrases."""
     texts = tokenizer.decode([h.tokens for h in hyps])
-    return [Translation(t, h.tokens, h.score, h.log_probs, h.alignment) for t, h in zip(texts, hyps)]
+    return [Translation(t, h.tokens, h.score, h.log_probs, h.alignment, unmet_terms=[terms[j] for j in h.unmet])
+            for t, h in zip(texts, hyps)]
 
 
 def unchanged(text: str) -> Translation:
@@ -111,14 +123,20 @@ class Translator:
         options: DecodeOptions | None = None,
         progress: Callable[[int], None] | None = None,
         target_prefix: str = "",
+        glossary: Sequence[Term] = (),
     ) -> list[Translation]:
         """Translate texts in length-sorted batches; results come back in input order.
 
         Content-free texts (Tokenizer.has_content) come back unchanged, score 0, without decoding.
         target_prefix: text every translation starts with (forced, scored, part of the text).
         A min_len or prefix the output budgets leave no room for is a DecodeOptionError.
+        glossary: terms whose target phrase a translation must contain when the source phrase occurs
+        in its sentence (translator.glossary), placed by constrained beam search (with one beam for
+        greedy options); Translation.unmet_terms lists those it could not place. A bad or oversized
+        glossary is a GlossaryError naming the term, raised before any decoding.
         """
         opts = options or self.options
+        terms, phrases = self.glossary_phrases(texts, glossary)
         ids = self.encode_sources(texts)
         prefix = self.tokenizer.encode([target_prefix])[0] if target_prefix else []
         todo = [i for i, seq in enumerate(ids) if self.tokenizer.has_content(seq[:-1])]
@@ -127,8 +145,9 @@ class Translator:
 
         def decode(batch: list[int]) -> list[Translation]:
             src = self.source_batch([ids[i] for i in batch])
-            hyps = self.search(src, opts, [prefix] * len(batch) if prefix else None)
-            ranked = [translations(self.tokenizer, nbest) for nbest in hyps.nbest]
+            hyps = self.search(src, opts, [prefix] * len(batch) if prefix else None,
+                               [phrases[i] for i in batch] if glossary else None)
+            ranked = [translations(self.tokenizer, nbest, terms[i]) for i, nbest in zip(batch, hyps.nbest)]
             return [replace(r[0], nbest=r) for r in ranked]
 
         if progress and len(todo) < len(texts):
@@ -140,6 +159,20 @@ class Translator:
             if progress:
                 progress(len(batch))
         return out
+
+    def glossary_phrases(self, texts: list[str], glossary: Sequence[Term],
+                         limits: GlossaryLimits = DEFAULT_GLOSSARY_LIMITS) -> tuple[list[list[Term]], list[list[list[int]]]]:
+        """Per text, the glossary terms that apply to it and their target phrases' token ids."""
+        if not glossary:
+            return [[] for _ in texts], [[] for _ in texts]
+        checked = check_glossary(glossary, limits)
+        targets = dict(zip(checked, self.tokenizer.encode([t.target for t in checked])))
+        for term, ids in targets.items():
+            if not ids or len(ids) > limits.max_term_tokens:
+                raise GlossaryError(f"term {term.source!r}: the target {term.target!r} has {len(ids)} tokens; "
+                                    f"1 to {limits.max_term_tokens} fit")
+        terms = [terms_in(text, checked) for text in texts]
+        return terms, [[targets[t] for t in ts] for ts in terms]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode([text])[0])
@@ -180,8 +213,17 @@ class Translator:
         with ThreadPoolExecutor(min(self.workers, len(batches))) as pool:
             yield from pool.map(decode, batches)
 
-    def search(self, src: torch.Tensor, opts: DecodeOptions, prefix: list[list[int]] | None = None) -> Hypotheses:
-        return search(self.model, src, opts, prefix=prefix)
+    def search(self, src: torch.Tensor, opts: DecodeOptions, prefix: list[list[int]] | None = None,
+               constraints: list[list[list[int]]] | None = None) -> Hypotheses:
+        return search(self.model, src, opts, prefix=prefix, constraints=constraints,
+                      continuations=self.continuations if constraints else None)
+
+    @functools.cached_property
+    def continuations(self) -> torch.Tensor:
+        """(V,) True for the tokens that continue the word before them (none may follow a glossary term)."""
+        mask = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
+        mask[sorted(self.tokenizer.continuation_ids)] = True
+        return mask
 
     def source_batch(self, seqs: list[list[int]]) -> torch.Tensor:
         """EOS-terminated source ids as one right-padded (B, S) tensor on the model's device."""

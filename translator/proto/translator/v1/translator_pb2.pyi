@@ -7,10 +7,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("texts", "options", "request_id", "document", "model", "source_language", "target_language")
+    __slots__ = ("texts", "options", "request_id", "terms", "document", "model", "source_language", "target_language")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
@@ -18,11 +19,20 @@ class TranslateRequest(_message.Message):
     texts: _containers.RepeatedScalarFieldContainer[str]
     options: DecodingOptions
     request_id: str
+    terms: _containers.RepeatedCompositeFieldContainer[Term]
     document: DocumentOptions
     model: str
     source_language: str
     target_language: str
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., document: _Optional[_Union[DocumentOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ..., document: _Optional[_Union[DocumentOptions, _Mapping]] = ..., model: _Optional[str] = ..., source_language: _Optional[str] = ..., target_language: _Optional[str] = ...) -> None: ...
+
+class Term(_message.Message):
+    __slots__ = ("source", "target")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class DocumentOptions(_message.Message):
     __slots__ = ("enabled", "markup", "language")
@@ -113,14 +123,16 @@ class DocumentSentence(_message.Message):
     def __init__(self, source_start: _Optional[int] = ..., source_end: _Optional[int] = ..., target_start: _Optional[int] = ..., target_end: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Hypothesis(_message.Message):
-    __slots__ = ("text", "score", "alignment")
+    __slots__ = ("text", "score", "alignment", "unmet_terms")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    UNMET_TERMS_FIELD_NUMBER: _ClassVar[int]
     text: str
     score: float
     alignment: Alignment
-    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., alignment: _Optional[_Union[Alignment, _Mapping]] = ...) -> None: ...
+    unmet_terms: _containers.RepeatedCompositeFieldContainer[Term]
+    def __init__(self, text: _Optional[str] = ..., score: _Optional[float] = ..., alignment: _Optional[_Union[Alignment, _Mapping]] = ..., unmet_terms: _Optional[_Iterable[_Union[Term, _Mapping]]] = ...) -> None: ...
 
 class Alignment(_message.Message):
     __slots__ = ("source_tokens", "target_tokens", "weights")
@@ -303,7 +315,7 @@ class Architecture(_message.Message):
     def __init__(self, d_model: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_layers: _Optional[int] = ..., d_ff: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost", "max_document_chars", "max_document_sentences")
+    __slots__ = ("max_sentences", "max_sentence_chars", "max_source_tokens", "max_beam_size", "max_length", "max_message_bytes", "max_request_cost", "max_document_chars", "max_document_sentences", "max_terms", "max_term_chars")
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +325,8 @@ class Limits(_message.Message):
     MAX_REQUEST_COST_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TERMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TERM_CHARS_FIELD_NUMBER: _ClassVar[int]
     max_sentences: int
     max_sentence_chars: int
     max_source_tokens: int
@@ -322,4 +336,6 @@ class Limits(_message.Message):
     max_request_cost: int
     max_document_chars: int
     max_document_sentences: int
-    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ..., max_document_chars: _Optional[int] = ..., max_document_sentences: _Optional[int] = ...) -> None: ...
+    max_terms: int
+    max_term_chars: int
+    def __init__(self, max_sentences: _Optional[int] = ..., max_sentence_chars: _Optional[int] = ..., max_source_tokens: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_cost: _Optional[int] = ..., max_document_chars: _Optional[int] = ..., max_document_sentences: _Optional[int] = ..., max_terms: _Optional[int] = ..., max_term_chars: _Optional[int] = ...) -> None: ...
