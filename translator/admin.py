@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from translator.models import Models, ModelSpec
+from translator.models import Models, ModelSpec, load_priority
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.server_security import AccessDenied
 from translator.servicer import _model_info, _parser, check_request, status_of
@@ -77,6 +77,7 @@ def _on_fresh_thread(work: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
+            load_priority()
             out.append((True, work()))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             out.append((False, e))

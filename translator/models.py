@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -137,7 +139,8 @@ class Models:
             with self._lock:
                 if spec.name in self._services:
                     raise ModelExists(f"a model named {spec.name!r} is already served; reload it instead")
-            service = self._build(spec)
+            with _short_gil_slices():
+                service = self._build(spec)
             with self._lock:
                 self._services[spec.name], self._specs[spec.name] = service, spec
         log.info("model %s loaded from %s", spec.name, spec.checkpoint)
@@ -150,7 +153,8 @@ class Models:
                 if name not in self._specs:
                     raise UnknownModel(f"no model named {name!r}; served: {self._served()}")
                 spec = replace(self._specs[name], checkpoint=checkpoint or self._specs[name].checkpoint)
-            service = self._build(spec)  # beside the old one, which serves meanwhile
+            with _short_gil_slices():
+                service = self._build(spec)  # beside the old one, which serves meanwhile
             with self._lock:
                 old, self._services[name], self._specs[name] = self._services[name], service, spec
             self._retire(old)
@@ -233,3 +237,29 @@ class Models:
             services = self.services()
             if services and getattr(services[0].batcher, "failed", False):
                 return
+
+
+LOAD_SWITCH_INTERVAL_S = 1e-4
+
+
+@contextlib.contextmanager
+def _short_gil_slices() -> Iterator[None]:
+    """While a model is built beside the serving ones: its thread's Python (unpickling, module
+    construction, the warm-up's search) holds the GIL for up to sys.getswitchinterval() at a
+    time, and the engine thread needs the GIL between every two of its torch calls, so each of
+    those could wait a whole slice. Shorter slices meanwhile. (Loads run one at a time.)"""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, LOAD_SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def load_priority() -> None:
+    """The calling thread (one that loads a model and then ends) at the lowest CPU priority: where
+    the engine's threads fill the cores, the load then runs in the time they leave instead of
+    taking a core from the engine's OpenMP worker, which stalls every parallel region of its steps.
+    A swap takes longer (docs/RESULTS.md); requests are not slowed by it."""
+    with contextlib.suppress(AttributeError, OSError):  # no per-thread priority on this platform
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

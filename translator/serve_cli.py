@@ -124,7 +124,10 @@ def serve_main(argv: list[str] | None = None) -> int:
 def _reload(models, reloading: threading.Lock) -> None:
     """SIGHUP: every model again from its path; a refused one is logged and keeps serving. Reloads
     run one after another, so a signal sent after a file changed always reads the new file."""
+    from translator.models import load_priority
+
     log = logging.getLogger("translator.server")
+    load_priority()  # this thread ends with the reload
     with reloading:
         log.info("SIGHUP: reloading %d models", len(models.services()))
         for name, error in models.reload_all().items():
