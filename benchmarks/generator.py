@@ -3,9 +3,9 @@
 `F.linear(x, W)` multiplies (rows, D) @ (D, V) with W stored (V, D); the transposed form
 multiplies (V, D) @ (D, rows) and copies the result back to (rows, V); the third multiplies by a
 (D, V) row-major copy of W, through MKL; the fourth by the same copy through oneDNN's sgemm
-(`translator.gemm.matmul`); the fifth through torch's own oneDNN matmul primitive over W packed
-in advance (`translator.gemm.packed_linear`). Log-softmax included. `translator.model.Generator`
-takes the fourth up to `gemm.PACKED_ROWS` rows and the fifth past them where oneDNN is installed;
+(`translator.native.onednn.matmul`); the fifth through torch's own oneDNN matmul primitive over W packed
+in advance (`translator.native.onednn.packed_linear`). Log-softmax included. `translator.native.modules.NativeGenerator`
+takes the fourth up to `onednn.PACKED_ROWS` rows and the fifth past them where oneDNN is installed;
 through MKL, the third for one row and the second up to `FEW_ROWS`. Median microseconds per
 call, on an idle machine:
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timing import median_us  # benchmarks/timing.py, beside this script
 
-from translator import gemm
+from translator.native import onednn
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,19 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,8,16,32,64,128,256,288,320,384,448")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not gemm.enabled():
-        raise SystemExit("oneDNN is not available here (translator.gemm): pip install onednn-cpu-gomp")
+    if not onednn.enabled():
+        raise SystemExit("oneDNN is not available here (translator.native.onednn): pip install onednn-cpu-gomp")
     weight = torch.randn(args.vocab, args.d_model)
     weight_dv = weight.t().contiguous()  # (D, V) row-major copy
     forms = {
         "linear": lambda x: F.linear(x, weight),
         "transposed": lambda x: (weight @ x.t()).t().contiguous(),
         "(D, V) MKL": lambda x: x @ weight_dv,
-        "(D, V) oneDNN": lambda x: gemm.matmul(x, weight_dv),
+        "(D, V) oneDNN": lambda x: onednn.matmul(x, weight_dv),
     }
-    packed = gemm.pack(weight)
+    packed = onednn.pack(weight)
     if packed is not None:
-        forms["packed oneDNN"] = lambda x: gemm.packed_linear(x, packed)
+        forms["packed oneDNN"] = lambda x: onednn.packed_linear(x, packed)
     print(f"{'rows':>6} " + " ".join(f"{name + ' us':>16}" for name in forms) + f" {'linear / (D, V) oneDNN':>24}")
     for rows in map(int, args.rows.split(",")):
         x = torch.randn(rows, args.d_model)

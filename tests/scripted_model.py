@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from translator.model import ModelConfig
+from translator.sampling import best_tokens
 
 PAD, BOS, EOS, A, B, C = range(6)
 VOCAB = 6
@@ -71,6 +72,9 @@ class ScriptedModel(nn.Module):
             mask = cache.src_mask[:, 0, 0].float()  # (rows, S)
             cache.alignments.append(mask / mask.sum(dim=1, keepdim=True))
         return torch.tensor(rows)[:, None, :]  # (rows, 1, V)
+
+    def best_tokens(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        return best_tokens(logits)
 
 
 def sources(*keys: int, length: int = 3) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model_config
+from translator import native
 from translator.decoding import (
     DecodeOptionError,
     DecodeOptions,
@@ -22,8 +23,10 @@ from translator.translate import batch_tensor
 
 
 def tiny_model(seed: int = 0) -> EncoderDecoder:
+    """A seeded tiny model in the native backend's forms where the kernels load (as a Translator
+    decodes it), in translator.model's own with NMT_KERNELS=0."""
     torch.manual_seed(seed)
-    return build_model(tiny_model_config()).eval()
+    return native.for_backend(build_model(tiny_model_config()).eval(), "native")
 
 
 def source_rows(model: EncoderDecoder, lengths=(5, 9, 3, 7), seed: int = 1) -> list[list[int]]:

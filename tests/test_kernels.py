@@ -18,30 +18,32 @@ import torch.nn.functional as F
 
 from tests.conftest import tiny_model_config
 from tests.test_decoding import run, source_rows, tiny_model
-from translator import gemm, kernels
+from translator import native
 from translator.decoding import DecodeOptions
-from translator.model import attention, build_model
+from translator.model import MultiHeadAttention, build_model
+from translator.native import kernels, loader
+from translator.native.modules import NativeLayerNorm, PackedLinear, layer_weights
 from translator.translate import batch_tensor
 
-HAS_COMPILER = shutil.which(kernels.compiler()) is not None
-needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="the kernel is not built here")
+HAS_COMPILER = shutil.which(loader.compiler()) is not None
+needs_kernels = pytest.mark.skipif(loader.library() is None, reason="the kernel is not built here")
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """`kernels.library()` decided again under this test's environment, and again after it."""
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
-    kernels.library.cache_clear()
+    """`loader.library()` decided again under this test's environment, and again after it."""
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
+    loader.library.cache_clear()
     yield
-    kernels.library.cache_clear()
+    loader.library.cache_clear()
 
 
 @pytest.mark.skipif(
-    not (HAS_COMPILER and sys.platform.startswith("linux")) or os.environ.get(kernels.ENV) == "0",
+    not (HAS_COMPILER and sys.platform.startswith("linux")) or os.environ.get(loader.ENV) == "0",
     reason="no C compiler here",
 )
 def test_kernel_builds_and_agrees_with_torch_where_a_compiler_is():
-    assert kernels.library() is not None  # built, loaded, and its check matched torch
+    assert loader.library() is not None  # built, loaded, and its check matched torch
 
 
 def cache_layout(S: int, B: int, H: int, Dh: int, g: torch.Generator) -> torch.Tensor:
@@ -117,17 +119,23 @@ def test_kernel_declines_what_it_cannot_read():
     assert kernels.attention(q, k.transpose(-2, -1).contiguous().transpose(-2, -1), v, None) is None  # Dh strided
     assert kernels.attention(q, k, v, torch.zeros(2, 1, 1, 5)) is None  # additive masks: torch's
     assert kernels.attention(q, k[:1], v[:1], None) is None  # keys broadcast over sentences
-    # The model's attention still answers all of them, through torch.
+    # The model's attention still answers them, through torch.
+    assert_native_attention_answers(torch.randn(2, 1, 12), k[..., :6], v[..., :6])
+
+
+def assert_native_attention_answers(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The native form of attention over k/v (B, H, S, Dh) answers as torch's does."""
+    reference = MultiHeadAttention(x.size(-1), k.size(1), dropout=0.0).eval()
     with torch.inference_mode():
-        out = attention(q[..., :6], k[..., :6], v[..., :6], None)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q[..., :6], k[..., :6], v[..., :6]))
+        expected = reference.attend(x, k, v, None)
+        torch.testing.assert_close(native.apply(reference).attend(x, k, v, None), expected)
 
 
 @needs_kernels
 @pytest.mark.parametrize("shape", [(1, 32), (7, 32), (2, 5, 256), (64, 20, 256)])  # the last: rows over threads
 def test_layer_norm_equals_torch(shape):
     g = torch.Generator().manual_seed(shape[-2])
-    norm = kernels.LayerNorm(shape[-1], eps=1e-6)
+    norm = NativeLayerNorm(shape[-1], eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(shape[-1], generator=g))
         norm.bias.copy_(torch.randn(shape[-1], generator=g))
@@ -139,7 +147,7 @@ def test_layer_norm_equals_torch(shape):
 
 
 def test_layer_norm_keeps_autograd_and_nn_layer_norms_state_dict():
-    norm = kernels.LayerNorm(8)
+    norm = NativeLayerNorm(8)
     assert norm.state_dict().keys() == torch.nn.LayerNorm(8).state_dict().keys()
     x = torch.randn(4, 8, requires_grad=True)
     norm(x).pow(2).sum().backward()
@@ -147,7 +155,7 @@ def test_layer_norm_keeps_autograd_and_nn_layer_norms_state_dict():
 
 
 def test_layer_norm_takes_torch_for_what_the_kernel_cannot_read():
-    norm = kernels.LayerNorm(8)
+    norm = NativeLayerNorm(8)
     x = torch.randn(8, 5).t()  # (5, 8), not contiguous
     with torch.inference_mode():
         torch.testing.assert_close(norm(x), F.layer_norm(x, (8,), norm.weight, norm.bias))
@@ -182,42 +190,41 @@ def test_argmax_log_prob_reads_rows_apart_and_marks_broken_rows_as_torch_does():
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
 def test_build_is_cached_and_keyed_by_its_source(tmp_path, monkeypatch):
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
-    first = kernels.build()
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path))
+    first = loader.build()
     built_at = first.stat().st_mtime_ns
-    assert kernels.build() == first and first.stat().st_mtime_ns == built_at  # reused, not rebuilt
-    edited = tmp_path / "src" / kernels.SOURCE.name  # same name, other content
+    assert loader.build() == first and first.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    edited = tmp_path / "src" / loader.SOURCE.name  # same name, other content
     edited.parent.mkdir()
-    edited.write_text(kernels.SOURCE.read_text() + "\n/* edited */\n")
-    assert kernels.build(edited) != first
+    edited.write_text(loader.SOURCE.read_text() + "\n/* edited */\n")
+    assert loader.build(edited) != first
     assert not list(tmp_path.glob(".*partial"))
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler here")
 def test_a_failed_build_names_the_compiler_error_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path / "cache"))
     broken = tmp_path / "broken.c"
     broken.write_text("int f(void) { return missing_name; }\n")
-    with pytest.raises(kernels.BuildError, match="missing_name"):
-        kernels.build(broken)
+    with pytest.raises(loader.BuildError, match="missing_name"):
+        loader.build(broken)
     assert not any((tmp_path / "cache").iterdir())
 
 
 def test_without_a_compiler_decoding_falls_back_to_torch(fresh_library, monkeypatch, caplog):
-    monkeypatch.delenv(kernels.ENV, raising=False)  # asked for, and not buildable
+    monkeypatch.delenv(loader.ENV, raising=False)  # asked for, and not buildable
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    with caplog.at_level(logging.WARNING, logger="translator.kernels"):
-        assert kernels.library() is None
+    with caplog.at_level(logging.WARNING, logger="translator.native"):
+        assert loader.library() is None
     assert "/nonexistent/cc" in caplog.text
     q, k, v = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
     assert kernels.attention(q, k, v, None) is None
-    with torch.inference_mode():
-        torch.testing.assert_close(attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+    assert_native_attention_answers(torch.randn(2, 1, 16), k, v)
 
 
 def test_switched_off_it_is_neither_built_nor_loaded(fresh_library, monkeypatch, tmp_path):
-    monkeypatch.setenv(kernels.ENV, "0")
-    assert kernels.library() is None
+    monkeypatch.setenv(loader.ENV, "0")
+    assert loader.library() is None
     assert not (tmp_path / "cache").exists()
 
 
@@ -227,13 +234,8 @@ def test_searches_decode_the_same_with_and_without_the_kernel(beam, monkeypatch)
     model = tiny_model()
     rows = source_rows(model, lengths=(5, 9, 3, 7, 12))
     opts = DecodeOptions(beam_size=beam, n_best=beam)
-    with_kernel = run(model, rows, opts)
-    monkeypatch.setenv(kernels.ENV, "0")  # as on a machine without a compiler
-    kernels.library.cache_clear()
-    try:
-        without = run(model, rows, opts)
-    finally:
-        kernels.library.cache_clear()
+    with_kernel = run(native.for_backend(model, "native"), rows, opts)
+    without = run(native.for_backend(model, "torch"), rows, opts)
     assert with_kernel.tokens == without.tokens
     for a, b in zip(with_kernel.nbest, without.nbest):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
@@ -271,9 +273,10 @@ def decode_steps(model, src: torch.Tensor, joining: torch.Tensor | None, steps: 
 @needs_kernels
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("join", [False, True], ids=["beams", "joined-rows"])
-def test_native_decoder_step_equals_torchs_layers(norm_first, join, monkeypatch):
+def test_native_decoder_step_equals_torchs_layers(norm_first, join):
     torch.manual_seed(0)
-    model = build_model(tiny_model_config(norm_first=norm_first)).eval()
+    plain = build_model(tiny_model_config(norm_first=norm_first)).eval()
+    model = native.for_backend(plain, "native")
     src = torch.randint(4, model.cfg.vocab_size, (3, 7))
     src[0, 4:] = model.cfg.pad_id  # a padded source
     joining = torch.randint(4, model.cfg.vocab_size, (2, 9)) if join else None
@@ -281,22 +284,16 @@ def test_native_decoder_step_equals_torchs_layers(norm_first, join, monkeypatch)
         x = model.embed(src[:, :1])
         cache = model.init_cache(*model.encode(src))
         assert model.decoder.native_step(x, cache)  # the path under test is taken
-        native, tabled = decode_steps(model, src, joining)
+        fast, tabled = decode_steps(model, src, joining)
     assert tabled
-    monkeypatch.setenv(kernels.ENV, "0")  # torch alone
-    kernels.library.cache_clear()
-    try:
-        with torch.inference_mode():
-            assert not model.decoder.native_step(x, model.init_cache(*model.encode(src)))
-            reference, _ = decode_steps(model, src, joining)
-    finally:
-        kernels.library.cache_clear()
-    torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)
+    with torch.inference_mode():
+        reference, _ = decode_steps(plain, src, joining)  # translator.model's layers
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-5)
 
 
 @needs_kernels
 def test_native_decoder_step_stays_out_of_training():
-    model = build_model(tiny_model_config())
+    model = native.apply(build_model(tiny_model_config()))
     src = torch.randint(4, model.cfg.vocab_size, (2, 5))
     with torch.no_grad():
         cache = model.init_cache(*model.encode(src))
@@ -308,7 +305,7 @@ def test_native_decoder_step_stays_out_of_training():
 
 @needs_kernels
 def test_a_new_search_sees_weight_changes_and_the_model_still_copies(monkeypatch):
-    model = tiny_model()
+    model = native.apply(tiny_model())
     src = torch.randint(4, model.cfg.vocab_size, (3, 7))
     joining = None
     with torch.inference_mode():
@@ -318,27 +315,27 @@ def test_a_new_search_sees_weight_changes_and_the_model_still_copies(monkeypatch
     copied = copy.deepcopy(model)
     pickle.dumps(model)  # torch.save(model) pickles it
     with torch.inference_mode():
-        (native, _), (from_copy, _) = decode_steps(model, src, joining), decode_steps(copied, src, joining)
-    monkeypatch.setenv(kernels.ENV, "0")
-    kernels.library.cache_clear()
+        (fast, _), (from_copy, _) = decode_steps(model, src, joining), decode_steps(copied, src, joining)
+    monkeypatch.setenv(loader.ENV, "0")
+    loader.library.cache_clear()
     try:
         with torch.inference_mode():
             reference, _ = decode_steps(model, src, joining)
     finally:
-        kernels.library.cache_clear()
-    torch.testing.assert_close(native, reference, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(from_copy, native)
+        loader.library.cache_clear()
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(from_copy, fast)
 
 
 @needs_kernels
 def test_a_search_keeps_the_packed_weights_it_reads_alive():
     model = tiny_model()
-    layers = [layer.native_weights() for layer in model.decoder.layers]
+    layers = [layer_weights(layer) for layer in native.apply(model).decoder.layers]
     weights = kernels.DecoderWeights.of(layers)
-    packed = weakref.ref(layers[0][kernels.LAYER_WEIGHTS.index("self_q_w")])
+    packed = weakref.ref(layers[0]["self_q_w"])
     del layers
     for m in model.modules():  # as another thread's search would: the weights packed again
-        if isinstance(m, gemm.Linear):
+        if isinstance(m, PackedLinear):
             with torch.no_grad():
                 m.weight.add_(0.0)  # a new version
             m.panels()
@@ -348,13 +345,13 @@ def test_a_search_keeps_the_packed_weights_it_reads_alive():
 @needs_kernels
 @pytest.mark.parametrize("packed_first", [True, False], ids=["packed", "packing-at-once"])
 def test_threads_decoding_with_one_model_at_once_get_their_own_results(packed_first):
-    model = tiny_model()
+    model = native.apply(tiny_model())
     batches = [source_rows(model, lengths=lengths, seed=seed) for seed, lengths in enumerate([(5, 9, 3), (12, 4), (7,)])]
     opts = DecodeOptions(beam_size=2)
     alone = [run(model, rows, opts).tokens for rows in batches]
     if not packed_first:  # every thread packs the weights again at once, each search keeping its own
         for m in model.modules():
-            if isinstance(m, gemm.Linear):
+            if isinstance(m, PackedLinear):
                 with torch.no_grad():
                     m.weight.add_(0.0)  # a new version: the packed copies are out of date
     results: dict[int, list] = {}
@@ -372,13 +369,10 @@ def test_threads_decoding_with_one_model_at_once_get_their_own_results(packed_fi
 
 
 def test_a_quantized_copy_decodes_through_its_own_layers():
-    model = tiny_model()
-    for m in model.modules():  # as benchmarks/decode.py does: torch's int8 conversion takes exactly nn.Linear
-        if isinstance(m, torch.nn.Linear):
-            m.__class__ = torch.nn.Linear
+    model = native.for_backend(tiny_model(), "torch")  # torch's int8 conversion takes exactly nn.Linear
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated but still the eager API
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        quantized = native.apply(torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8))
     src = batch_tensor(source_rows(model), model.cfg.pad_id)
     with torch.inference_mode():
         cache = quantized.init_cache(*quantized.encode(src))

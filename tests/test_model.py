@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import tiny_model_config
-from translator import gemm
+from translator import native
 from translator.config import ConfigError
-from translator.model import FEW_QUERIES, FEW_ROWS, ModelConfig, attention, build_model
+from translator.model import ModelConfig, MultiHeadAttention, build_model
+from translator.native import onednn
+from translator.native.modules import FEW_QUERIES, FEW_ROWS
 
 NORMS = [pytest.param(False, id="post-norm"), pytest.param(True, id="pre-norm")]
 
@@ -193,9 +194,13 @@ def test_embeddings_are_shared_by_source_target_and_output():
     assert model.generator.embedding.weight is model.embed.tokens.weight
 
 
-@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1, gemm.PACKED_ROWS + 1])
-def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
-    model, _, _ = model_and_batch(norm_first=True)
+BACKENDS = pytest.mark.parametrize("backend", native.BACKENDS)
+
+
+@BACKENDS
+@pytest.mark.parametrize("rows", [1, 2, FEW_ROWS, FEW_ROWS + 1, onednn.PACKED_ROWS + 1])
+def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows, backend):
+    model = native.for_backend(model_and_batch(norm_first=True)[0], backend)
     x = torch.randn(rows, 1, model.cfg.d_model)
     expected = x @ model.embed.tokens.weight.t()  # (rows, 1, V)
     with torch.inference_mode():  # the decoding path: few rows take the transposed product
@@ -205,9 +210,10 @@ def test_generator_logits_are_the_tied_projection_for_any_number_of_rows(rows):
     torch.testing.assert_close(model.generator(x), expected, atol=1e-5, rtol=1e-5)  # training path
 
 
-@pytest.mark.parametrize("rows", [1, gemm.PACKED_ROWS + 1])  # (D, V) copy; packed weight where oneDNN is
-def test_decoding_logits_follow_changes_to_the_weight(rows):
-    model, _, _ = model_and_batch(norm_first=True)
+@BACKENDS
+@pytest.mark.parametrize("rows", [1, onednn.PACKED_ROWS + 1])  # (D, V) copy; packed weight where oneDNN is
+def test_decoding_logits_follow_changes_to_the_weight(rows, backend):
+    model = native.for_backend(model_and_batch(norm_first=True)[0], backend)
     x = torch.randn(rows, 1, model.cfg.d_model)
     with torch.inference_mode():
         before = model.generator(x)  # keeps a copy of the weight in the form it multiplies
@@ -220,11 +226,12 @@ def test_decoding_logits_follow_changes_to_the_weight(rows):
 
 @pytest.mark.parametrize("queries", [1, 5, FEW_QUERIES, FEW_QUERIES + 1])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "per-query"])
-def test_attention_of_few_queries_equals_the_fused_kernel(queries, mask_kind):
-    g = torch.Generator().manual_seed(queries)
+def test_attention_of_few_queries_equals_torchs(queries, mask_kind):
+    torch.manual_seed(queries)
     B, H, S, Dh = 3, 2, 12, 8
-    q = torch.randn(B, queries, H, Dh, generator=g).transpose(1, 2)  # (B, H, T, Dh), strided as in the model
-    k, v = (torch.randn(S, B, H, Dh, generator=g).permute(1, 2, 0, 3) for _ in range(2))  # cache layout
+    attn = MultiHeadAttention(H * Dh, H, dropout=0.0).eval()
+    x = torch.randn(B, queries, H * Dh)
+    k, v = (torch.randn(S, B, H, Dh).permute(1, 2, 0, 3) for _ in range(2))  # (B, H, S, Dh) in the cache's layout
     mask = None
     if mask_kind == "keys":  # source padding: (B, 1, 1, S)
         mask = torch.arange(S) < torch.tensor([7, 3, 1])[:, None]
@@ -232,16 +239,19 @@ def test_attention_of_few_queries_equals_the_fused_kernel(queries, mask_kind):
     elif mask_kind == "per-query":  # causal with rows' own starts: (B, 1, T, S)
         mask = torch.ones(B, 1, queries, S, dtype=torch.bool).tril(S - queries)
         mask[1, :, :, :2] = False
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.inference_mode():  # decoding: the native kernel where it is built
-        out = attention(q, k, v, mask)
+        expected = attn.attend(x, k, v, mask)
+        out = native.apply(attn).attend(x, k, v, mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_keeps_autograd_when_training():
-    q, k, v = (torch.randn(2, 2, 3, 4, requires_grad=True) for _ in range(3))
-    attention(q, k, v, None, dropout_p=0.0).sum().backward()
-    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+def test_native_attention_keeps_autograd_when_training():
+    attn = native.apply(MultiHeadAttention(8, 2, dropout=0.0))
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(2))
+    attn.attend(x, k, v, None).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (x, k, v))
+
 
 
 def test_cross_attention_keys_values_are_stored_contiguous():

@@ -134,7 +134,7 @@ class TrainStep:
         self.amp.scaler.step(self.optimizer)
         if self.optimizer.defaults.get("fused"):
             # The fused kernel writes the weights without bumping their version counters, and the
-            # model's inference caches (packed copies of weights, translator.gemm.weight_copy)
+            # model's inference caches (packed copies of weights, translator.native.onednn.weight_copy)
             # are made again only when the version changes: validation would decode stale weights.
             torch.autograd.graph.increment_version([p for g in self.optimizer.param_groups for p in g["params"]])
         self.amp.scaler.update()

@@ -25,9 +25,9 @@ from torch import Tensor
 
 from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
-from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
-from translator.model import EncoderDecoder, padded
+from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses, padded
 from translator.search_setup import SearchSetup, Steps, on_source_device, start_search, whole
+from translator.seq2seq import Seq2Seq
 
 NEG_INF = float("-inf")
 
@@ -210,7 +210,7 @@ class Finished:
 @on_source_device
 @torch.inference_mode()
 def beam_steps(
-    model: EncoderDecoder,
+    model: Seq2Seq,
     src: Tensor,
     opts: DecodeOptions,
     *,
@@ -251,7 +251,7 @@ def beam_steps(
     return Hypotheses(nbest, list(run.hooks.flags))
 
 
-def join(model: EncoderDecoder, src: Tensor, beams: Beams, run: SearchSetup, finished: Finished,
+def join(model: Seq2Seq, src: Tensor, beams: Beams, run: SearchSetup, finished: Finished,
          opts: DecodeOptions) -> Beams:
     """Sentences src (n, S') join the search as sentences B, B + 1, ..., with as many rows as the others."""
     first, n = run.hooks.batch_size, src.size(0)

@@ -31,15 +31,15 @@ from translator.beam import NEG_INF, Beams, Finished, beam_candidates, settled_p
 from translator.decode_options import DecodeOptions
 from translator.hooks import Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, make_hypotheses
-from translator.model import EncoderDecoder
 from translator.phrases import PhraseTable, Progress
 from translator.search_setup import SearchSetup, Steps, on_source_device, start_search, whole
+from translator.seq2seq import Seq2Seq
 
 
 @on_source_device
 @torch.inference_mode()
 def constrained_beam_steps(
-    model: EncoderDecoder,
+    model: Seq2Seq,
     src: Tensor,
     opts: DecodeOptions,
     constraints: list[list[list[int]]],

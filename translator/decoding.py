@@ -21,8 +21,8 @@ from translator.decode_options import PRESETS, DecodeOptionError, DecodeOptions
 from translator.greedy import greedy_search, greedy_steps
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis
-from translator.model import EncoderDecoder
 from translator.search_setup import Steps, whole
+from translator.seq2seq import Seq2Seq
 
 __all__ = [
     "PRESETS", "DecodeOptionError", "DecodeOptions", "Hypotheses", "Hypothesis",
@@ -31,7 +31,7 @@ __all__ = [
 
 
 def search_steps(
-    model: EncoderDecoder,
+    model: Seq2Seq,
     src: Tensor,
     opts: DecodeOptions,
     *,

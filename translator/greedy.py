@@ -10,10 +10,10 @@ from torch import Tensor
 
 from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
-from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses
-from translator.model import EncoderDecoder, padded
-from translator.sampling import best_tokens, make_picker
-from translator.search_setup import Steps, on_source_device, start_search, whole
+from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses, padded
+from translator.sampling import make_picker
+from translator.search_setup import SearchSetup, Steps, on_source_device, start_search, whole
+from translator.seq2seq import Seq2Seq
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Rows:
 @on_source_device
 @torch.inference_mode()
 def greedy_steps(
-    model: EncoderDecoder,
+    model: Seq2Seq,
     src: Tensor,
     opts: DecodeOptions,
     *,
@@ -124,13 +124,8 @@ def greedy_steps(
         yield
         new = admit(rows.count) if admit is not None else None
         if new is not None and new.size(0):
-            first, n = run.hooks.batch_size, new.size(0)
-            run.admit(model, new, opts)
-            src_len = run.cache.src_mask.size(-1) if opts.alignment else None
-            rows.join(Rows.new(torch.arange(first, first + n), int(run.budget[first:].max()), cfg.bos_id,
-                               cfg.pad_id, src_len))
-            nbest += [[] for _ in range(n)]
-            streamed += [[] for _ in range(n)]
+            join(model, new, opts, run, rows)
+            nbest, streamed = nbest + [[] for _ in new], streamed + [[] for _ in new]
         stay = run.hooks.poll(rows.sentence)
         if stay is not None:
             for i in rows.sentence[~stay].tolist():
@@ -146,14 +141,11 @@ def greedy_steps(
             idx = pick(logp)  # (b,)
             lp = logp.gather(1, idx[:, None]).squeeze(1)  # (b,)
         else:
-            idx, lp = best_tokens(logits)  # (b,) each
+            idx, lp = model.best_tokens(logits)  # (b,) each
         rows.push(idx, lp, run.cache.alignments.pop() if opts.alignment else None)
         is_eos = idx == cfg.eos_id
         if run.hooks.streaming:
-            for i, tok, eos in zip(rows.sentence.tolist(), idx.tolist(), is_eos.tolist()):
-                if not eos:
-                    streamed[i] = streamed[i] + [tok]  # a new list: one already reported never changes
-            run.hooks.report(list(streamed))
+            report(run, rows.sentence, idx, is_eos, streamed)
         done = is_eos | (run.budget[rows.sentence] <= rows.steps)  # (b,)
         if done.any():
             for i, h in zip(rows.sentence[done].tolist(), rows.hypotheses(done, is_eos, opts, run.src_lengths)):
@@ -161,6 +153,23 @@ def greedy_steps(
                 run.hooks.done(i, [h])
             rows.keep(run.cache.drop(~done))
     return Hypotheses(nbest, list(run.hooks.flags))
+
+
+def join(model: Seq2Seq, new: Tensor, opts: DecodeOptions, run: SearchSetup, rows: Rows) -> None:
+    """Sources new (n, S') join the running batch, one row each at its position 0."""
+    first, n, cfg = run.hooks.batch_size, new.size(0), model.cfg
+    run.admit(model, new, opts)
+    src_len = run.cache.src_mask.size(-1) if opts.alignment else None
+    rows.join(Rows.new(torch.arange(first, first + n), int(run.budget[first:].max()), cfg.bos_id, cfg.pad_id,
+                       src_len))
+
+
+def report(run: SearchSetup, sentence: Tensor, idx: Tensor, is_eos: Tensor, streamed: list[list[int]]) -> None:
+    """Each row's new token idx (b,) added to its sentence's streamed tokens (EOS left out), all reported."""
+    for i, tok, eos in zip(sentence.tolist(), idx.tolist(), is_eos.tolist()):
+        if not eos:
+            streamed[i] = streamed[i] + [tok]  # a new list: one already reported never changes
+    run.hooks.report(list(streamed))
 
 
 greedy_search = whole(greedy_steps, "greedy_search")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from translator.decode_options import DecodeOptions
@@ -86,3 +87,12 @@ def make_hypotheses(
             align = alignment[i, :n, : int(src_lengths[i])].clone()
         out.append(Hypothesis(toks[:n], score, lps[:n], lps[n] if end else None, align))
     return out
+
+
+def padded(x: Tensor, dim: int, size: int, value: float | bool = 0) -> Tensor:
+    """x with dimension `dim` padded at the end to `size` with `value`."""
+    if x.size(dim) >= size:
+        return x
+    shape = list(x.shape)
+    shape[dim] = size - x.size(dim)
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from translator import kernels
 from translator.decode_options import DecodeOptions
 
 Picker = Callable[[Tensor], Tensor]  # logp (n, V) -> token ids (n,)
@@ -20,11 +19,7 @@ def argmax_picker(logp: Tensor) -> Tensor:
 
 def best_tokens(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's likeliest token under logits (n, V), the lowest id where tied, and its
-    log-probability (n,) each: argmax_picker over log_softmax and the value there, in one native
-    pass over the logits where the kernel runs (no (n, V) log-softmax written)."""
-    native = kernels.argmax_log_prob(logits)
-    if native is not None:
-        return native
+    log-probability (n,) each: argmax_picker over log_softmax and the value there."""
     logp = logits.float().log_softmax(dim=-1)
     idx = argmax_picker(logp)
     return idx, logp.gather(1, idx[:, None]).squeeze(1)

@@ -17,7 +17,7 @@ from translator.decode_options import DecodeOptionError, DecodeOptions
 from translator.hooks import Cancelled, OnDone, OnStep, SearchHooks
 from translator.hypotheses import Hypotheses
 from translator.length import output_budgets
-from translator.model import DecoderCache, EncoderDecoder
+from translator.seq2seq import Cache, Seq2Seq
 
 Search = TypeVar("Search", bound=Callable)
 # A search run step by step: each next() runs up to the next decoding step (the first one encodes
@@ -32,7 +32,7 @@ def on_source_device(search: Search) -> Search:
     already, it runs as it is: the device context intercepts every torch call from Python."""
 
     @functools.wraps(search)
-    def on_device(model: EncoderDecoder, src: Tensor, *args, **kwargs) -> Steps:
+    def on_device(model: Seq2Seq, src: Tensor, *args, **kwargs) -> Steps:
         steps = search(model, src, *args, **kwargs)
         if src.device.type == "cpu":
             return steps
@@ -79,9 +79,9 @@ class SearchSetup:
     budget: Tensor  # (B,) decoding steps allowed, EOS included
     rules: StepRules
     hooks: SearchHooks
-    cache: DecoderCache  # encoder output projected for every decoder layer, B sources
+    cache: Cache  # encoder output projected for every decoder layer, B sources
 
-    def admit(self, model: EncoderDecoder, src: Tensor, opts: DecodeOptions) -> None:
+    def admit(self, model: Seq2Seq, src: Tensor, opts: DecodeOptions) -> None:
         """Sentences src (b, S') join the search: encoded, budgeted, and appended to the cache, with
         as many rows each as its other sources (their beams), that start at its next slot. They
         take batch indices B, B + 1, ..."""
@@ -96,7 +96,7 @@ class SearchSetup:
 
 
 def start_search(
-    model: EncoderDecoder,
+    model: Seq2Seq,
     src: Tensor,
     opts: DecodeOptions,
     prefix: list[list[int]] | None,

@@ -72,7 +72,6 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from translator import kernels
     from translator.checkpoint import CheckpointError
     from translator.engine_process import EngineStartError
     from translator.runtime import keep_freed_memory
@@ -83,8 +82,6 @@ def serve_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     elif cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if kernels.library() is not None:  # built or loaded now, not on the first request
-        logging.getLogger("translator.kernels").info("native decoding kernels loaded")
     # The decoding engine runs on this thread, which loads the models: one thread doing all the
     # OpenMP work keeps libgomp spinning between parallel regions (translator.batcher); or on the
     # main thread of a process of its own per model (engine_process), which warms itself up.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from translator import native
 from translator.decode_options import check_budgets
 from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search
 from translator.documents import (
@@ -82,6 +83,8 @@ class Translator:
     threads divided among them (the caller sets `torch.set_num_threads`), the cores stay busy
     while each thread runs the Python and the small single-threaded ops of its decoding steps,
     about half of a step's time at batch 64 on the CPU preset (docs/RESULTS.md).
+    backend: "native" (translator.native's kernels, where they load; torch's otherwise) or
+    "torch" (translator.model as written); either decodes on the model's own parameters.
     """
 
     def __init__(
@@ -92,10 +95,11 @@ class Translator:
         max_batch_tokens: int = 4096,
         workers: int = 1,
         src_lang: str = "en",
+        backend: str = "native",
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        self.model = model.eval()
+        self.model = native.for_backend(model.eval(), backend)
         self.tokenizer = tokenizer
         self.options = options or DecodeOptions()
         self.max_batch_tokens = max_batch_tokens

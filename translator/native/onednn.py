@@ -1,11 +1,4 @@
-"""Linear layers of inference over weights packed once, and the output projection's products
-through oneDNN's sgemm where it is installed.
-
-`Linear` keeps its weight packed in panels for the native kernel (`kernels.panel_linear`) and
-multiplies over them at inference: oneDNN's sgemm packs the weight again at every call, a cost
-that a decoding step's few rows cannot spread (benchmarks/gemm_backends.py, docs/HISTORY.md
-round 7). Training, other dtypes and devices,
-tracing, or no native kernels: `F.linear`.
+"""The output projection's products through oneDNN's sgemm where it is installed.
 
 The output projection multiplies through oneDNN's JIT sgemm (what CTranslate2 multiplies with
 on non-Intel CPUs) over a row-major (D, V) copy of its weight, and past PACKED_ROWS rows through
@@ -29,10 +22,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from translator import kernels
+from translator.native import kernels
 
 ENV = "NMT_ONEDNN"  # "0" turns the oneDNN path off
 DISTRIBUTION = "onednn-cpu-gomp"
@@ -158,22 +150,3 @@ def weight_copy(copies: Copies, name: str, weight: Tensor, make: Callable[[Tenso
     if kept is None or kept[0] != source:
         kept = copies[name] = (source, make(weight.detach()))
     return kept[1]
-
-
-class Linear(torch.nn.Linear):
-    """`nn.Linear` (same parameters, same state dict) whose inference runs over its weight
-    packed once (`kernels.panel_linear`, kept until the weight changes), else through `F.linear`."""
-
-    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            packed = self.panels()
-            out = None if packed is None else kernels.panel_linear(x, packed, self.bias, self.out_features, relu)
-            if out is not None:
-                return out
-        y = F.linear(x, self.weight, self.bias)
-        return F.relu(y) if relu else y
-
-    def panels(self) -> Tensor | None:
-        """The weight packed by `kernels.panels`, packed again whenever the weight has changed
-        (training, loading); None where the kernels are not built."""
-        return weight_copy(self.__dict__.setdefault("_copies", {}), "panels", self.weight, kernels.panels)

@@ -16,135 +16,21 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
 - a decoder layer's whole step for one new position per row (`decoder_steps`): the same
   arithmetic as translator.model's layers, through the functions above, with no torch op and no
   Python between the products.
-docs/RESULTS.md and docs/HISTORY.md have the figures. The library is compiled for this CPU (`-march=native`) into a
-cache directory the first time a process asks for it, and reused from there. Without a C
-compiler with OpenMP (`$CC`, else `cc`), or with `NMT_KERNELS=0`, each falls back to torch:
-same results within float rounding, only slower.
+docs/RESULTS.md and docs/HISTORY.md have the figures. Each wrapper returns None (or False)
+where its kernel does not apply or the library is not loaded (translator.native.loader), and
+its caller falls back to torch: same results within float rounding, only slower.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import logging
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-log = logging.getLogger("translator.kernels")
-
-ENV = "NMT_KERNELS"  # "0": never build or load them
-CACHE_ENV = "NMT_KERNEL_CACHE"  # where built libraries go (default ~/.cache/nmt-translator/kernels)
-SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
-BUILD_SECONDS = 120
-
-
-class BuildError(RuntimeError):
-    """The C compiler is missing or failed."""
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nmt-translator" / "kernels"
-
-
-def compiler() -> str:
-    return os.environ.get("CC") or "cc"
-
-
-def cpu_identity() -> bytes:
-    """What `-march=native` compiles for: the CPU's model and feature flags (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return b""
-    first = text.split("\n\n", 1)[0]
-    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags"))).encode()
-
-
-def run_compiler(args: list[str]) -> str:
-    """The compiler's standard output; BuildError with its messages when it is missing or fails."""
-    try:
-        done = subprocess.run(args, check=False, capture_output=True, text=True, timeout=BUILD_SECONDS)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BuildError(f"{args[0]}: {e}") from e
-    if done.returncode:
-        raise BuildError(f"{' '.join(args)} failed: {done.stderr.strip()[-2000:]}")
-    return done.stdout
-
-
-def build(source: Path = SOURCE) -> Path:
-    """The shared library for `source`, compiled unless the cache already holds it.
-
-    Keyed by the source, the compiler's version, the flags and the CPU, so an edited source, a
-    new compiler or a home directory shared with another CPU get their own build. Written under
-    a temporary name and renamed into place: processes building at once, or one killed
-    mid-build, never leave a partial library under the final name.
-    """
-    cc = compiler()
-    version = run_compiler([cc, "--version"])
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), version.encode(), " ".join(FLAGS).encode(), cpu_identity()])
-    ).hexdigest()[:20]
-    target = cache_dir() / f"{source.stem}-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        run_compiler([cc, *FLAGS, "-o", str(partial), str(source)])
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
-
-
-I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-STRIDES = ctypes.c_int64 * 4
-SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
-    "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
-    "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
-    "decoder_layer_step": ([PTR] * 4, INT),
-    "pack_panels": ([PTR, PTR, I64, I64], None),
-    "panel_linear": ([PTR] * 4 + [I64] * 3 + [INT, INT], None),
-    "move_rows": ([I64] + [PTR] * 7 + [I64], None),
-    "argmax_log_prob": ([PTR, I64, I64, I64, PTR, PTR, INT], None),
-}
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernels, checked against torch on a small case; None (logged once) when unavailable."""
-    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    try:
-        lib = ctypes.CDLL(str(build()))
-        for name, (argtypes, restype) in SIGNATURES.items():
-            getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = restype
-    except (BuildError, OSError, AttributeError) as e:
-        log.warning("native kernels unavailable, decoding uses torch alone: %s", e)
-        return None
-    g = torch.Generator().manual_seed(0)  # not the global RNG
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (2, 5, 5))
-    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
-    got = call_attention(lib, q, k, v, mask)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if got is None or not torch.allclose(got, expected, atol=1e-5):
-        log.warning("native attention kernel disagrees with torch on its check, not used")
-        return None
-    return lib
-
+from translator.native.loader import F32, I64, INT, PTR, STRIDES, library
 
 PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
 
@@ -226,28 +112,18 @@ def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: b
     return out
 
 
-class LayerNorm(torch.nn.LayerNorm):
-    """`nn.LayerNorm` (same parameters, same state dict) whose inference over the last dimension
-    of a contiguous float32 CPU tensor is one native call, its rows split over the threads from
-    an encoder's size on: at a decoding step's few rows torch's op and its allocation cost far
-    more than the arithmetic (docs/HISTORY.md, rounds 6 and 7)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training: torch's op, traceable
-            return super().forward(x)
-        lib = library()
-        if (
-            lib is None
-            or not (plain_f32(x) and x.is_contiguous() and x.numel())
-            or self.weight is None or self.bias is None
-            or self.normalized_shape != (x.size(-1),)
-        ):
-            return super().forward(x)
-        out = torch.empty_like(x)
-        D = x.size(-1)
-        lib.layer_norm(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), out.data_ptr(), x.numel() // D, D,
-                       self.eps, torch.get_num_threads())
-        return out
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor | None:
+    """LayerNorm of inference over the last dimension of x (..., D), its rows split over the
+    threads from an encoder's size on; None where the kernel does not apply (not built, x not a
+    contiguous float32 CPU tensor)."""
+    lib = library()
+    if lib is None or not (plain_f32(x) and x.is_contiguous() and x.numel()):
+        return None
+    out = torch.empty_like(x)
+    D = x.size(-1)
+    lib.layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.numel() // D, D, eps,
+                   torch.get_num_threads())
+    return out
 
 
 def argmax_log_prob(logits: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -314,12 +190,7 @@ class DecoderStep(ctypes.Structure):
     ]
 
 
-# The order DecoderLayer.native_weights lists a layer's parameters in.
-LAYER_WEIGHTS = (
-    "norm_w0", "norm_w1", "norm_w2", "norm_b0", "norm_b1", "norm_b2",
-    "self_q_w", "self_q_b", "self_kv_w", "self_kv_b", "self_out_w", "self_out_b",
-    "cross_q_w", "cross_q_b", "cross_out_w", "cross_out_b", "ff_in_w", "ff_in_b", "ff_out_w", "ff_out_b",
-)
+NORMS = ("norm_w", "norm_b")  # LayerStep's arrays of a layer's three LayerNorm weights and biases
 
 
 @dataclass(frozen=True)
@@ -335,23 +206,20 @@ class DecoderWeights:
     tensors: list[Tensor]  # what the pointers point into: packed panels live as long as this does
 
     @classmethod
-    def of(cls, layers: list[list[Tensor]]) -> DecoderWeights | None:
-        """From each layer's parameters in LAYER_WEIGHTS order, its weight matrices (*_w but the
-        norms') packed by `panels`; None where one is not a contiguous float32 CPU tensor (a
-        quantized or otherwise swapped layer)."""
-        if not all(isinstance(w, Tensor) and plain_f32(w) and w.is_contiguous() for ws in layers for w in ws):
+    def of(cls, layers: list[dict[str, Tensor | list[Tensor] | None]]) -> DecoderWeights | None:
+        """From each layer's weights by LayerStep field name (norm_w, norm_b: three tensors each;
+        the matrices packed by `panels`); None where one is not a contiguous float32 CPU tensor
+        (a quantized or otherwise swapped layer)."""
+        tensors = [t for ws in layers for w in ws.values() for t in (w if isinstance(w, list) else [w])]
+        if not all(isinstance(t, Tensor) and plain_f32(t) and t.is_contiguous() for t in tensors):
             return None
-        return cls([cls.template(ws) for ws in layers], layers[0][LAYER_WEIGHTS.index("ff_in_b")].numel(),
-                   [w for ws in layers for w in ws])
+        return cls([cls.template(ws) for ws in layers], layers[0]["ff_in_b"].numel(), tensors)
 
     @staticmethod
-    def template(weights: list[Tensor]) -> LayerStep:
-        ptrs = dict(zip(LAYER_WEIGHTS, (w.data_ptr() for w in weights)))
-        return LayerStep(
-            norm_w=PTRS3(ptrs.pop("norm_w0"), ptrs.pop("norm_w1"), ptrs.pop("norm_w2")),
-            norm_b=PTRS3(ptrs.pop("norm_b0"), ptrs.pop("norm_b1"), ptrs.pop("norm_b2")),
-            **ptrs,
-        )
+    def template(weights: dict[str, Tensor | list[Tensor]]) -> LayerStep:
+        ptrs = {name: (PTRS3(*(t.data_ptr() for t in w)) if name in NORMS else w.data_ptr())
+                for name, w in weights.items()}
+        return LayerStep(**ptrs)
 
 
 def decoder_steps(

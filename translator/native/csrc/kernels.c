@@ -1,4 +1,4 @@
-/* Kernels of a decoding step (translator/kernels.py): attention, linear layers, LayerNorm.
+/* Kernels of a decoding step (translator/native/kernels.py): attention, linear layers, LayerNorm.
  *
  * Attention of few queries per (sentence, head) over cached keys and values:
  * out = softmax(q k^T * scale, masked) v for q (B, H, T, Dh), k and v (B, H, S, Dh) and a mask
