@@ -19,7 +19,7 @@ needs_onednn = pytest.mark.skipif(not onednn.enabled(), reason="oneDNN is not in
 needs_kernels = pytest.mark.skipif(loader.library() is None, reason="the native kernels are not built here")
 
 
-@pytest.mark.skipif(not ONEDNN_PLATFORM or os.environ.get(onednn.ENV) == "0", reason="a dependency only on x86-64 Linux")
+@pytest.mark.skipif(not ONEDNN_PLATFORM or os.environ.get(onednn.ENV) == "0", reason="the onednn extra installs it only on x86-64 Linux")
 def test_onednn_is_installed_and_agrees_with_torch_where_it_is_a_dependency():
     assert onednn.library_path() is not None
     assert onednn.enabled()  # loaded, and its check product matched torch's

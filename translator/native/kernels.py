@@ -18,7 +18,8 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
   Python between the products.
 docs/RESULTS.md and docs/HISTORY.md have the figures. Each wrapper returns None (or False)
 where its kernel does not apply or the library is not loaded (translator.native.loader), and
-its caller falls back to torch: same results within float rounding, only slower.
+its caller falls back to torch: same results within float rounding, only slower. Each takes
+the library to call as `lib` (the self-test passes the one it checks), else the process's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from translator.native.loader import F32, I64, INT, PTR, STRIDES, library
+from translator.native.abi import I64, PTR, PTRS3, STRIDES, DecoderStep, LayerStep
+from translator.native.loader import Kernels, library
 
 PLAIN = (Tensor, torch.nn.Parameter)  # not subclasses that override torch functions
 
@@ -44,13 +46,13 @@ def usable(t: Tensor) -> bool:
     return plain_f32(t) and t.dim() == 4 and t.stride(-1) == 1
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lib: Kernels | None = None) -> Tensor | None:
     """softmax(q k^T / sqrt(Dh)) v, q (B, H, T, Dh), k/v (B, H, S, Dh), outside autograd, as a
     (B, H, T, Dh) view of a (B, T, H, Dh) tensor; None where the kernel does not apply (not
     built, other dtypes or devices, Dh not a multiple of 8 up to 256, non-boolean masks)."""
-    lib = library()
+    lib = lib or library()
     if (
-        lib is None
+        lib is None or lib.few_query_attention is None
         or not (usable(q) and usable(k) and usable(v))
         or k.shape[:2] != q.shape[:2] or v.shape != k.shape
         or (mask is not None and (mask.dtype is not torch.bool or mask.dim() > 4 or not mask.is_cpu))
@@ -59,7 +61,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | 
     return call_attention(lib, q, k, v, mask)
 
 
-def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
+def call_attention(lib: Kernels, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor | None:
     B, H, T, Dh = q.shape
     S = k.size(2)
     threads = torch.get_num_threads()
@@ -80,11 +82,11 @@ def call_attention(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, mask: Tens
 PANEL = 16  # output columns per panel of a packed weight (csrc/kernels.c)
 
 
-def panels(weight: Tensor) -> Tensor | None:
+def panels(weight: Tensor, lib: Kernels | None = None) -> Tensor | None:
     """weight (N, K) packed for `panel_linear`: (ceil(N / PANEL) * K * PANEL,) floats; None where
     the kernels are not built or the weight is not a contiguous float32 CPU matrix."""
-    lib = library()
-    if lib is None or not (plain_f32(weight) and weight.dim() == 2 and weight.is_contiguous()):
+    lib = lib or library()
+    if lib is None or lib.pack_panels is None or not (plain_f32(weight) and weight.dim() == 2 and weight.is_contiguous()):
         return None
     N, K = weight.shape
     packed = weight.new_empty(-(-N // PANEL) * K * PANEL)
@@ -93,13 +95,15 @@ def panels(weight: Tensor) -> Tensor | None:
     return packed
 
 
-def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: bool = False) -> Tensor | None:
+def panel_linear(
+    x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: bool = False, lib: Kernels | None = None
+) -> Tensor | None:
     """x (..., K) @ weight.T + bias -> (..., N), then ReLU if relu, for the (N, K) weight `panels`
     packed, outside autograd; None where the kernel does not apply (x not float32 on the CPU)."""
-    lib = library()
+    lib = lib or library()
     K = x.size(-1)
     if (
-        lib is None or not K or not plain_f32(x) or torch.is_grad_enabled()
+        lib is None or lib.panel_linear is None or not K or not plain_f32(x) or torch.is_grad_enabled()
         or packed.numel() != -(-N // PANEL) * K * PANEL
     ):
         return None
@@ -112,12 +116,12 @@ def panel_linear(x: Tensor, packed: Tensor, bias: Tensor | None, N: int, relu: b
     return out
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor | None:
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, lib: Kernels | None = None) -> Tensor | None:
     """LayerNorm of inference over the last dimension of x (..., D), its rows split over the
     threads from an encoder's size on; None where the kernel does not apply (not built, x not a
     contiguous float32 CPU tensor)."""
-    lib = library()
-    if lib is None or not (plain_f32(x) and x.is_contiguous() and x.numel()):
+    lib = lib or library()
+    if lib is None or lib.layer_norm is None or not (plain_f32(x) and x.is_contiguous() and x.numel()):
         return None
     out = torch.empty_like(x)
     D = x.size(-1)
@@ -126,12 +130,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor | 
     return out
 
 
-def argmax_log_prob(logits: Tensor) -> tuple[Tensor, Tensor] | None:
+def argmax_log_prob(logits: Tensor, lib: Kernels | None = None) -> tuple[Tensor, Tensor] | None:
     """Each row's argmax of log_softmax(logits (n, V)) (n,) int64, the first where tied, and the
     log-probability there (n,), in one native pass over the row, without the (n, V) log-softmax;
     None where the kernel does not apply (not built, not a float32 CPU matrix of unit stride)."""
-    lib = library()
-    if lib is None or not (plain_f32(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.size(1)):
+    lib = lib or library()
+    if lib is None or lib.argmax_log_prob is None or not (plain_f32(logits) and logits.dim() == 2 and logits.stride(1) == 1 and logits.size(1)):
         return None
     n, V = logits.shape
     idx, lp = torch.empty(n, dtype=torch.int64), logits.new_empty(n)
@@ -140,16 +144,12 @@ def argmax_log_prob(logits: Tensor) -> tuple[Tensor, Tensor] | None:
     return idx, lp
 
 
-PTRS3 = PTR * 3
-I64x4 = I64 * 4
-
-
-def move_rows(tensors: list[tuple[Tensor, int]], holes: Tensor, movers: Tensor) -> bool:
+def move_rows(tensors: list[tuple[Tensor, int]], holes: Tensor, movers: Tensor, lib: Kernels | None = None) -> bool:
     """In each 4-D tensor, with its rows along dimension 0 or 1, copy rows `movers` onto rows
     `holes` in place (x[holes] = x[movers] along that dimension), in one native call; False,
     nothing moved, where a tensor's last two dimensions are not one contiguous run."""
-    lib = library()
-    if lib is None:
+    lib = lib or library()
+    if lib is None or lib.move_rows is None:
         return False
     layout = []
     for t, dim in tensors:
@@ -165,29 +165,6 @@ def move_rows(tensors: list[tuple[Tensor, int]], holes: Tensor, movers: Tensor) 
     lib.move_rows(n, (PTR * n)(*base), (I64 * n)(*row_stride), (I64 * n)(*blocks), (I64 * n)(*block_stride),
                   (I64 * n)(*run), holes.data_ptr(), movers.data_ptr(), moves)
     return True
-
-
-class LayerStep(ctypes.Structure):
-    """`layer_t` of csrc/kernels.c: one decoder layer's weights and caches."""
-
-    _fields_ = [("norm_w", PTRS3), ("norm_b", PTRS3)] + [
-        (name, PTR) for name in (
-            "self_q_w", "self_q_b", "self_kv_w", "self_kv_b", "self_out_w", "self_out_b",
-            "cross_q_w", "cross_q_b", "cross_out_w", "cross_out_b", "ff_in_w", "ff_in_b", "ff_out_w", "ff_out_b",
-            "self_k", "self_v",
-        )
-    ] + [("self_slot_stride", I64), ("self_row_stride", I64), ("cross_k", PTR), ("cross_v", PTR),
-         ("cross_k_strides", I64x4), ("cross_v_strides", I64x4)]
-
-
-class DecoderStep(ctypes.Structure):
-    """`step_t` of csrc/kernels.c: the shapes and masks one step shares across layers."""
-
-    _fields_ = [(name, I64) for name in ("R", "D", "H", "F", "N", "S", "past")] + [
-        ("norm_first", INT), ("threads", INT), ("eps", F32),
-        ("self_mask", PTR), ("self_mask_strides", I64x4), ("src_mask", PTR), ("src_mask_strides", I64x4),
-        ("self_rows", PTR),
-    ]
 
 
 NORMS = ("norm_w", "norm_b")  # LayerStep's arrays of a layer's three LayerNorm weights and biases
@@ -233,16 +210,19 @@ def decoder_steps(
     n_heads: int,
     norm_first: bool,
     eps: float,
+    lib: Kernels | None = None,
 ) -> bool:
     """Run the decoder layers natively over x (R, D) in place for one new position per row;
     False (nothing done) where the step does not apply. caches: per layer self_k, self_v
     (capacity, R' >= R, H, Dh) buffers with room for slot `past`, cross_k, cross_v (N, H, S, Dh);
     self_rows (past + 1, R) int64: the buffer row holding each row's keys at each slot, or None
     (its own); masks as DecoderCache gives them."""
-    lib = library()
+    lib = lib or library()
     R, D = x.shape
     N, S = src_mask.size(0), src_mask.size(-1)
-    if lib is None or not (plain_f32(x) and x.is_contiguous()) or D % n_heads or (D // n_heads) % 8:
+    if lib is None or lib.decoder_layer_step is None or not (plain_f32(x) and x.is_contiguous()):
+        return False
+    if D % n_heads or (D // n_heads) % 8:
         return False
     Dh = D // n_heads
     for self_k, self_v, cross_k, cross_v in caches:
@@ -261,9 +241,9 @@ def decoder_steps(
                        threads=torch.get_num_threads(), eps=eps)
     if self_mask is not None:
         m = self_mask.expand(R, n_heads, 1, past + 1)
-        step.self_mask, step.self_mask_strides = m.data_ptr(), I64x4(*m.stride())
+        step.self_mask, step.self_mask_strides = m.data_ptr(), STRIDES(*m.stride())
     m = src_mask.expand(N, n_heads, R // N, S)
-    step.src_mask, step.src_mask_strides = m.data_ptr(), I64x4(*m.stride())
+    step.src_mask, step.src_mask_strides = m.data_ptr(), STRIDES(*m.stride())
     if self_rows is not None:
         step.self_rows = self_rows.data_ptr()
     scratch = x.new_empty(R * (6 * D + F) + step.threads * 4 * max(S, past + 1))
@@ -272,7 +252,7 @@ def decoder_steps(
         layer.self_k, layer.self_v = self_k.data_ptr(), self_v.data_ptr()
         layer.self_slot_stride, layer.self_row_stride = self_k.stride(0), self_k.stride(1)
         layer.cross_k, layer.cross_v = cross_k.data_ptr(), cross_v.data_ptr()
-        layer.cross_k_strides, layer.cross_v_strides = I64x4(*cross_k.stride()), I64x4(*cross_v.stride())
+        layer.cross_k_strides, layer.cross_v_strides = STRIDES(*cross_k.stride()), STRIDES(*cross_v.stride())
         if lib.decoder_layer_step(ctypes.byref(step), ctypes.byref(layer), x.data_ptr(),
                                   scratch.data_ptr()):
             raise RuntimeError("native decoder step failed (attention's status)")

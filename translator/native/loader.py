@@ -1,22 +1,34 @@
-"""Building and loading the native kernels (csrc/kernels.c) as a shared library.
+"""Building, loading and checking the native kernels (csrc/kernels.c) as a shared library.
 
 The library is compiled for this CPU (`-march=native`) into a cache directory the first time a
-process asks for it, and reused from there. Without a C compiler with OpenMP (`$CC`, else
-`cc`), or with `NMT_KERNELS=0`, `library()` is None and every caller falls back to torch.
+process asks for it, and reused from there, without a compiler, by any process on a machine with
+the same CPU. At load it must report the ABI that abi.py mirrors (version, struct sizes, field
+offsets), and each kernel must agree with torch on a small case (selftest.py): a library that
+fails the first is not used at all, a kernel that fails the second is not used, each with a
+warning. Without a C compiler with OpenMP (`$CC`, else `cc`) and no cached build, or with
+`NMT_KERNELS=0`, `library()` is None and every caller falls back to torch.
+
+ctypes, not torch's extension machinery: a torch extension needs a C++ toolchain and torch's
+headers on every serving machine and a build of tens of seconds, where this C file builds in
+about a second with any C compiler, and the checks here give the safety a schema would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
+from translator.native.abi import ABI_VERSION, SIGNATURES, STRUCTS, layout, library_abi
 
 log = logging.getLogger("translator.native")
 
@@ -25,6 +37,11 @@ CACHE_ENV = "NMT_KERNEL_CACHE"  # where built libraries go (default ~/.cache/nmt
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared")
 BUILD_SECONDS = 120
+# /proc/cpuinfo fields that say what `-march=native` targets: x86's model and flags; aarch64's
+# implementer, part, variant and features (per core: big and little cores differ); POWER's and
+# RISC-V's cpu, isa and uarch. Clock speeds and core numbers are left out: they vary by the read.
+CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU architecture",
+              "CPU variant", "CPU part", "CPU revision", "Features", "cpu", "isa", "uarch")
 
 
 class BuildError(RuntimeError):
@@ -43,13 +60,18 @@ def compiler() -> str:
 
 
 def cpu_identity() -> bytes:
-    """What `-march=native` compiles for: the CPU's model and feature flags (Linux)."""
+    """What `-march=native` compiles for, on any architecture: the machine type and every CPU's
+    model and feature fields from /proc/cpuinfo (the kernels load on Linux alone)."""
+    seen = {f"machine:{platform.machine()}"}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return b""
-    first = text.split("\n\n", 1)[0]
-    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags"))).encode()
+        text = ""
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in CPU_FIELDS:
+            seen.add(f"{name.strip()}:{value.strip()}")
+    return "\n".join(sorted(seen)).encode()
 
 
 def run_compiler(args: list[str]) -> str:
@@ -63,69 +85,120 @@ def run_compiler(args: list[str]) -> str:
     return done.stdout
 
 
-def build(source: Path = SOURCE) -> Path:
-    """The shared library for `source`, compiled unless the cache already holds it.
+def build_key(source: Path) -> str:
+    """The source, its headers, the compiler's name, the flags and the CPU. Not the compiler's
+    version: asking for it needs the compiler, and a cached library must load without one; a
+    library from an older compiler is still checked (ABI and self-test) at every load."""
+    parts = [source.read_bytes(), *(h.read_bytes() for h in sorted(source.parent.glob("*.h"))),
+             compiler().encode(), " ".join(FLAGS).encode(), cpu_identity()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
-    Keyed by the source, the compiler's version, the flags and the CPU, so an edited source, a
-    new compiler or a home directory shared with another CPU get their own build. Written under
-    a temporary name and renamed into place: processes building at once, or one killed
-    mid-build, never leave a partial library under the final name.
-    """
-    cc = compiler()
-    version = run_compiler([cc, "--version"])
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), version.encode(), " ".join(FLAGS).encode(), cpu_identity()])
-    ).hexdigest()[:20]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created) for the block: threads and processes building at once wait their turn."""
+    import fcntl  # POSIX only, as the kernels are (library() loads them on Linux alone)
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(source: Path = SOURCE) -> Path:
+    """The shared library for `source`: the cached one where it exists (no compiler needed), else
+    compiled, under a lock, into a unique temporary file renamed into place, so that builders
+    running at once or one killed mid-build never leave a partial library under the final name."""
+    target = cache_dir() / f"{source.stem}-{build_key(source)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        run_compiler([cc, *FLAGS, "-o", str(partial), str(source)])
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with locked(target.with_name(f".{target.name}.lock")):
+        if target.exists():  # built while this builder waited for the lock
+            return target
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        os.close(fd)
+        try:
+            run_compiler([compiler(), *FLAGS, "-o", partial, str(source)])
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return target
 
 
-I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-STRIDES = ctypes.c_int64 * 4
-SIGNATURES = {  # name: (argument types, result type), as in csrc/kernels.c
-    "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
-    "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
-    "decoder_layer_step": ([PTR] * 4, INT),
-    "pack_panels": ([PTR, PTR, I64, I64], None),
-    "panel_linear": ([PTR] * 4 + [I64] * 3 + [INT, INT], None),
-    "move_rows": ([I64] + [PTR] * 7 + [I64], None),
-    "argmax_log_prob": ([PTR, I64, I64, I64, PTR, PTR, INT], None),
-}
+class Kernels:
+    """The library's kernels by name (abi.SIGNATURES), each a ctypes function with its signature
+    set, or None once it has failed its self-test (callers then take torch's path)."""
+
+    few_query_attention: Callable | None
+    layer_norm: Callable | None
+    decoder_layer_step: Callable | None
+    pack_panels: Callable | None
+    panel_linear: Callable | None
+    move_rows: Callable | None
+    argmax_log_prob: Callable | None
+
+    def __init__(self, cdll: ctypes.CDLL, signatures: dict) -> None:
+        self.path = cdll._name
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(cdll, name)
+            fn.argtypes, fn.restype = argtypes, restype
+            setattr(self, name, fn)
+
+    def disable(self, name: str, why: str) -> None:
+        log.warning("native kernel %s disabled, torch runs in its place: %s", name, why)
+        setattr(self, name, None)
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built kernels, checked against torch on a small case; None (logged once) when unavailable."""
+def open_library(path: Path, abi_version: int = ABI_VERSION, structs: tuple = STRUCTS,
+                 signatures: dict = SIGNATURES) -> Kernels | None:
+    """The library at path with its kernels' signatures set, where it reports `abi_version` and
+    the sizes and field offsets of `structs`; None, with one warning, where it does not."""
+    try:
+        cdll = ctypes.CDLL(str(path))
+        version, found = library_abi(cdll)
+    except (OSError, AttributeError) as e:
+        log.warning("native kernels unavailable, decoding uses torch alone: %s", e)
+        return None
+    expected = layout(structs)
+    if version != abi_version or found != expected:
+        log.warning("native kernels disabled, decoding uses torch alone: %s has ABI version %d and struct "
+                    "layout %s, this package expects version %d and %s", path, version, found, abi_version, expected)
+        return None
+    try:
+        return Kernels(cdll, signatures)
+    except AttributeError as e:
+        log.warning("native kernels unavailable, decoding uses torch alone: %s", e)
+        return None
+
+
+def load(abi_version: int = ABI_VERSION, structs: tuple = STRUCTS, signatures: dict = SIGNATURES) -> Kernels | None:
+    """The kernels built (or found built), opened, ABI-checked and self-tested; None (with a
+    warning) where unavailable. Each call loads them afresh; `library()` keeps the first."""
     if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
-        for name, (argtypes, restype) in SIGNATURES.items():
-            getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = restype
-    except (BuildError, OSError, AttributeError) as e:
+        path = build()
+    except BuildError as e:
         log.warning("native kernels unavailable, decoding uses torch alone: %s", e)
         return None
-    g = torch.Generator().manual_seed(0)  # not the global RNG
-    q, k, v = (torch.randn(2, 3, n, 8, generator=g) for n in (2, 5, 5))
-    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
-    from translator.native.kernels import call_attention
-
-    got = call_attention(lib, q, k, v, mask)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if got is None or not torch.allclose(got, expected, atol=1e-5):
-        log.warning("native attention kernel disagrees with torch on its check, not used")
+    lib = open_library(path, abi_version, structs, signatures)
+    if lib is None:
         return None
+    # Imported here: the self-test calls the kernels' wrappers, whose module imports this one.
+    from translator.native.selftest import self_test
+
+    self_test(lib)
+    log.info("native decoding kernels loaded from %s", path)
     return lib
+
+
+@functools.cache
+def library() -> Kernels | None:
+    """The process's kernels, loaded and checked once."""
+    return load()
 
 
 def available() -> bool:

@@ -9,6 +9,7 @@ and each falls back to the reference where its kernel does not apply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -115,16 +116,19 @@ class NativeDecoderCache(DecoderCache):
             super().move_rows(tensors, holes, movers)
 
 
-def layer_weights(layer: DecoderLayer) -> dict[str, Tensor | list[Tensor] | None]:
-    """A decoder layer's parameters by the names of kernels.LayerStep (csrc/kernels.h's
-    layer_t), the linear layers' weights packed; None for a swapped (quantized) linear layer."""
+def layer_weights(
+    layer: DecoderLayer, pack: Callable[[nn.Linear], Tensor | None] | None = None
+) -> dict[str, Tensor | list[Tensor] | None]:
+    """A decoder layer's parameters by the names of abi.LayerStep (csrc/kernels.h's layer_t),
+    the linear layers' weights packed by `pack` (default: a PackedLinear's own panels, None for
+    a swapped layer such as a quantized copy's)."""
     norms = [s.norm for s in layer.sublayers]
     sa, ca, ff = layer.self_attn, layer.cross_attn, layer.feed_forward
     out: dict[str, Tensor | list[Tensor] | None] = {"norm_w": [n.weight for n in norms], "norm_b": [n.bias for n in norms]}
     for name, linear in (("self_q", sa.q_proj), ("self_kv", sa.kv_proj), ("self_out", sa.out_proj),
                          ("cross_q", ca.q_proj), ("cross_out", ca.out_proj), ("ff_in", ff.w_1), ("ff_out", ff.w_2)):
-        packed = isinstance(linear, PackedLinear)
-        out[f"{name}_w"], out[f"{name}_b"] = (linear.panels(), linear.bias) if packed else (None, None)
+        packed = pack(linear) if pack is not None else linear.panels() if isinstance(linear, PackedLinear) else None
+        out[f"{name}_w"], out[f"{name}_b"] = packed, linear.bias
     return out
 
 

@@ -4,7 +4,8 @@ The output projection multiplies through oneDNN's JIT sgemm (what CTranslate2 mu
 on non-Intel CPUs) over a row-major (D, V) copy of its weight, and past PACKED_ROWS rows through
 torch's own oneDNN primitive over a packed weight (`matmul`, `pack`, `packed_linear`;
 benchmarks/generator.py): both measured faster there than the native panels.
-The `onednn-cpu-gomp` wheel is a dependency on x86-64 Linux; `NMT_ONEDNN=0` turns it off.
+The `onednn-cpu-gomp` wheel comes with the `onednn` extra (and `serve`, which pulls it in) on
+x86-64 Linux; without it, or with `NMT_ONEDNN=0`, the projection runs through MKL.
 
 The wheel's library links `libgomp.so.1`; torch's CPU wheels load their own copy under that
 name first, so both share one OpenMP thread pool and `torch.set_num_threads` governs both.

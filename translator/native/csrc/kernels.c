@@ -13,8 +13,11 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "kernels.h"
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -309,27 +312,7 @@ void layer_norm(const float *x, const float *weight, const float *bias, float *o
    positions (the new key and value written into the cache at slot `past` first),
    cross-attention over its source (`group` consecutive rows per source), feed-forward; x (R, D)
    is updated in place. */
-typedef struct {
-    const float *norm_w[3], *norm_b[3];
-    const float *self_q_w, *self_q_b, *self_kv_w, *self_kv_b, *self_out_w, *self_out_b;
-    const float *cross_q_w, *cross_q_b, *cross_out_w, *cross_out_b;
-    const float *ff_in_w, *ff_in_b, *ff_out_w, *ff_out_b;  /* *_w: in panels */
-    float *self_k, *self_v;            /* (capacity, rows, H, Dh): slot and row strides below */
-    int64_t self_slot_stride, self_row_stride;
-    const float *cross_k, *cross_v;    /* (N, H, S, Dh) by their strides */
-    int64_t cross_k_strides[4], cross_v_strides[4];
-} layer_t;
-
-typedef struct {
-    int64_t R, D, H, F, N, S, past;    /* rows, d_model, heads, d_ff, sources, source length, filled slots */
-    int norm_first, threads;
-    float eps;
-    const uint8_t *self_mask;          /* (R, 1, 1, past + 1) broadcast strides, or NULL: every slot */
-    int64_t self_mask_strides[4];
-    const uint8_t *src_mask;           /* (N, 1, 1, S) broadcast strides */
-    int64_t src_mask_strides[4];
-    const int64_t *self_rows;          /* (past + 1, R): cache row of each row's slot, or NULL: its own */
-} step_t;
+/* layer_t and step_t: kernels.h. */
 
 static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
@@ -445,4 +428,31 @@ void argmax_log_prob(const float *x, int64_t n, int64_t V, int64_t row_stride, i
         idx[i] = arg;
         lp[i] = -logf(sum);
     }
+}
+
+
+int64_t nmt_kernels_abi(int64_t *layout, int64_t capacity, int64_t *count)
+{
+    const int64_t values[] = {
+        sizeof(layer_t),
+        offsetof(layer_t, norm_w), offsetof(layer_t, norm_b),
+        offsetof(layer_t, self_q_w), offsetof(layer_t, self_q_b), offsetof(layer_t, self_kv_w),
+        offsetof(layer_t, self_kv_b), offsetof(layer_t, self_out_w), offsetof(layer_t, self_out_b),
+        offsetof(layer_t, cross_q_w), offsetof(layer_t, cross_q_b), offsetof(layer_t, cross_out_w),
+        offsetof(layer_t, cross_out_b), offsetof(layer_t, ff_in_w), offsetof(layer_t, ff_in_b),
+        offsetof(layer_t, ff_out_w), offsetof(layer_t, ff_out_b), offsetof(layer_t, self_k),
+        offsetof(layer_t, self_v), offsetof(layer_t, self_slot_stride), offsetof(layer_t, self_row_stride),
+        offsetof(layer_t, cross_k), offsetof(layer_t, cross_v), offsetof(layer_t, cross_k_strides),
+        offsetof(layer_t, cross_v_strides),
+        sizeof(step_t),
+        offsetof(step_t, R), offsetof(step_t, D), offsetof(step_t, H), offsetof(step_t, F),
+        offsetof(step_t, N), offsetof(step_t, S), offsetof(step_t, past), offsetof(step_t, norm_first),
+        offsetof(step_t, threads), offsetof(step_t, eps), offsetof(step_t, self_mask),
+        offsetof(step_t, self_mask_strides), offsetof(step_t, src_mask), offsetof(step_t, src_mask_strides),
+        offsetof(step_t, self_rows),
+    };
+    const int64_t n = sizeof values / sizeof values[0];
+    for (int64_t i = 0; i < n && i < capacity; i++) layout[i] = values[i];
+    *count = n;
+    return NMT_KERNELS_ABI_VERSION;
 }
