@@ -92,6 +92,7 @@ def test_the_cache_key_names_the_cpu():
 def test_builders_at_once_share_one_build_and_a_cached_build_needs_no_compiler(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(loader.CACHE_ENV, str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv(loader.ENV, raising=False)  # the loader under test, whatever this process decodes with
     built: list = []
     threads = [threading.Thread(target=lambda: built.append(loader.build())) for _ in range(3)]
     for t in threads:
