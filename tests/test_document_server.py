@@ -27,7 +27,7 @@ from translator.documents import split_document
 from translator.markup import parse_markup
 from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
-from translator.server import create_server
+from translator.server import ServerConfig, create_server
 from translator.service import Limits
 from translator.translate import Translator
 
@@ -69,17 +69,14 @@ def translator(checkpoint) -> Translator:
     return Translator(ckpt.build_model(), ckpt.tokenizer, DEFAULTS)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def server(checkpoint, request):
-    srv, port = create_server(server_config(checkpoint, limits=LIMITS, engine_process=request.param))
-    srv.start()
-    yield f"127.0.0.1:{port}"
-    srv.stop()
+@pytest.fixture(scope="module")
+def server_settings(checkpoint) -> ServerConfig:
+    return server_config(checkpoint, limits=LIMITS)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with TranslatorClient(server, timeout=60, retries=0) as c:
+    with TranslatorClient(f"127.0.0.1:{server[1]}", timeout=60, retries=0) as c:
         yield c
 
 

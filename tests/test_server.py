@@ -93,15 +93,10 @@ def offline(checkpoint):
     return lambda texts, **changes: translator.translate(texts, DEFAULTS.replace(**changes))
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def server(checkpoint, request):
-    """The API tests run against both layouts: the engine on a thread of the server's process, and
-    in a process of its own (translator.engine_process)."""
-    srv, port = create_server(server_config(checkpoint, reflection=True, metrics_port=0,
-                                            engine_process=request.param))
-    srv.start()
-    yield srv, port
-    srv.stop()
+@pytest.fixture(scope="module")
+def server_settings(checkpoint) -> ServerConfig:
+    """The API tests' server (conftest's `server` runs it in both engine layouts)."""
+    return server_config(checkpoint, reflection=True, metrics_port=0)
 
 
 @pytest.fixture(scope="module")
