@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from translator.batcher import Batcher, BatcherConfig, Job
+from translator.batcher import Batcher, BatcherConfig, Job, RunningBatch
 from translator.checkpoint import load_checkpoint
 from translator.config import ConfigError
-from translator.decode_options import DecodeOptionError, check_budgets
-from translator.decoding import DecodeOptions, search_steps
+from translator.decoding import DecodeOptions
 from translator.document_requests import (
     DocumentEvent,
     DocumentRequest,
@@ -482,19 +481,10 @@ class TranslationService:
         formats a text's index as messages name it."""
         opts = self.decode_options(options)
         prefix = self._target_prefix(options.target_prefix)
-        eos, limit = self.translator.model.cfg.eos_id, self.translator.max_source_tokens
-        sources, decoded = [], []
-        for i, ids in enumerate(self.tokenizer.encode(list(texts))):
-            if not self.tokenizer.has_content(ids):
-                continue  # content-free: passed through unchanged
-            if len(ids) > limit:
-                raise InvalidArgument(f"{name.format(i)} has {len(ids)} tokens; the model takes at most {limit}")
-            sources.append(ids + [eos])
-            decoded.append(i)
-        try:
-            check_budgets(opts, {i: len(s) for i, s in zip(decoded, sources)}, self.translator.model.cfg.max_positions,
-                          len(prefix), "options.min_length", name, "options.target_prefix")
-        except DecodeOptionError as e:
+        try:  # content-free texts are passed through unchanged
+            sources, decoded = self.translator.checked_sources(texts, opts, len(prefix), name, "options.min_length",
+                                                               "options.target_prefix")
+        except ValueError as e:
             raise InvalidArgument(str(e)) from None
         cost = self.request_cost(sources, opts) if sources else 0
         if cost > self.limits.max_request_cost:
@@ -573,25 +563,16 @@ class TranslationService:
                   deadline=call.deadline, stream=stream, listener=listener)
         return self.batcher.submit(job)
 
-    def _decode(self, sources, key: DecodeOptions | _Forced, cancelled, on_step, on_result,
-                admit) -> Generator[None, None, list[Any]]:
-        """The batcher's decode function: one search over a padded batch, a step at a time, split
-        per sentence. Queued sentences join it between its steps (not when sampling, nor with a
-        forced prefix or glossary phrases, which joining sentences would not get)."""
-        def joining(alive: int) -> torch.Tensor | None:
-            new = admit(alive)
-            return self.translator.source_batch(new) if new else None  # (b, S')
-
-        opts, prefix, phrases = key, None, None
+    def _decode(self, batch: RunningBatch, key: DecodeOptions | _Forced) -> Generator[None, None, list[Any]]:
+        """The batcher's decode function: one search over the batch, a step at a time, split per
+        sentence, through the Translator as offline (queued sentences join it between steps where
+        they can)."""
+        opts, prefix, phrases = key, (), None
         if isinstance(key, _Forced):
-            opts, prefix = key.options, [list(key.prefix)] * len(sources) if key.prefix else None
+            opts, prefix = key.options, key.prefix
             required = dict(key.phrases)
-            phrases = [[list(p) for p in required.get(tuple(s), ())] for s in sources] if required else None
-        hyps = yield from search_steps(self.translator.model, self.translator.source_batch(sources), opts,
-                                       prefix=prefix, cancelled=cancelled, on_step=on_step, on_done=on_result,
-                                       admit=None if opts.sample or prefix or phrases else joining,
-                                       constraints=phrases,
-                                       continuations=self.translator.continuations if phrases else None)
+            phrases = [[list(p) for p in required.get(tuple(s), ())] for s in batch.sources] if required else None
+        hyps = yield from self.translator.decode_steps(batch.sources, opts, prefix, phrases, batch)
         return hyps.nbest
 
     def _candidates(self, prepared: _Prepared, i: int, nbest: list[Hypothesis]) -> list[Candidate]:
