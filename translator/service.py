@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from translator.batcher import Batcher, BatcherConfig, Job, RunningBatch
-from translator.checkpoint import load_checkpoint
+from translator.checkpoint import load_checkpoint, load_checkpoint_metadata
 from translator.config import ConfigError
 from translator.decoding import DecodeOptions
 from translator.document_requests import (
@@ -38,7 +38,7 @@ from translator.engine_process import EngineSpec, RemoteBatcher
 from translator.glossary import GlossaryError, GlossaryLimits, Term
 from translator.hypotheses import Hypothesis
 from translator.length import output_budgets
-from translator.model import ModelConfig
+from translator.model import ModelConfig, build_model
 from translator.provenance import Provenance
 from translator.shared_engine import Lane, SharedEngine
 from translator.translate import Translator, aligned_translation, passed_through
@@ -279,13 +279,20 @@ class TranslationService:
         name: str = "",
         languages: tuple[str, str] = ("", ""),
     ) -> TranslationService:
-        """Load the checkpoint once (weights-only unpickling, verified: CheckpointError) and build
-        the service around it; with engine_process, an engine process loads it too and does the
-        decoding; with engine, it decodes on that shared engine. name: the model's name (default:
-        the file's); languages: (source, target) to serve it as, each where the checkpoint's
-        record is to be replaced."""
+        """Load the checkpoint (weights-only unpickling, verified: CheckpointError) and build the
+        service around it; with engine, it decodes on that shared engine. With engine_process, an
+        engine process loads the weights and decodes, and this one reads only the config and the
+        tokenizer: its model is the architecture on the meta device, with no weights in memory.
+        name: the model's name (default: the file's); languages: (source, target) to serve it as,
+        each where the checkpoint's record is to be replaced."""
         path = Path(path)
-        ckpt = load_checkpoint(path)
+        if engine_process:
+            ckpt = load_checkpoint_metadata(path)
+            with torch.device("meta"):
+                model = build_model(ckpt.model_config).eval()
+        else:
+            ckpt = load_checkpoint(path)
+            model = ckpt.build_model()
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -293,7 +300,7 @@ class TranslationService:
         data = ckpt.config.get("data", {})
         identity = ModelIdentity(name or path.name, digest.hexdigest(), languages[0] or data.get("src_lang", ""),
                                  languages[1] or data.get("tgt_lang", ""))
-        translator = Translator(ckpt.build_model(), ckpt.tokenizer, defaults)
+        translator = Translator(model, ckpt.tokenizer, defaults)
         spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
         origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
