@@ -17,8 +17,8 @@ from translator.checkpoint import load_checkpoint
 from translator.client import TranslatorClient
 from translator.engine_process import EngineSpec, EngineStartError, RemoteBatcher
 from translator.proto.translator.v1 import translator_pb2 as pb
+from translator.requests import Limits
 from translator.server import create_server
-from translator.service import Limits
 from translator.translate import Translator
 
 

@@ -37,8 +37,8 @@ from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.provenance import Provenance
+from translator.requests import Limits
 from translator.server import ServerConfig, create_server
-from translator.service import Limits
 from translator.tokenizer import Tokenizer
 from translator.translate import Translator
 
