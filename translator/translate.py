@@ -111,13 +111,13 @@ class Translator:
 
     def encode_sources(self, texts: list[str]) -> list[list[int]]:
         """Source ids with EOS; a sentence longer than the model's positions is a ValueError."""
-        ids = [seq + [self.model.cfg.eos_id] for seq in self.tokenizer.encode(texts)]
-        for i, seq in enumerate(ids):
-            if len(seq) > self.max_source_tokens + 1:
-                raise ValueError(
-                    f"sentence {i} has {len(seq) - 1} tokens; the model takes at most {self.max_source_tokens}"
-                )
-        return ids
+        return [self._source(ids, f"sentence {i}") for i, ids in enumerate(self.tokenizer.encode(texts))]
+
+    def _source(self, ids: list[int], name: str) -> list[int]:
+        """ids with EOS, or a ValueError naming the text if the model's positions cannot hold them."""
+        if len(ids) > self.max_source_tokens:
+            raise ValueError(f"{name} has {len(ids)} tokens; the model takes at most {self.max_source_tokens}")
+        return ids + [self.model.cfg.eos_id]
 
     def translate(
         self,
@@ -221,15 +221,11 @@ class Translator:
         A text longer than the model's positions is a ValueError, an output budget with no room for
         opts.min_len or a prefix of prefix_len tokens a DecodeOptionError; each names the text as
         `sentence.format(index)` and the options as min_len_name and prefix_name."""
-        eos, limit = self.model.cfg.eos_id, self.max_source_tokens
         sources, index = [], []
         for i, ids in enumerate(self.tokenizer.encode(list(texts))):
-            if not self.tokenizer.has_content(ids):
-                continue
-            if len(ids) > limit:
-                raise ValueError(f"{sentence.format(i)} has {len(ids)} tokens; the model takes at most {limit}")
-            sources.append(ids + [eos])
-            index.append(i)
+            if self.tokenizer.has_content(ids):
+                sources.append(self._source(ids, sentence.format(i)))
+                index.append(i)
         check_budgets(opts, dict(zip(index, map(len, sources))), self.model.cfg.max_positions, prefix_len,
                       min_len_name, sentence, prefix_name)
         return sources, index
