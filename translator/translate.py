@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from translator.decode_options import check_budgets
-from translator.decoding import DecodeOptions, Hypothesis, search_steps
+from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search_steps
 from translator.documents import (
     DEFAULT_LIMITS,
     DocumentLimits,
@@ -145,9 +145,8 @@ class Translator:
         out: list[Translation] = [unchanged(text) for text in texts]
 
         def decode(batch: list[int]) -> list[Translation]:
-            steps = self.decode_steps([ids[i] for i in batch], opts, prefix,
-                                      [phrases[i] for i in batch] if glossary else None)
-            ranked = [translations(self.tokenizer, nbest, terms[i]) for i, nbest in zip(batch, run_to_end(steps).nbest)]
+            hyps = self.decode([ids[i] for i in batch], opts, prefix, [phrases[i] for i in batch] if glossary else None)
+            ranked = [translations(self.tokenizer, nbest, terms[i]) for i, nbest in zip(batch, hyps.nbest)]
             return [replace(r[0], nbest=r) for r in ranked]
 
         if progress and len(todo) < len(texts):
@@ -229,6 +228,11 @@ class Translator:
         check_budgets(opts, dict(zip(index, map(len, sources))), self.model.cfg.max_positions, prefix_len,
                       min_len_name, sentence, prefix_name)
         return sources, index
+
+    def decode(self, sources: list[list[int]], opts: DecodeOptions, prefix: Sequence[int] = (),
+               phrases: list[list[list[int]]] | None = None) -> Hypotheses:
+        """`decode_steps` run to its end."""
+        return run_to_end(self.decode_steps(sources, opts, prefix, phrases))
 
     def decode_steps(self, sources: list[list[int]], opts: DecodeOptions, prefix: Sequence[int] = (),
                      phrases: list[list[list[int]]] | None = None, batch: RunningSearch | None = None) -> Steps:
