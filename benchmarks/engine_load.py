@@ -34,8 +34,10 @@ import torch
 from translator.batcher import BatcherConfig
 from translator.checkpoint import load_checkpoint
 from translator.decoding import DecodeOptions
+from translator.model_info import ModelIdentity
+from translator.requests import RequestOptions
 from translator.runtime import keep_freed_memory
-from translator.service import ModelIdentity, RequestOptions, TranslationService
+from translator.service import TranslationService
 from translator.translate import Translator
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared/data/multi30k/test_2016_flickr.en.gz"

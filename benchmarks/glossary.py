@@ -39,7 +39,7 @@ import torch
 from translator.checkpoint import load_checkpoint
 from translator.decoding import DecodeOptions, search
 from translator.glossary import Term
-from translator.translate import Translator, batch_tensor
+from translator.translate import Translator
 
 DATA = Path("/work/shared/data/multi30k")
 GERMAN_STOP = frozenset(["aber", "alle", "allem", "allen", "aller", "alles", "als", "also", "auch", "auf", "aus", "bei", "beim", "bin", "bis", "bist", "dabei", "dadurch", "damit", "dann", "darauf", "das", "dass", "dem", "den", "denen", "der", "des", "die", "dies", "diese", "diesem", "diesen", "dieser", "dieses", "doch", "dort", "durch", "ein", "eine", "einem", "einen", "einer", "eines", "einige", "einigen", "etwas", "euer", "für", "gegen", "gibt", "hat", "hatte", "hinter", "ich", "ihm", "ihn", "ihr", "ihre", "ihrem", "ihren", "ihrer", "im", "in", "ist", "jede", "jedem", "jeden", "jeder", "jedes", "kann", "kein", "keine", "mit", "nach", "neben", "nicht", "noch", "nur", "ob", "oder", "ohne", "sehr", "sein", "seine", "seinem", "seinen", "seiner", "sich", "sie", "sind", "so", "über", "um", "und", "uns", "unter", "viel", "vom", "von", "vor", "während", "was", "weil", "wenn", "wer", "wie", "wir", "wird", "wo", "zu", "zum", "zur", "zwei", "drei", "vier", "einem", "eines", "neben", "etwas", "gerade"])
@@ -101,9 +101,8 @@ def decode(tr: Translator, sources: list[str], opts: DecodeOptions, batch_size: 
     seconds = 0.0
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        src = batch_tensor([ids[i] for i in batch], tr.model.cfg.pad_id)
         begin = time.perf_counter()
-        hyps = tr.search(src, opts, None, [phrases[i] for i in batch] if phrases else None)
+        hyps = tr.decode([ids[i] for i in batch], opts, (), [phrases[i] for i in batch] if phrases else None)
         seconds += time.perf_counter() - begin
         for i, text in zip(batch, tr.tokenizer.decode(hyps.tokens)):
             out[i] = text

@@ -29,7 +29,7 @@ phase (where one frame matches several, the first in PHASES' order). So the enco
 sentence joining a running batch counts as encoder, not joining; the output projection inside
 decode_step as output projection; torch operators called from beam.py as search bookkeeping; and
 detokenization (Tokenizer.decode inside _candidates) apart from tokenization (Tokenizer.encode,
-service.prepare). Busy samples that match nothing are "other".
+Preparer.sentences). Busy samples that match nothing are "other".
 
 py-spy runs outside the server, as a process of its own, and its CPU competes for the same cores:
 each level prints py-spy's CPU seconds (from getrusage(RUSAGE_CHILDREN) around its run) beside the
@@ -101,10 +101,10 @@ PHASES: dict[str, str] = {
     "decoder steps": r"^(EncoderDecoder\.decode_step|Decoder\.(step|native_step)|decoder_steps) \(",
     "encoder": r"^(EncoderDecoder\.(encode|init_cache)|Encoder\.forward) \(",  # with cross-attention keys
     "joining": r"^(SearchSetup\.admit|DecoderCache\.extend|Rows\.join|Beams\.join|join|Finished\.extend"
-               r"|_Batch\.admit|.*<locals>\.joining) \(translator/",
+               r"|RunningBatch\.admit|Translator\._joining) \(translator/",
     "search bookkeeping": r"\(translator/(beam|greedy|search_setup|decoding|hypotheses|constraints|hooks"
                           r"|sampling)\.py:",
-    "prepare/tokenize": r"^(Tokenizer\.encode|TranslationService\.prepare) \(",
+    "prepare/tokenize": r"^(Tokenizer\.encode|Preparer\.(sentences|documents)) \(",
     "detokenize/candidates": r"^(Tokenizer\.(decode|pieces)|TranslationService\._candidates) \(",
     "batcher": r"\(translator/(batcher|jobs)\.py:",
     "protobuf": r"^(check_request|_unknown_field|_request_options|_translation|_model_info|_parser\.<locals>"

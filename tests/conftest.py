@@ -1,7 +1,9 @@
-"""Shared fixtures: a toy parallel corpus, a tokenizer trained on it in memory, tiny model configs."""
+"""Shared fixtures: a toy parallel corpus, a tokenizer trained on it in memory, tiny model configs, and
+a real server in both engine layouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -70,3 +72,16 @@ def tiny_overrides(corpus: dict[str, str], **extra: object) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(server_settings, request):
+    """A real server on port 0 built from the module's `server_settings` fixture (a ServerConfig), in
+    both layouts: the engine on a thread of the server's process, and in a process of its own
+    (translator.engine_process). Yields (server, port)."""
+    from translator.server import create_server  # grpc only for the modules that serve
+
+    srv, port = create_server(dataclasses.replace(server_settings, engine_process=request.param))
+    srv.start()
+    yield srv, port
+    srv.stop()

@@ -43,10 +43,10 @@ class ReverseDecoder:
         self.started = threading.Event()
         self.fail = False
 
-    def __call__(self, sources, options, cancelled, on_step, on_result, admit):
-        sources = [list(s) for s in sources]
+    def __call__(self, batch, options):
+        sources = [list(s) for s in batch.sources]
         self.batches.append((options, sources))
-        self.streams.append(on_step is not None)
+        self.streams.append(batch.streaming)
         self.started.set()
         if self.fail:
             raise RuntimeError("scripted failure")
@@ -54,13 +54,13 @@ class ReverseDecoder:
         alive = set(range(len(sources)))
         while True:
             yield  # a step ends here: the engine may step another batch
-            new = admit(len(alive)) if self.joins else []
+            new = batch.admit(len(alive)) if self.joins else []
             if new:
                 self.joined.append(len(new))
             alive |= set(range(len(sources), len(sources) + len(new)))
             sources += [list(s) for s in new]
             out += [[] for _ in new]
-            flags = cancelled()
+            flags = batch.cancelled()
             alive -= {i for i in alive if flags[i]}
             if not alive:
                 return out
@@ -71,12 +71,12 @@ class ReverseDecoder:
             self.tokens_per_step.append(len(alive) * max(len(sources[i]) for i in alive))
             for i in alive:
                 out[i].append(sources[i][-1 - len(out[i])])
-            if on_step is not None:  # the batch streams
-                on_step([list(o) for o in out])
+            if batch.streaming:
+                batch.on_step([list(o) for o in out])
             for i in sorted(alive):
                 if len(out[i]) == len(sources[i]):
                     alive.remove(i)
-                    on_result(i, out[i])
+                    batch.on_result(i, out[i])
 
 
 def make(decoder: ReverseDecoder, **cfg) -> Batcher:
@@ -242,9 +242,9 @@ def test_the_engine_decodes_on_one_thread_after_worker_init():
     threads: set[str] = set()
     decoder = ReverseDecoder(joins=True)
 
-    def decode(sources, options, cancelled, on_step, on_result, admit):
+    def decode(batch, options):
         threads.add(threading.current_thread().name)
-        return (yield from decoder(sources, options, cancelled, on_step, on_result, admit))
+        return (yield from decoder(batch, options))
 
     inits: list[str] = []
     batcher = Batcher(decode, BatcherConfig(max_queue_delay_ms=0.0),
@@ -284,9 +284,9 @@ def test_max_batches_must_be_positive():
 def test_a_sentence_handed_over_early_answers_its_request_before_the_batch_ends():
     release = threading.Event()
 
-    def decode(sources, options, cancelled, on_step, on_result, admit):
+    def decode(batch, options):
         yield
-        on_result(0, "short")  # the first sentence is final at once
+        batch.on_result(0, "short")  # the first sentence is final at once
         assert release.wait(10)  # the rest of the batch is still decoding
         return ["short", "long"]
 
@@ -409,8 +409,8 @@ def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():
     decoder = ReverseDecoder(joins=True)
     seconds = {"beam16": 0.03, "greedy": 0.0}
 
-    def decode(sources, options, cancelled, on_step, on_result, admit):
-        steps = decoder(sources, options, cancelled, on_step, on_result, admit)
+    def decode(batch, options):
+        steps = decoder(batch, options)
         while True:
             decoder.step_seconds = seconds[options]  # this batch's next step costs this much
             try:

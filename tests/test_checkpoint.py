@@ -19,7 +19,7 @@ import torch
 from tests.conftest import tiny_model_config
 from training.checkpoints import CheckpointDir
 from translator import provenance
-from translator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from translator.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_metadata, save_checkpoint
 from translator.config import to_dict
 from translator.digest import tensors_sha256
 from translator.info_cli import info_main
@@ -43,6 +43,26 @@ def test_checkpoint_alone_rebuilds_model_and_tokenizer(tmp_path, toy_tokenizer):
         assert torch.equal(a, b), name
     assert ckpt.tokenizer.model_bytes == toy_tokenizer.model_bytes
     assert ckpt.metrics == {"valid_bleu": 12.5}
+
+
+def test_metadata_equals_the_full_load_without_the_weights(tmp_path, toy_tokenizer):
+    write(tmp_path / "c.pt", toy_tokenizer, metrics={"valid_bleu": 12.5})
+    full, meta = load_checkpoint(tmp_path / "c.pt"), load_checkpoint_metadata(tmp_path / "c.pt")
+    assert meta.model_state == {} and meta.train_state is None
+    assert (meta.config, meta.metrics, meta.provenance, meta.weights_sha256, meta.verified) == (
+        full.config, full.metrics, full.provenance, full.weights_sha256, full.verified)
+    assert meta.tokenizer.model_bytes == full.tokenizer.model_bytes
+
+
+def test_metadata_refuses_a_changed_part_as_the_full_load_does(tmp_path, toy_tokenizer):
+    path = tmp_path / "c.pt"
+    write(path, toy_tokenizer)
+    payload = torch.load(path, weights_only=True)
+    for part, value in (("config", payload["config"].replace("32", "33", 1)),
+                        ("tokenizer", payload["tokenizer"].clone().flip(0))):
+        torch.save({**payload, part: value}, path)
+        with pytest.raises(CheckpointError, match=f"is corrupt: {part} sha256"):
+            load_checkpoint_metadata(path)
 
 
 def test_overwrite_killed_midway_leaves_previous_checkpoint_loadable(tmp_path, toy_tokenizer):

@@ -27,8 +27,8 @@ from translator.documents import split_document
 from translator.markup import parse_markup
 from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
-from translator.server import create_server
-from translator.service import Limits
+from translator.requests import Limits
+from translator.server import ServerConfig, create_server
 from translator.translate import Translator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -69,17 +69,14 @@ def translator(checkpoint) -> Translator:
     return Translator(ckpt.build_model(), ckpt.tokenizer, DEFAULTS)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def server(checkpoint, request):
-    srv, port = create_server(server_config(checkpoint, limits=LIMITS, engine_process=request.param))
-    srv.start()
-    yield f"127.0.0.1:{port}"
-    srv.stop()
+@pytest.fixture(scope="module")
+def server_settings(checkpoint) -> ServerConfig:
+    return server_config(checkpoint, limits=LIMITS)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with TranslatorClient(server, timeout=60, retries=0) as c:
+    with TranslatorClient(f"127.0.0.1:{server[1]}", timeout=60, retries=0) as c:
         yield c
 
 
@@ -237,7 +234,7 @@ def test_nmt_translate_through_the_server_equals_offline(server, checkpoint, tmp
     source = tmp_path / "doc.txt"
     source.write_bytes(text.encode("utf-8"))
     outputs = []
-    for backend in (["--checkpoint", str(checkpoint)], ["--server", server]):
+    for backend in (["--checkpoint", str(checkpoint)], ["--server", f"127.0.0.1:{server[1]}"]):
         out = tmp_path / f"out-{len(outputs)}.txt"
         argv = [*backend, *flags, "--input", str(source), "--output", str(out), "--beam-size", "2",
                 "--max-len", "6", "--max-len-a", "0", "--max-len-b", "10000"]
@@ -245,5 +242,5 @@ def test_nmt_translate_through_the_server_equals_offline(server, checkpoint, tmp
         outputs.append(out.read_bytes().decode("utf-8"))
     assert outputs[0] == outputs[1] and outputs[0].count("\n") == text.count("\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO("the dog runs. " * 200))
-    assert translate_main(["--server", server, "--document"]) == 2
+    assert translate_main(["--server", f"127.0.0.1:{server[1]}", "--document"]) == 2
     assert "INVALID_ARGUMENT: the documents have 2,800 characters" in capsys.readouterr().err

@@ -127,9 +127,9 @@ class RecordingTranslator(Translator):
         super().__init__(*args, **kwargs)
         self.batch_sizes: list[int] = []
 
-    def search(self, src, opts, prefix=None, constraints=None):
-        self.batch_sizes.append(src.shape[0])
-        return super().search(src, opts, prefix, constraints)
+    def decode_steps(self, sources, opts, prefix=(), phrases=None, batch=None):
+        self.batch_sizes.append(len(sources))
+        return super().decode_steps(sources, opts, prefix, phrases, batch)
 
 
 def test_a_document_keeps_its_paragraphs_and_its_sentences_go_in_one_batch(toy_tokenizer):

@@ -17,8 +17,8 @@ from translator.checkpoint import load_checkpoint
 from translator.client import TranslatorClient
 from translator.engine_process import EngineSpec, EngineStartError, RemoteBatcher
 from translator.proto.translator.v1 import translator_pb2 as pb
+from translator.requests import Limits
 from translator.server import create_server
-from translator.service import Limits
 from translator.translate import Translator
 
 
@@ -60,6 +60,23 @@ def test_a_killed_engine_fails_its_requests_as_unavailable_and_is_replaced(check
     finally:
         srv.stop()
     assert batcher._process.poll() is not None  # stopped with the server
+
+
+def test_the_front_end_holds_no_weights_and_serves_the_offline_translations(checkpoint):
+    """Weights are in memory once, in the engine process: the front end keeps the config and tokenizer."""
+    ckpt = load_checkpoint(checkpoint)
+    want = [t.text for t in Translator(ckpt.build_model(), ckpt.tokenizer, DEFAULTS).translate(SENTENCES[:3])]
+    srv, port = create_server(server_config(checkpoint, engine_process=True))
+    srv.start()
+    try:
+        model = srv.service.translator.model
+        assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        assert srv.service.info.origin.weights_sha256 == ckpt.weights_sha256
+        with TranslatorClient(f"127.0.0.1:{port}", timeout=120, retries=0) as client:
+            response = client.translate(SENTENCES[:3])
+        assert [t.hypotheses[0].text for t in response.translations] == want
+    finally:
+        srv.stop()
 
 
 def test_an_engine_that_cannot_load_its_model_is_an_error_naming_it(tmp_path):

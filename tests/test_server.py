@@ -37,8 +37,8 @@ from translator.model import build_model
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.provenance import Provenance
+from translator.requests import Limits
 from translator.server import ServerConfig, create_server
-from translator.service import Limits
 from translator.tokenizer import Tokenizer
 from translator.translate import Translator
 
@@ -93,15 +93,10 @@ def offline(checkpoint):
     return lambda texts, **changes: translator.translate(texts, DEFAULTS.replace(**changes))
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def server(checkpoint, request):
-    """The API tests run against both layouts: the engine on a thread of the server's process, and
-    in a process of its own (translator.engine_process)."""
-    srv, port = create_server(server_config(checkpoint, reflection=True, metrics_port=0,
-                                            engine_process=request.param))
-    srv.start()
-    yield srv, port
-    srv.stop()
+@pytest.fixture(scope="module")
+def server_settings(checkpoint) -> ServerConfig:
+    """The API tests' server (conftest's `server` runs it in both engine layouts)."""
+    return server_config(checkpoint, reflection=True, metrics_port=0)
 
 
 @pytest.fixture(scope="module")

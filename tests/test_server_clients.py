@@ -24,8 +24,8 @@ from translator.cli import translate_main
 from translator.client import TranslatorClient
 from translator.decode_options import DecodeOptions
 from translator.proto.translator.v1 import translator_pb2 as pb
+from translator.requests import Limits
 from translator.server import TlsConfig, create_server
-from translator.service import Limits
 from translator.translate import Translator
 
 

@@ -19,7 +19,7 @@ from translator.cli import translate_main
 from translator.client import TranslatorClient
 from translator.decode_options import DecodeOptionError, DecodeOptions
 from translator.proto.translator.v1 import translator_pb2 as pb
-from translator.server import create_server
+from translator.server import ServerConfig
 from translator.translate import Translator
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -39,17 +39,14 @@ def translator(checkpoint) -> Translator:
     return Translator(ckpt.build_model(), ckpt.tokenizer, DEFAULTS)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
-def server(checkpoint, request):
-    srv, port = create_server(server_config(checkpoint, engine_process=request.param))
-    srv.start()
-    yield f"127.0.0.1:{port}"
-    srv.stop()
+@pytest.fixture(scope="module")
+def server_settings(checkpoint) -> ServerConfig:
+    return server_config(checkpoint)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with TranslatorClient(server, timeout=60, retries=0) as c:
+    with TranslatorClient(f"127.0.0.1:{server[1]}", timeout=60, retries=0) as c:
         yield c
 
 
@@ -172,7 +169,7 @@ def test_a_request_from_an_old_client_still_translates(server, translator):
     request = OldRequest(texts=SENTENCES[:3], request_id="old-client")
     request.options.beam_size, request.options.n_best, request.options.return_scores = 3, 2, True
     assert not hasattr(request.options, "target_prefix")
-    with grpc.insecure_channel(server) as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{server[1]}") as channel:
         send = channel.unary_unary("/translator.v1.Translator/Translate",
                                    request_serializer=OldRequest.SerializeToString,
                                    response_deserializer=pb.TranslateResponse.FromString)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Hashable, Sequence
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,24 +56,18 @@ from translator.jobs import (
 
 __all__ = [
     "Batcher", "BatcherConfig", "BatcherError", "Cancelled", "DeadlineExceeded", "DecodeFailed", "DecodeFn",
-    "EngineRestarted",
-    "Job", "JobStats", "QueueFull", "ShuttingDown",
+    "EngineRestarted", "Job", "JobStats", "QueueFull", "RunningBatch", "ShuttingDown",
 ]
 
-# decode(sources, options, cancelled, on_step, on_result, admit) -> a generator that yields before
-# each decoding step and returns one result per source, in order (translator.decoding.search_steps).
-# cancelled() gives one bool per source, on_step(prefixes) (None unless the batch streams: requests
-# that stream are batched apart from those that do not) the final tokens so far per source;
-# on_result(i, result) may hand over source i's result early, as soon as it is final, so that
-# its request is answered while the rest of the batch is still decoding. admit(alive) gives
-# queued sources that join the batch now (alive: sources still decoding), as sources
-# len(sources), len(sources) + 1, ... of this call; a decode function that cannot take them in
-# never calls it.
-DecodeFn = Callable[
-    [list[list[int]], Any, Callable[[], Sequence[bool]], Callable[[list[list[int]]], None],
-     Callable[[int, Any], None], Callable[[int], list[list[int]]]],
-    Generator[None, None, list[Any]],
-]
+# decode(batch, options) -> a generator that yields before each decoding step and returns one
+# result per source of the batch, in order (Translator.decode_steps). The search calls the batch's
+# hooks (RunningBatch, translator.hooks): cancelled() before every step, on_step(prefixes) after
+# each when batch.streaming (requests that stream are batched apart from those that do not),
+# on_result(i, result) to hand source i's result over as soon as it is final, so that its request
+# is answered while the rest of the batch is still decoding, and admit(alive) for queued sources
+# that join the batch now (alive: sources still decoding), as sources len(batch.sources),
+# len(batch.sources) + 1, ... of the search; a decode function that cannot take them in never calls it.
+DecodeFn = Callable[["RunningBatch", Any], Generator[None, None, list[Any]]]
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ class Batcher:
         self.config = config or BatcherConfig()
         self._queue: deque[_Item] = deque()
         self._admission = Admission(self.config.max_queue_sentences)
-        self._batches: list[_Batch] = []  # decoding now
+        self._batches: list[RunningBatch] = []  # decoding now
         self._stopping = False
         self._cond = self._admission.cond  # guards the queue and the batches too
         self._worker_init = worker_init
@@ -216,7 +210,7 @@ class Batcher:
             # A new batch starts level with the least-served one: it goes soon, but cannot claim
             # all the time the others have used.
             used = min((b.used for b in self._batches), default=0.0)
-            self._batches.append(_Batch(self, key, items, used))
+            self._batches.append(RunningBatch(self, key, items, used))
 
     def _unserved_key(self) -> tuple[Hashable, bool] | None:
         """Key of the oldest queued sentence that no running batch can take in; None if none."""
@@ -278,13 +272,15 @@ class Batcher:
             item.queued = False
             item.job._start(now)
 
-    def _joining(self, batch: _Batch, alive: int) -> list[_Item]:
+    def _joining(self, batch: RunningBatch, alive: int) -> list[_Item]:
         """Queued sentences with the batch's options that join it now (taken from the queue)."""
         if not self.config.continuous or len(batch.items) >= self.config.max_sentences_per_decode:
             batch.joinable = False
             return []
+        batch.joinable = True  # read on this thread only (_unserved_key)
+        if not self._queue:  # the usual step: no lock; a sentence queued meanwhile joins at the next
+            return []
         with self._cond:
-            batch.joinable = True
             if self._stopping or not self._queue:
                 return []
             head = self._queue[0]
@@ -302,20 +298,25 @@ class Batcher:
         return joining
 
 
-class _Batch:
-    """One decode call in progress: its sentences (joined ones appended), the step generator, and
-    the compute time it has had.
+class RunningBatch:
+    """One decode call in progress, and the hooks its search calls (translator.hooks.RunningSearch).
 
-    Its sentences still decoding are kept by index in `active`: per-step work stays with them
-    rather than with every sentence a long-running batch has taken. A sentence leaves it, and
-    gives its place in the admission queue back, when it finishes or stops, not when the call ends.
+    Holds: the batch's `key` (options, streaming) and the sources it started with; every sentence it
+    has taken (`items`, joined ones appended, so that a sentence's index in the search is its index
+    there); the ones still decoding (`active`, by that index) and their requests (`jobs`, with how
+    many sentences each still has here), so that per-step work goes with these rather than with
+    every sentence a long-running batch has taken; the step generator; and the compute time it has
+    had, against which the engine ranks batches. A sentence leaves it, and gives its place in the
+    admission queue back, when it finishes or stops, not when the call ends.
     """
 
     def __init__(self, batcher: Batcher, key: tuple[Hashable, bool], items: list[_Item], used: float) -> None:
         self.batcher = batcher
         self.key = key
+        self.options, self.streaming = key
         self.items = items
-        self.used = used  # compute seconds, against which the engine ranks batches
+        self.sources: list[list[int]] = []  # of the items it starts with (set at its first step)
+        self.used = used  # compute seconds
         # Takes queued sentences with its key between steps: assumed from the start, so that no
         # second batch of its key starts beside it and takes a place that other options need;
         # dropped if its decode function does not ask at its first step (sampling).
@@ -323,7 +324,9 @@ class _Batch:
         self.asked = False  # its decode function has called admit()
         self.longest = max(item.length for item in items)  # the width its cross-attention keys pad to
         self.active: dict[int, _Item] = {}
-        self.seen = 0  # items already in `active` or finished
+        self.jobs: dict[Job, int] = {}  # request -> its sentences in `active`
+        self.flags: list[bool] = []  # what cancelled() returns: True for the sentences stopping now
+        self.raised: list[int] = []  # the flags it set True last time, lowered at the next step
         self.steps: Generator[None, None, list[Any]] | None = None
 
     def step(self) -> bool:
@@ -331,20 +334,7 @@ class _Batch:
         start = time.perf_counter()
         try:
             if self.steps is None:
-                # Requests that ended while the batch waited to start cost nothing, not even an encoder pass.
-                self.items = [item for item in self.items if not item.job.stopped()]
-                if not self.items:
-                    return False
-                sources = [item.job.sources[item.index] for item in self.items]
-                options, streaming = self.key
-                self.steps = self.batcher.decode(sources, options, self.cancelled,
-                                                 self.on_step if streaming else None, self.on_result, self.admit)
-                next(self.steps)
-                if not self.asked:
-                    with self.batcher._cond:
-                        self.joinable = False
-                        self.batcher._cond.notify_all()
-                return True
+                return self.start()
             next(self.steps)
             return True
         except StopIteration as stop:
@@ -357,54 +347,87 @@ class _Batch:
             self.used += time.perf_counter() - start
         return False
 
+    def start(self) -> bool:
+        """Begin the decode call and run it to its first step (StopIteration: it ended there)."""
+        # Requests that ended while the batch waited to start cost nothing, not even an encoder pass.
+        self.items = [item for item in self.items if not item.job.stopped()]
+        if not self.items:
+            return False
+        self.sources = [item.job.sources[item.index] for item in self.items]
+        self.take(self.items, 0)
+        self.steps = self.batcher.decode(self, self.options)
+        next(self.steps)
+        if not self.asked:
+            with self.batcher._cond:
+                self.joinable = False
+                self.batcher._cond.notify_all()
+        return True
+
     def finish(self, results: list[Any]) -> None:
-        self.take_joined()
         for k, result in enumerate(results):
-            if k in self.active:
-                self.on_result(k, result)
+            self.on_result(k, result)
         for k in list(self.active):  # results the decode function did not give
             self.release(k)
 
-    # -- the decode function's hooks ------------------------------------------------------
-
-    def admit(self, alive: int) -> list[list[int]]:
-        self.asked = True
-        joining = self.batcher._joining(self, alive)
-        self.items.extend(joining)
-        self.longest = max([self.longest, *(item.length for item in joining)])
-        return [item.job.sources[item.index] for item in joining]
-
-    def cancelled(self) -> list[bool]:  # once before every step
-        self.take_joined()
-        for job in {id(item.job): item.job for item in self.active.values()}.values():
-            if not job.done:
-                job.stats.steps += 1
-        flags = [False] * len(self.items)
-        for k in [k for k, item in self.active.items() if item.job.stopped()]:
-            flags[k] = True
-            self.release(k)
-        return flags
-
-    def on_step(self, prefixes: list[list[int]]) -> None:
-        self.take_joined()
-        for k, item in self.active.items():
-            if not item.job.done:
-                item.job._emit(("prefix", item.index, prefixes[k]))
-
-    def on_result(self, i: int, result: Any) -> None:
-        self.take_joined()
-        if i in self.active:
-            item = self.release(i)
-            if not item.job.stopped():
-                item.job._set_result(item.index, result)
-
-    def take_joined(self) -> None:
-        self.active.update((k, self.items[k]) for k in range(self.seen, len(self.items)))
-        self.seen = len(self.items)
+    def take(self, items: list[_Item], first: int) -> None:
+        """items, sentences first, first + 1, ... of the search, start decoding here."""
+        self.flags.extend([False] * len(items))
+        for k, item in enumerate(items, first):
+            self.active[k] = item
+            self.jobs[item.job] = self.jobs.get(item.job, 0) + 1
 
     def release(self, k: int) -> _Item:
+        """Sentence k leaves the batch, and its place in the queue goes back if it still holds one."""
         item = self.active.pop(k)
+        left = self.jobs.pop(item.job) - 1
+        if left:
+            self.jobs[item.job] = left
         if item.held:
             with self.batcher._cond:
                 self.batcher._release([item])
         return item
+
+    # -- the hooks its search calls -----------------------------------------------------------
+
+    def admit(self, alive: int) -> list[list[int]]:
+        """Before a step: the sources of queued sentences that join now (alive: sentences decoding)."""
+        self.asked = True
+        joining = self.batcher._joining(self, alive)
+        if not joining:
+            return []
+        self.take(joining, len(self.items))
+        self.items.extend(joining)
+        self.longest = max(self.longest, *(item.length for item in joining))
+        return [item.job.sources[item.index] for item in joining]
+
+    def cancelled(self) -> list[bool]:
+        """Before a step: True for each sentence whose request has stopped since the last step (it
+        leaves now); the step counts for every other request decoding here."""
+        for k in self.raised:
+            self.flags[k] = False
+        self.raised = []
+        stopped = set()
+        for job in self.jobs:
+            if job.stopped():
+                stopped.add(job)
+            else:
+                job.stats.steps += 1
+        if stopped:
+            self.raised = [k for k, item in self.active.items() if item.job in stopped]
+            for k in self.raised:
+                self.flags[k] = True
+                self.release(k)
+        return self.flags
+
+    def on_step(self, prefixes: list[list[int]]) -> None:
+        """After a step of a streaming batch: each decoding sentence's final tokens so far."""
+        for k, item in self.active.items():
+            if not item.job.done:
+                item.job._emit(("prefix", item.index, prefixes[k]))
+
+    def on_result(self, k: int, result: Any) -> None:
+        """Sentence k's result, final: its request has it at once."""
+        if k in self.active:
+            item = self.release(k)
+            if not item.job.stopped():
+                item.job._set_result(item.index, result)

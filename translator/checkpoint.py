@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from translator.checkpoint_checks import CheckpointError, Parts, check_weights, decode_payload
-from translator.config import from_dict
+from translator.config import ConfigError, from_dict
 from translator.digest import bytes_sha256, tensors_sha256, text_sha256
 from translator.model import EncoderDecoder, ModelConfig, build_model
 from translator.provenance import Provenance
@@ -31,7 +31,8 @@ from translator.tokenizer import Tokenizer
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "atomic_write", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "atomic_write", "load_checkpoint", "load_checkpoint_metadata",
+           "save_checkpoint"]
 
 log = logging.getLogger("translator.checkpoint")
 
@@ -132,10 +133,41 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return ckpt
 
 
-def _verify_digests(parts: Parts, weights_sha256: str) -> None:
-    """Each part's sha256 now equals the one recorded at save."""
-    computed = {"weights": weights_sha256, "tokenizer": bytes_sha256(parts.tokenizer_bytes),
-                **{k: text_sha256(v) for k, v in parts.texts.items()}}
+def load_checkpoint_metadata(path: str | Path) -> Checkpoint:
+    """What a checkpoint holds besides its weights (config, tokenizer, metrics, provenance and the
+    weights' digest recorded at save), read and checked without reading the weights: the file is
+    mapped, its tensors are left untouched, and `model_state` is empty. For a process that only
+    tokenizes and checks requests while another loads, verifies and decodes with the weights
+    (translator.engine_process). Errors as load_checkpoint's."""
+    path = Path(path)
+    payload = _read(path, mmap=True)
+    version = payload.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}, expected {FORMAT_VERSION}")
+    parts = decode_payload(path, payload, with_digests=version >= 2)
+    if version >= 2:
+        _verify_digests(parts)
+        weights_sha256 = str(parts.digests.get("weights", ""))
+    else:  # no digest recorded: computed over the mapped file
+        weights_sha256 = tensors_sha256(parts.model_state)
+    ckpt = Checkpoint(config=parts.config, tokenizer=parts.tokenizer(), model_state={}, train_state=None,
+                      metrics=parts.metrics, provenance=parts.provenance, weights_sha256=weights_sha256,
+                      verified=version >= 2)
+    try:
+        cfg = ckpt.model_config
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its model config is invalid: {e}") from None
+    if ckpt.tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"checkpoint {path}: its tokenizer has {ckpt.tokenizer.vocab_size} pieces, more than "
+                              f"the model's vocab_size {cfg.vocab_size}")
+    return ckpt
+
+
+def _verify_digests(parts: Parts, weights_sha256: str | None = None) -> None:
+    """Each part's sha256 now equals the one recorded at save (the weights' unless None)."""
+    computed = {"tokenizer": bytes_sha256(parts.tokenizer_bytes), **{k: text_sha256(v) for k, v in parts.texts.items()}}
+    if weights_sha256 is not None:
+        computed["weights"] = weights_sha256
     for part, digest in computed.items():
         recorded = parts.digests.get(part)
         if recorded != digest:
@@ -143,8 +175,9 @@ def _verify_digests(parts: Parts, weights_sha256: str) -> None:
                                   f"from the {str(recorded)[:12]}... recorded at save")
 
 
-def _read(path: Path) -> dict:
-    """torch.load of a file that exists and is not empty; torch's errors become one line."""
+def _read(path: Path, mmap: bool = False) -> dict:
+    """torch.load of a file that exists and is not empty; torch's errors become one line. mmap: the
+    tensors are mapped from the file, read only where touched."""
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.exists():
@@ -154,7 +187,7 @@ def _read(path: Path) -> dict:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is unreadable: {_load_failure(e)}") from None
     if not isinstance(payload, dict):

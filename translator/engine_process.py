@@ -53,7 +53,7 @@ class EngineSpec:
 
     checkpoint: str
     batching: BatcherConfig
-    limits: Any  # translator.service.Limits
+    limits: Any  # translator.requests.Limits
     defaults: DecodeOptions | None = None
     threads: int = 0
     start_timeout_s: float = 300.0

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -36,6 +37,22 @@ Cancelled = Callable[[], Sequence[bool]]
 OnStep = Callable[[list[list[int]]], None]
 OnDone = Callable[[int, list[Hypothesis]], None]
 Admit = Callable[[int], Tensor | None]
+
+
+class RunningSearch(Protocol):
+    """A server's running batch as its search sees it (translator.batcher.RunningBatch): the hooks
+    above as methods, with on_step wanted only when `streaming`, on_result as on_done, and admit
+    giving the joining sources as EOS-terminated id lists (Translator.decode_steps pads them)."""
+
+    streaming: bool
+
+    def cancelled(self) -> Sequence[bool]: ...
+
+    def on_step(self, prefixes: list[list[int]]) -> None: ...
+
+    def on_result(self, i: int, nbest: list[Hypothesis]) -> None: ...
+
+    def admit(self, alive: int) -> list[list[int]]: ...
 
 
 class SearchHooks:

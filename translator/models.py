@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from translator.config import ConfigError
-from translator.service import ModelInfo, TranslationService
+from translator.model_info import ModelInfo
+from translator.service import TranslationService
 from translator.shared_engine import SharedEngine
 
 log = logging.getLogger("translator.models")

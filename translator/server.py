@@ -27,8 +27,9 @@ from translator.config import ConfigError
 from translator.decoding import DecodeOptions
 from translator.metrics import Metrics, MetricsEndpoint
 from translator.models import NAME, Models, ModelSpec
+from translator.requests import Limits
 from translator.server_security import BearerTokenAuth, TlsConfig, read_token, server_credentials
-from translator.service import Limits, TranslationService
+from translator.service import TranslationService
 from translator.servicer import SERVICE_NAME, TranslatorServicer, generic_handler
 from translator.shared_engine import SharedEngine
 

@@ -36,21 +36,13 @@ from translator.documents import DocumentResult, TranslatedSentence
 from translator.engine_process import EngineStartError
 from translator.glossary import Term
 from translator.metrics import Metrics
+from translator.model_info import CheckpointOrigin, ModelIdentity, ModelInfo
 from translator.models import ModelExists, Models, UnknownModel
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
+from translator.requests import InvalidArgument, RequestOptions, check_request_id
 from translator.server_security import AccessDenied
-from translator.service import (
-    Call,
-    Candidate,
-    CheckpointOrigin,
-    InvalidArgument,
-    ModelIdentity,
-    ModelInfo,
-    RequestOptions,
-    TranslationService,
-    check_request_id,
-)
+from translator.service import Call, Candidate, TranslationService
 
 log = logging.getLogger("translator.server")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator, Hashable
+from collections.abc import Generator, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from translator.batcher import Batcher, BatcherConfig, DecodeFn
+from translator.batcher import Batcher, BatcherConfig, DecodeFn, RunningBatch
 from translator.jobs import Job, ShuttingDown
 
 
@@ -115,6 +115,6 @@ class Lane:
         self.engine.run()
 
 
-def _decode(sources: list[list[int]], key: _LaneKey, *hooks: Callable[..., Any]) -> Generator[None, None, list[Any]]:
+def _decode(batch: RunningBatch, key: _LaneKey) -> Generator[None, None, list[Any]]:
     """The shared Batcher's decode function: the batch goes to its lane's model."""
-    return (yield from key.lane.decode(sources, key.options, *hooks))
+    return (yield from key.lane.decode(batch, key.options))

@@ -11,7 +11,7 @@ import torch
 
 from translator import native
 from translator.decode_options import check_budgets
-from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search
+from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search_steps
 from translator.documents import (
     DEFAULT_LIMITS,
     DocumentLimits,
@@ -28,8 +28,10 @@ from translator.glossary import (
     check_glossary,
     terms_in,
 )
+from translator.hooks import RunningSearch
 from translator.markup import AlignedTranslation, parse_markup, restore_markup
 from translator.model import EncoderDecoder
+from translator.search_setup import Steps, run_to_end
 from translator.tokenizer import UNK, Tokenizer
 
 
@@ -113,13 +115,13 @@ class Translator:
 
     def encode_sources(self, texts: list[str]) -> list[list[int]]:
         """Source ids with EOS; a sentence longer than the model's positions is a ValueError."""
-        ids = [seq + [self.model.cfg.eos_id] for seq in self.tokenizer.encode(texts)]
-        for i, seq in enumerate(ids):
-            if len(seq) > self.max_source_tokens + 1:
-                raise ValueError(
-                    f"sentence {i} has {len(seq) - 1} tokens; the model takes at most {self.max_source_tokens}"
-                )
-        return ids
+        return [self._source(ids, f"sentence {i}") for i, ids in enumerate(self.tokenizer.encode(texts))]
+
+    def _source(self, ids: list[int], name: str) -> list[int]:
+        """ids with EOS, or a ValueError naming the text if the model's positions cannot hold them."""
+        if len(ids) > self.max_source_tokens:
+            raise ValueError(f"{name} has {len(ids)} tokens; the model takes at most {self.max_source_tokens}")
+        return ids + [self.model.cfg.eos_id]
 
     def translate(
         self,
@@ -141,22 +143,19 @@ class Translator:
         """
         opts = options or self.options
         terms, phrases = self.glossary_phrases(texts, glossary)
-        ids = self.encode_sources(texts)
         prefix = self.tokenizer.encode([target_prefix])[0] if target_prefix else []
-        todo = [i for i, seq in enumerate(ids) if self.tokenizer.has_content(seq[:-1])]
-        check_budgets(opts, {i: len(ids[i]) for i in todo}, self.model.cfg.max_positions, len(prefix))
+        sources, todo = self.checked_sources(texts, opts, len(prefix))
+        ids = dict(zip(todo, sources))
         out: list[Translation] = [unchanged(text) for text in texts]
 
         def decode(batch: list[int]) -> list[Translation]:
-            src = self.source_batch([ids[i] for i in batch])
-            hyps = self.search(src, opts, [prefix] * len(batch) if prefix else None,
-                               [phrases[i] for i in batch] if glossary else None)
+            hyps = self.decode([ids[i] for i in batch], opts, prefix, [phrases[i] for i in batch] if glossary else None)
             ranked = [translations(self.tokenizer, nbest, terms[i]) for i, nbest in zip(batch, hyps.nbest)]
             return [replace(r[0], nbest=r) for r in ranked]
 
         if progress and len(todo) < len(texts):
             progress(len(texts) - len(todo))
-        batches = [[todo[k] for k in batch] for batch in self.batches([ids[i] for i in todo], opts.beam_size)]
+        batches = [[todo[k] for k in batch] for batch in self.batches(sources, opts.beam_size)]
         for batch, results in zip(batches, self.in_order(decode, batches)):
             for i, translation in zip(batch, results):
                 out[i] = translation
@@ -217,10 +216,51 @@ class Translator:
         with ThreadPoolExecutor(min(self.workers, len(batches))) as pool:
             yield from pool.map(decode, batches)
 
-    def search(self, src: torch.Tensor, opts: DecodeOptions, prefix: list[list[int]] | None = None,
-               constraints: list[list[list[int]]] | None = None) -> Hypotheses:
-        return search(self.model, src, opts, prefix=prefix, constraints=constraints,
-                      continuations=self.continuations if constraints else None)
+    def checked_sources(self, texts: Sequence[str], opts: DecodeOptions, prefix_len: int = 0,
+                        sentence: str = "sentence {}", min_len_name: str = "min_len",
+                        prefix_name: str = "target_prefix") -> tuple[list[list[int]], list[int]]:
+        """The EOS-terminated source ids of the texts with content, and each one's index in texts
+        (content-free texts, Tokenizer.has_content, are not decoded: they come back unchanged).
+        A text longer than the model's positions is a ValueError, an output budget with no room for
+        opts.min_len or a prefix of prefix_len tokens a DecodeOptionError; each names the text as
+        `sentence.format(index)` and the options as min_len_name and prefix_name."""
+        sources, index = [], []
+        for i, ids in enumerate(self.tokenizer.encode(list(texts))):
+            if self.tokenizer.has_content(ids):
+                sources.append(self._source(ids, sentence.format(i)))
+                index.append(i)
+        check_budgets(opts, dict(zip(index, map(len, sources))), self.model.cfg.max_positions, prefix_len,
+                      min_len_name, sentence, prefix_name)
+        return sources, index
+
+    def decode(self, sources: list[list[int]], opts: DecodeOptions, prefix: Sequence[int] = (),
+               phrases: list[list[list[int]]] | None = None) -> Hypotheses:
+        """`decode_steps` run to its end."""
+        return run_to_end(self.decode_steps(sources, opts, prefix, phrases))
+
+    def decode_steps(self, sources: list[list[int]], opts: DecodeOptions, prefix: Sequence[int] = (),
+                     phrases: list[list[list[int]]] | None = None, batch: RunningSearch | None = None) -> Steps:
+        """Search over sources from `checked_sources` (of this translator's tokenizer and options), a
+        step per next(), returning the Hypotheses: offline `translate` and the server's engine both
+        decode through here. prefix: target ids every output starts with; phrases: per source, the
+        target phrases (ids) its output must contain. batch: a server's running batch
+        (translator.hooks.RunningSearch), whose hooks the search calls; its queued sources join
+        between steps unless sampling, a prefix or phrases apply (joining sources would not get them)."""
+        src = self.source_batch(sources)  # (B, S)
+        prefixes = [list(prefix)] * len(sources) if prefix else None
+        continuations = self.continuations if phrases else None
+        if batch is None:
+            return search_steps(self.model, src, opts, prefix=prefixes, constraints=phrases,
+                                continuations=continuations)
+        joins = not (opts.sample or prefix or phrases)
+        return search_steps(self.model, src, opts, prefix=prefixes, constraints=phrases, continuations=continuations,
+                            cancelled=batch.cancelled, on_step=batch.on_step if batch.streaming else None,
+                            on_done=batch.on_result, admit=functools.partial(self._joining, batch.admit) if joins else None)
+
+    def _joining(self, admit: Callable[[int], list[list[int]]], alive: int) -> torch.Tensor | None:
+        """Sources joining a running search now, (b, S'), or None."""
+        new = admit(alive)
+        return self.source_batch(new) if new else None
 
     @functools.cached_property
     def continuations(self) -> torch.Tensor:
