@@ -241,7 +241,13 @@ def ct2_spec(ckpt: Checkpoint):
     if cfg.norm_first:
         norm(spec.encoder.layer_norm, "encoder.norm")
         norm(spec.decoder.layer_norm, "decoder.norm")
+    _ct2_embeddings_and_vocabulary(spec, ckpt)
+    return spec
 
+
+def _ct2_embeddings_and_vocabulary(spec, ckpt: Checkpoint) -> None:
+    """The spec's tied embeddings, position encodings, vocabulary and token conventions."""
+    cfg, state = ckpt.model_config, ckpt.model_state
     embedding = state["embed.tokens.weight"]  # (V, D), also the tied output projection
     positions = sinusoids(cfg.max_positions, cfg.d_model)  # (P, D), our interleaved layout
     for side in (spec.encoder, spec.decoder):
@@ -260,7 +266,6 @@ def ct2_spec(ckpt: Checkpoint):
     spec.config.decoder_start_token = vocab[cfg.bos_id]
     spec.config.add_source_eos = True  # callers pass SentencePiece pieces, as for our Translator
     spec.config.layer_norm_epsilon = LAYER_NORM_EPS
-    return spec
 
 
 def export_ct2(ckpt: Checkpoint, out_dir: Path, quantization: str | None = None) -> Path:

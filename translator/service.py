@@ -160,7 +160,8 @@ class TranslationService:
         data = ckpt.config.get("data", {})
         identity = ModelIdentity(name or path.name, _file_sha256(path), languages[0] or data.get("src_lang", ""),
                                  languages[1] or data.get("tgt_lang", ""))
-        translator = Translator(model, ckpt.tokenizer, defaults)
+        # The front end of an engine process decodes nothing: no kernels, no packed weights.
+        translator = Translator(model, ckpt.tokenizer, defaults, backend="torch" if engine_process else "native")
         spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
         origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
