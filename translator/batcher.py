@@ -319,7 +319,8 @@ class RunningBatch:
         self.used = used  # compute seconds
         # Takes queued sentences with its key between steps: assumed from the start, so that no
         # second batch of its key starts beside it and takes a place that other options need;
-        # dropped if its decode function does not ask at its first step (sampling).
+        # dropped if its search runs a step without asking (sampling). Until then it stays joinable:
+        # a search asks only from its first step on, after the call that encodes.
         self.joinable = batcher.config.continuous
         self.asked = False  # its decode function has called admit()
         self.longest = max(item.length for item in items)  # the width its cross-attention keys pad to
@@ -336,6 +337,8 @@ class RunningBatch:
             if self.steps is None:
                 return self.start()
             next(self.steps)
+            if self.joinable and not self.asked:
+                self.stop_joining()
             return True
         except StopIteration as stop:
             self.finish(stop.value or [])
@@ -356,12 +359,15 @@ class RunningBatch:
         self.sources = [item.job.sources[item.index] for item in self.items]
         self.take(self.items, 0)
         self.steps = self.batcher.decode(self, self.options)
-        next(self.steps)
-        if not self.asked:
-            with self.batcher._cond:
-                self.joinable = False
-                self.batcher._cond.notify_all()
+        next(self.steps)  # encodes, and stops before the first step: a search asks to admit from there on
         return True
+
+    def stop_joining(self) -> None:
+        """Its search ran a step without asking for joining sentences (sampling): queued ones with
+        its key start a batch of their own."""
+        with self.batcher._cond:
+            self.joinable = False
+            self.batcher._cond.notify_all()
 
     def finish(self, results: list[Any]) -> None:
         for k, result in enumerate(results):
