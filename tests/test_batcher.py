@@ -337,6 +337,28 @@ def test_joining_sentences_stay_within_max_batch_tokens_and_the_per_decode_cap()
     batcher.stop()
 
 
+def test_the_token_budget_counts_the_sentences_still_decoding_not_one_that_has_left():
+    decoder = ReverseDecoder(step_seconds=0.05, joins=True)
+    batcher = make(decoder, max_batch_tokens=100, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
+    long = batcher.submit(Job([list(range(50))], options="g"))
+    assert decoder.started.wait(5)
+    short = batcher.submit(Job([list(range(10))], options="g"))  # 2 x 50 tokens: fits beside it
+    while decoder.joined != [1]:
+        time.sleep(0.001)
+    long.cancel()
+    while not decoder.alive_per_step or decoder.alive_per_step[-1] != [1]:  # the long one has left
+        time.sleep(0.001)
+    four = batcher.submit(Job([[1, 2]] * 4, options="g"))
+    assert four.wait() == [[2, 1]] * 4
+    assert short.wait() == [list(range(10))[::-1]]
+    with pytest.raises(Cancelled):
+        long.wait()
+    # 5 x 10 tokens now; counted by the longest source the batch ever took, 2 x 50 left room for one.
+    assert decoder.joined == [1, 4] and len(decoder.batches) == 1
+    assert max(decoder.tokens_per_step) <= 100
+    batcher.stop()
+
+
 def running(tokens: int, options: str = "g", **cfg) -> tuple[ReverseDecoder, Batcher, Job]:
     """A batcher whose joining decoder is busy with one job of `tokens` steps, 10 ms each."""
     decoder = ReverseDecoder(step_seconds=0.01, joins=True)

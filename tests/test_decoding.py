@@ -230,6 +230,26 @@ def test_sentences_joining_a_running_beam_search_decode_as_if_alone(opts):
     assert_decoded_as_if_alone(model, rows, order, hyps, opts)
 
 
+@pytest.mark.parametrize("opts", SEARCHES + [pytest.param(DecodeOptions(beam_size=3, alignment=True), id="alignment")])
+def test_the_longest_source_leaving_narrows_the_cache_and_the_rest_decode_as_if_alone(opts):
+    model = tiny_model()
+    rows = source_rows(model, lengths=(15, 4, 5, 3))
+    admit, order = join_schedule(model, rows, at=[0, 0, 1, 4])
+    widths: list[int] = []  # the cache's source positions at each step
+    step = model.decode_step
+
+    def decode_step(tgt, cache, **kw):
+        widths.append(cache.src_mask.size(-1))
+        return step(tgt, cache, **kw)
+
+    model.decode_step = decode_step
+    hyps = run(model, rows[:1], opts, admit=admit, cancelled=lambda: [len(widths) >= 2 and i == 0 for i in range(len(order))])
+    assert hyps.cancelled == [True, False, False, False]
+    assert widths[:2] == [15, 15] and max(widths[2:]) == 5  # no row reads past 5 once the first has gone
+    del model.decode_step
+    assert_decoded_as_if_alone(model, rows, order[1:], Hypotheses(hyps.nbest[1:]), opts)
+
+
 @pytest.mark.parametrize("opts", SEARCHES)
 def test_a_sentence_joining_the_step_after_the_batch_emptied_decodes_as_if_alone(opts):
     model = tiny_model()

@@ -2,9 +2,9 @@
 
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
 letting latency grow without bound. Queued sentences that share decoding options are grouped into
-batches of at most `max_batch_tokens` (sentences x longest source x beam). A request that finds
-no batch decoding starts at once; while others decode, a new batch waits at most
-`max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different options)
+batches of at most `max_batch_tokens` (sentences x longest source x beam; in a running batch,
+those still decoding). A request that finds no batch decoding starts at once; while others
+decode, a new batch waits at most `max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different options)
 decode at once, a step at a time, the one with the least compute so far next (the rule of
 Linux's fair scheduler): a one-sentence request's short steps keep coming while a long request's
 long steps run, and a lone batch never waits for anyone. A request that ends early (cancelled,
@@ -289,7 +289,7 @@ class Batcher:
                     and time.monotonic() - head.job._submitted > self.config.max_queue_delay_ms / 1000.0):
                 batch.joinable = False
                 return []  # the oldest request wants other options and there is no room: run down for it
-            joining, full = self._gather(batch.key, alive, batch.longest)
+            joining, full = self._gather(batch.key, alive, batch.longest())
             joining = joining[: self.config.max_sentences_per_decode - len(batch.items)]
             wait = self.config.max_join_delay_ms / 1000.0
             if alive and joining and not full and time.monotonic() - joining[0].job._submitted < wait:
@@ -323,7 +323,6 @@ class RunningBatch:
         # a search asks only from its first step on, after the call that encodes.
         self.joinable = batcher.config.continuous
         self.asked = False  # its decode function has called admit()
-        self.longest = max(item.length for item in items)  # the width its cross-attention keys pad to
         self.active: dict[int, _Item] = {}
         self.jobs: dict[Job, int] = {}  # request -> its sentences in `active`
         self.flags: list[bool] = []  # what cancelled() returns: True for the sentences stopping now
@@ -382,6 +381,13 @@ class RunningBatch:
             self.active[k] = item
             self.jobs[item.job] = self.jobs.get(item.job, 0) + 1
 
+    def longest(self) -> int:
+        """The longest source still decoding here: the token budget counts the sentences a step
+        runs, not every one the batch has taken (the decoder cache narrows its cross-attention
+        keys to the sources it still holds), so one long sentence that has left does not hold
+        the batch to a few rows for the rest of its life."""
+        return max((item.length for item in self.active.values()), default=0)
+
     def release(self, k: int) -> _Item:
         """Sentence k leaves the batch, and its place in the queue goes back if it still holds one."""
         item = self.active.pop(k)
@@ -403,7 +409,6 @@ class RunningBatch:
             return []
         self.take(joining, len(self.items))
         self.items.extend(joining)
-        self.longest = max(self.longest, *(item.length for item in joining))
         return [item.job.sources[item.index] for item in joining]
 
     def cancelled(self) -> list[bool]:

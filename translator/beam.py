@@ -127,7 +127,8 @@ class Beams:
         lps = torch.cat([self.log_probs[parent], log_probs[:, None]], dim=1)
         align = new_align = None
         if self.alignment is not None and step_align is not None:
-            new_align = step_align[parent]  # (r, S)
+            # (r, S): the cache may have cut source positions no row reads any more (narrow_sources)
+            new_align = padded(step_align[parent], 1, self.alignment.size(2))
             align = torch.cat([self.alignment[parent], new_align[:, None]], dim=1)  # (r, t + 1, S)
         if self.steps is not None:  # each at its sentence's own step (and, unread, in the last column)
             r, at = torch.arange(parent.numel()), self.steps[parent // self.scores.size(1)]  # (r,) each

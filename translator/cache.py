@@ -229,7 +229,21 @@ class DecoderCache:
                 lc.self_k, lc.self_v = lc.self_k[first:, :kept], lc.self_v[first:, :kept]
         self.src_mask = self.src_mask[order]
         self.length -= first
+        self.narrow_sources()
         return order
+
+    def narrow_sources(self) -> None:
+        """Cut the source positions past the longest source still held (views, no copy): a long
+        sentence that has left a running batch no longer widens every later step's
+        cross-attention, nor the buffers that sentences joining later are given. The positions
+        cut are masked for every row left, so no result changes."""
+        S = self.src_mask.size(-1)
+        longest = int(self.src_mask.sum(-1).max()) if self.src_mask.size(0) else S  # sources are right-padded
+        if longest >= S:
+            return
+        self.src_mask = self.src_mask[..., :longest]
+        for lc in self.layers:
+            lc.cross_k, lc.cross_v = lc.cross_k[:, :, :longest], lc.cross_v[:, :, :longest]
 
     def move_rows(self, tensors: list[tuple[Tensor, int]], holes: Tensor, movers: Tensor) -> None:
         """In each tensor, rows `movers` copied onto rows `holes` along its dimension (0 or 1)."""
@@ -281,3 +295,4 @@ class DecoderCache:
         self.length -= first
         if not same_sources:
             self.src_mask = self.src_mask[sources]
+            self.narrow_sources()
