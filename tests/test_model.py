@@ -170,6 +170,33 @@ def test_a_source_joining_a_cache_of_beams_takes_a_group_of_rows_starting_at_the
             torch.testing.assert_close(step[row], full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", native.BACKENDS)
+def test_a_join_keeps_reordered_beams_in_the_slot_table_and_every_row_stays_exact(backend):
+    """Beams reordered after two steps are held in the slot table; a source joining then gets rows
+    of its own instead of every key and value being copied into the new order."""
+    model, src, tgt = model_and_batch(True)
+    model = native.for_backend(model, backend)
+    cfg = model.cfg
+    longer = torch.randint(4, cfg.vocab_size, (1, 10))
+    with torch.inference_mode():
+        cache = model.init_cache(*model.encode(src[:2]))
+        cache.select(torch.tensor([0, 0, 1, 1]), group=2)  # two beams each, before any step
+        model.decode_step(tgt[[0, 0, 1, 1], :1], cache)
+        model.decode_step(torch.tensor([[5], [6], [7], [8]]), cache)
+        cache.select(torch.tensor([1, 0, 3, 3]))  # swap, duplicate
+        table = cache.slot_rows.clone()  # (2, 4)
+        cache.extend(model.init_cache(*model.encode(longer)))
+        assert cache.slot_rows.shape == (2, 6) and torch.equal(cache.slot_rows[:, :4], table)
+        last = torch.tensor([[9], [10], [11], [12], [cfg.bos_id], [cfg.bos_id]])
+        step = model.decode_step(last, cache)[:, 0]  # (6, V)
+        first, second = [cfg.bos_id, 6], [cfg.bos_id, 8]
+        histories = [first, [cfg.bos_id, 5], second, second, [], []]
+        sources = [src[0:1]] * 2 + [src[1:2]] * 2 + [longer] * 2
+        for row, (source, history) in enumerate(zip(sources, histories)):
+            full = model(source, torch.tensor([history + last[row].tolist()]))[0, -1]  # (V,)
+            torch.testing.assert_close(step[row], full, atol=1e-5, rtol=1e-5)
+
+
 def test_only_fresh_one_row_per_source_caches_join():
     model, src, tgt = model_and_batch(True)
     with torch.no_grad():

@@ -164,7 +164,7 @@ class DecoderCache:
                 out = buffer.new_empty((buffer.size(0), R) + tuple(buffer.shape[2:]))
                 if buffer.is_contiguous():
                     # One row gather over (slot, row) pairs: advanced indexing on two dimensions
-                    # copies element-wise, and this is the cost of every join into a running beam search.
+                    # copies element-wise.
                     flat = (slots * buffer.size(1) + self.slot_rows).flatten()  # (n*R,)
                     torch.index_select(buffer.flatten(0, 1), 0, flat, out=out[:n].view(n * R, *buffer.shape[2:]))
                 else:
@@ -178,11 +178,19 @@ class DecoderCache:
         other (its beams). Source lengths are padded to the longer of the two (masked)."""
         if new.group != 1 or new.length:
             raise ValueError("a cache extends only by a one-row-per-source cache that has not decoded yet")
-        self.settle()
         n = new.src_mask.size(0)
         R, added = self.src_mask.size(0) * self.group, n * self.group
         if not R:  # no row left: every slot goes, and the new rows start at slot 0
+            self.settle()  # of no rows: the buffers keep none
             self.length, self.start = 0, None
+        if self.slot_rows is not None:
+            # Beams reordered in the slot table stay there (settling would copy every key and value
+            # at every join). The new rows read none of the slots so far: the table points them at
+            # the buffer rows with_rows adds, zero there (masked keys must not be NaN garbage); from
+            # the next slot on they write and read their own rows, which no table entry points at.
+            first_new = self.layers[0].self_k.size(1)
+            new_rows = torch.arange(first_new, first_new + added, device=self.slot_rows.device)
+            self.slot_rows = torch.cat([self.slot_rows_until(self.length), new_rows.expand(self.length, added)], 1)
         S = max(self.src_mask.size(-1), new.src_mask.size(-1))
         self.src_mask = torch.cat([padded(self.src_mask, 3, S, False), padded(new.src_mask, 3, S, False)])
         for lc, lnew in zip(self.layers, new.layers):
