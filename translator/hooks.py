@@ -80,12 +80,12 @@ class SearchHooks:
         """Which of the `alive` sentences (B indices, (b,)) stay, as a (b,) mask; None if all stay."""
         if self._cancelled is None:
             return None
-        flags = [bool(f) for f in self._cancelled()]
+        flags = self._cancelled()
         if len(flags) != self.batch_size:
             raise ValueError(f"cancelled() gave {len(flags)} flags for {self.batch_size} sentences")
-        if not any(flags):  # the usual step: no tensor made
+        if not any(flags):  # the usual step: nothing copied, no tensor made
             return None
-        stop = torch.tensor(flags, dtype=torch.bool)[alive]  # (b,)
+        stop = torch.tensor([bool(f) for f in flags], dtype=torch.bool)[alive]  # (b,)
         if not stop.any():
             return None
         for i in alive[stop].tolist():
