@@ -73,7 +73,7 @@ DecodeFn = Callable[["RunningBatch", Any], Generator[None, None, list[Any]]]
 @dataclass(frozen=True)
 class BatcherConfig:
     max_queue_sentences: int = 256  # admitted and not yet finished, across all requests
-    max_batch_tokens: int = 4096  # sentences x longest source x beam size, per decode call
+    max_batch_tokens: int = 4096  # sentences x longest source x beam size, over those a decode step runs
     # How long a new batch may wait to fill while another is decoding (an idle decoder starts at once).
     max_queue_delay_ms: float = 5.0
     # Batches decoding at once, a step at a time, least-served first: requests with other options
