@@ -38,7 +38,7 @@ class ReverseDecoder:
         self.streams: list[bool] = []  # whether each call was given on_step
         self.alive_per_step: list[list[int]] = []
         self.joined: list[int] = []  # sentences taken in by each admit() call that took some
-        self.tokens_per_step: list[int] = []  # sentences decoding x their longest source
+        self.tokens_per_step: list[int] = []  # source tokens of the sentences decoding
         self.gate: threading.Event | None = None  # when set, every step waits for it
         self.started = threading.Event()
         self.fail = False
@@ -68,7 +68,7 @@ class ReverseDecoder:
                 self.gate.wait()
             time.sleep(self.step_seconds)
             self.alive_per_step.append(sorted(alive))
-            self.tokens_per_step.append(len(alive) * max(len(sources[i]) for i in alive))
+            self.tokens_per_step.append(sum(len(sources[i]) for i in alive))
             for i in alive:
                 out[i].append(sources[i][-1 - len(out[i])])
             if batch.streaming:
@@ -135,7 +135,7 @@ def test_batches_stay_within_max_batch_tokens():
     for job in jobs:
         job.wait()
     for _, srcs in decoder.batches:
-        assert len(srcs) == 1 or len(srcs) * max(map(len, srcs)) * 2 <= 40
+        assert len(srcs) == 1 or sum(map(len, srcs)) * 2 <= 40
     assert len(decoder.batches) > 1
     batcher.stop()
 
@@ -337,25 +337,26 @@ def test_joining_sentences_stay_within_max_batch_tokens_and_the_per_decode_cap()
     batcher.stop()
 
 
-def test_the_token_budget_counts_the_sentences_still_decoding_not_one_that_has_left():
+def test_the_token_budget_counts_the_sentences_still_decoding_each_by_its_own_length():
     decoder = ReverseDecoder(step_seconds=0.05, joins=True)
-    batcher = make(decoder, max_batch_tokens=100, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
+    batcher = make(decoder, max_batch_tokens=70, max_queue_delay_ms=0.0, max_join_delay_ms=0.0)
     long = batcher.submit(Job([list(range(50))], options="g"))
     assert decoder.started.wait(5)
-    short = batcher.submit(Job([list(range(10))], options="g"))  # 2 x 50 tokens: fits beside it
+    short = batcher.submit(Job([list(range(10))], options="g"))  # 50 + 10 tokens: fits beside it
     while decoder.joined != [1]:
         time.sleep(0.001)
     long.cancel()
     while not decoder.alive_per_step or decoder.alive_per_step[-1] != [1]:  # the long one has left
         time.sleep(0.001)
-    four = batcher.submit(Job([[1, 2]] * 4, options="g"))
-    assert four.wait() == [[2, 1]] * 4
+    four = batcher.submit(Job([list(range(5))] * 4, options="g"))  # 10 + 4 x 5 tokens
+    assert four.wait() == [list(range(5))[::-1]] * 4
     assert short.wait() == [list(range(10))[::-1]]
     with pytest.raises(Cancelled):
         long.wait()
-    # 5 x 10 tokens now; counted by the longest source the batch ever took, 2 x 50 left room for one.
+    # Counted by the longest source the batch ever took (5 x 50), or by 5 rows x the longest
+    # still decoding (5 x 10), they would not have fit.
     assert decoder.joined == [1, 4] and len(decoder.batches) == 1
-    assert max(decoder.tokens_per_step) <= 100
+    assert max(decoder.tokens_per_step) <= 70
     batcher.stop()
 
 
@@ -412,7 +413,7 @@ def test_sentences_arriving_within_the_join_delay_join_a_running_batch_together(
 
 def test_sentences_join_at_once_when_the_batch_has_no_room_to_wait_for():
     # The budget fits the running sentence and one more: the first to come joins without waiting.
-    decoder, batcher, first = running(10, max_batch_tokens=20, max_queue_delay_ms=0.0, max_join_delay_ms=10_000.0)
+    decoder, batcher, first = running(10, max_batch_tokens=12, max_queue_delay_ms=0.0, max_join_delay_ms=10_000.0)
     joining = batcher.submit(Job([[1, 2]], options="g"))
     after = batcher.submit(Job([[3]], options="g"))
     assert joining.wait() == [[2, 1]] and after.wait() == [[3]]

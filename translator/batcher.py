@@ -2,8 +2,8 @@
 
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
 letting latency grow without bound. Queued sentences that share decoding options are grouped into
-batches of at most `max_batch_tokens` (sentences x longest source x beam; in a running batch,
-those still decoding). A request that finds no batch decoding starts at once; while others
+batches of at most `max_batch_tokens` (the source tokens of the sentences decoding together x
+beam). A request that finds no batch decoding starts at once; while others
 decode, a new batch waits at most `max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different options)
 decode at once, a step at a time, the one with the least compute so far next (the rule of
 Linux's fair scheduler): a one-sentence request's short steps keep coming while a long request's
@@ -73,7 +73,7 @@ DecodeFn = Callable[["RunningBatch", Any], Generator[None, None, list[Any]]]
 @dataclass(frozen=True)
 class BatcherConfig:
     max_queue_sentences: int = 256  # admitted and not yet finished, across all requests
-    max_batch_tokens: int = 4096  # sentences x longest source x beam size, over those a decode step runs
+    max_batch_tokens: int = 4096  # source tokens x beam size of the sentences a decode step runs
     # How long a new batch may wait to fill while another is decoding (an idle decoder starts at once).
     max_queue_delay_ms: float = 5.0
     # Batches decoding at once, a step at a time, least-served first: requests with other options
@@ -248,19 +248,21 @@ class Batcher:
         for job in {id(item.job): item.job for item in self._queue}.values():
             job.stopped()
 
-    def _gather(self, key: tuple[Hashable, bool], rows: int = 0, longest: int = 0) -> tuple[list[_Item], bool]:
+    def _gather(self, key: tuple[Hashable, bool], tokens: int = 0) -> tuple[list[_Item], bool]:
         """Queued sentences with `key` (options, streaming), oldest first, that fit the token budget beside
-        `rows` sentences of up to `longest` tokens already decoding; and whether one more would
-        not have fit."""
+        sentences of `tokens` source tokens already decoding; and whether one more would not have fit.
+
+        The budget counts each sentence's own tokens, not rows x the longest: a decoding step's
+        products grow with its rows, and a batch of mixed lengths then holds as many rows as a
+        length-sorted batch of their mean length would."""
         batch: list[_Item] = []
         for item in self._queue:
             if item.key != key:
                 continue
-            size = max(longest, item.length)
-            if (batch or rows) and (rows + len(batch) + 1) * size * item.job.cost > self.config.max_batch_tokens:
+            if (batch or tokens) and (tokens + item.length) * item.job.cost > self.config.max_batch_tokens:
                 return batch, True
             batch.append(item)
-            longest = size
+            tokens += item.length
         return batch, False
 
     def _take(self, batch: list[_Item]) -> None:
@@ -289,7 +291,7 @@ class Batcher:
                     and time.monotonic() - head.job._submitted > self.config.max_queue_delay_ms / 1000.0):
                 batch.joinable = False
                 return []  # the oldest request wants other options and there is no room: run down for it
-            joining, full = self._gather(batch.key, alive, batch.longest())
+            joining, full = self._gather(batch.key, batch.tokens())
             joining = joining[: self.config.max_sentences_per_decode - len(batch.items)]
             wait = self.config.max_join_delay_ms / 1000.0
             if alive and joining and not full and time.monotonic() - joining[0].job._submitted < wait:
@@ -381,12 +383,10 @@ class RunningBatch:
             self.active[k] = item
             self.jobs[item.job] = self.jobs.get(item.job, 0) + 1
 
-    def longest(self) -> int:
-        """The longest source still decoding here: the token budget counts the sentences a step
-        runs, not every one the batch has taken (the decoder cache narrows its cross-attention
-        keys to the sources it still holds), so one long sentence that has left does not hold
-        the batch to a few rows for the rest of its life."""
-        return max((item.length for item in self.active.values()), default=0)
+    def tokens(self) -> int:
+        """Source tokens of the sentences still decoding here: the token budget counts what a step
+        runs, not every sentence the batch has taken."""
+        return sum(item.length for item in self.active.values())
 
     def release(self, k: int) -> _Item:
         """Sentence k leaves the batch, and its place in the queue goes back if it still holds one."""
