@@ -3,9 +3,9 @@
 Requests wait in a bounded admission queue; a full queue refuses at once (`QueueFull`) rather than
 letting latency grow without bound. Queued sentences that share decoding options are grouped into
 batches of at most `max_batch_tokens` (the source tokens of the sentences decoding together x
-beam). A request that finds no batch decoding starts at once; while others
-decode, a new batch waits at most `max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different options)
-decode at once, a step at a time, the one with the least compute so far next (the rule of
+beam). A request that finds no batch decoding starts at once; while others decode, a new batch
+waits at most `max_queue_delay_ms` to fill. Up to `max_batches` batches (requests with different
+options) decode at once, a step at a time, the one with the least compute so far next (the rule of
 Linux's fair scheduler): a one-sentence request's short steps keep coming while a long request's
 long steps run, and a lone batch never waits for anyone. A request that ends early (cancelled,
 past its deadline) gives its places in the queue back at once; its sentences leave the queue,
