@@ -291,7 +291,7 @@ class Batcher:
                     and time.monotonic() - head.job._submitted > self.config.max_queue_delay_ms / 1000.0):
                 batch.joinable = False
                 return []  # the oldest request wants other options and there is no room: run down for it
-            joining, full = self._gather(batch.key, batch.tokens())
+            joining, full = self._gather(batch.key, batch.tokens)
             joining = joining[: self.config.max_sentences_per_decode - len(batch.items)]
             wait = self.config.max_join_delay_ms / 1000.0
             if alive and joining and not full and time.monotonic() - joining[0].job._submitted < wait:
@@ -327,6 +327,7 @@ class RunningBatch:
         self.asked = False  # its decode function has called admit()
         self.active: dict[int, _Item] = {}
         self.jobs: dict[Job, int] = {}  # request -> its sentences in `active`
+        self.tokens = 0  # source tokens of the sentences in `active`: what the token budget counts
         self.flags: list[bool] = []  # what cancelled() returns: True for the sentences stopping now
         self.raised: list[int] = []  # the flags it set True last time, lowered at the next step
         self.steps: Generator[None, None, list[Any]] | None = None
@@ -382,15 +383,12 @@ class RunningBatch:
         for k, item in enumerate(items, first):
             self.active[k] = item
             self.jobs[item.job] = self.jobs.get(item.job, 0) + 1
-
-    def tokens(self) -> int:
-        """Source tokens of the sentences still decoding here: the token budget counts what a step
-        runs, not every sentence the batch has taken."""
-        return sum(item.length for item in self.active.values())
+            self.tokens += item.length
 
     def release(self, k: int) -> _Item:
         """Sentence k leaves the batch, and its place in the queue goes back if it still holds one."""
         item = self.active.pop(k)
+        self.tokens -= item.length
         left = self.jobs.pop(item.job) - 1
         if left:
             self.jobs[item.job] = left
