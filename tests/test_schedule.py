@@ -51,7 +51,7 @@ def test_learning_rate_follows_the_configured_schedule():
 
 
 def test_wsd_needs_a_budget():
-    with pytest.raises(ConfigError, match="train.schedule=wsd needs train.max_steps or train.max_minutes"):
+    with pytest.raises(ConfigError, match="train.schedule=wsd needs train.max_steps, train.max_minutes"):
         TrainConfig(schedule="wsd")
 
 
@@ -74,3 +74,11 @@ def test_step_budget_counts_the_time_spent_before_a_resume_and_caps_at_max_steps
     assert budget.total(40, now=1004.0) == pytest.approx(50)  # 40 + 6 s / 0.5 s = 52 > max_steps
     assert budget.total(45, now=1004.0) == pytest.approx(50)
     assert StepBudget(max_steps=50).total(10) == 50
+
+
+def test_step_budget_estimates_a_token_budget_from_the_tokens_per_step_so_far():
+    budget = StepBudget(max_tokens=10_000)
+    assert budget.total(0) == math.inf  # nothing trained on yet: no pace
+    assert budget.total(10, tokens=2_000) == pytest.approx(50)  # 200 a step: 8,000 left in 40 steps
+    assert budget.total(60, tokens=12_000) == pytest.approx(60)  # spent: the run ends here
+    assert StepBudget(max_steps=30, max_tokens=10_000).total(10, tokens=2_000) == 30

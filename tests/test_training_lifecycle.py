@@ -126,6 +126,21 @@ def test_sigterm_saves_the_state_and_the_run_resumes_from_there(tmp_path, toy_co
     assert any(f"at step {last}" in line for line in logs) and tr.steps_run == 2
 
 
+def test_a_token_budget_ends_the_run_annealed_once_that_many_target_tokens_are_trained_on(tmp_path, toy_corpus):
+    run = tmp_path / "run"
+    logs: list[str] = []
+    first = train(run, toy_corpus, logs, **{"train.schedule": "wsd", "train.max_target_tokens": 6000, "train.warmup_steps": 2,
+                                            "train.valid_every": 1000, "train.log_every": 1})
+    st = first.state
+    per_step = st.tokens_seen / st.step
+    assert 6000 <= st.tokens_seen < 6000 + 2 * per_step  # stops at the first step past the budget
+    assert any("reached train.max_target_tokens=6000" in line for line in logs)
+    lrs = [r["lr"] for r in records(run) if "train_loss" in r]
+    assert lrs[-1] < 0.1 * max(lrs)  # the decay knew where the run would end
+    again = train(run, toy_corpus, **{"train.schedule": "wsd", "train.max_target_tokens": 6000})
+    assert again.steps_run == 0
+
+
 def test_a_wsd_run_averages_the_checkpoints_of_its_decay_phase(tmp_path, toy_corpus):
     run = tmp_path / "run"
     train(run, toy_corpus, **{"train.schedule": "wsd", "train.max_steps": 40, "train.decay_fraction": 0.2,

@@ -19,6 +19,8 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="cpu", help="preset name (cpu, base, big) or YAML path")
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, logs, tokenizer")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (same as train.max_minutes=)")
+    p.add_argument("--max-target-tokens", type=int,
+                   help="budget in target tokens trained on (same as train.max_target_tokens=)")
     p.add_argument("--no-test", action="store_true", help="skip scoring the best checkpoint on data.test")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as train.lr=5e-4")
     args = p.parse_args(argv)
@@ -26,7 +28,11 @@ def train_main(argv: list[str] | None = None) -> int:
     from training.distributed import init_distributed, shutdown
     from training.trainer import Trainer
 
-    values = {"train.max_minutes": args.max_minutes} if args.max_minutes is not None else {}
+    values = {
+        key: value for key, value in
+        (("train.max_minutes", args.max_minutes), ("train.max_target_tokens", args.max_target_tokens))
+        if value is not None
+    }
     try:
         cfg = load_config(args.config, list(args.overrides), values)
         args.out.mkdir(parents=True, exist_ok=True)

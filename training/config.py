@@ -59,6 +59,7 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no limit
     max_epochs: int = 0  # 0 = no limit
     max_minutes: float = 0.0  # wall-clock budget; 0 = no limit
+    max_target_tokens: int = 0  # budget in target tokens trained on, whatever the machine's speed; 0 = no limit
     valid_every: int = 1000
     valid_bleu_sentences: int = 0  # 0 = the whole validation split
     patience: int = 0  # validations without a better BLEU before stopping; 0 = never stop early
@@ -72,7 +73,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the loss's forward and backward (falls back if it fails)
     fused_adam: bool = True  # torch's fused Adam kernel where this torch has it for the device
     # inverse_sqrt: warmup, then peak * sqrt(warmup / step). wsd: warmup, the peak held, then a
-    # decay to 0 over the last decay_fraction of the steps that max_steps or max_minutes allow.
+    # decay to 0 over the last decay_fraction of the steps that max_steps, max_minutes or
+    # max_target_tokens allow.
     schedule: Literal["inverse_sqrt", "wsd"] = "inverse_sqrt"
     decay_fraction: float = 0.2
     decay_shape: Literal["linear", "cosine"] = "linear"
@@ -81,7 +83,7 @@ class TrainConfig:
         for name in ("max_tokens", "accum_steps", "valid_every", "log_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "max_epochs", "max_minutes", "patience", "warmup_steps", "threads",
+        for name in ("max_steps", "max_epochs", "max_minutes", "max_target_tokens", "patience", "warmup_steps", "threads",
                      "valid_bleu_sentences", "weight_decay", "clip_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -93,10 +95,10 @@ class TrainConfig:
             raise ConfigError(f"train.betas must be in [0, 1), got {self.betas}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.schedule == "wsd" and not (self.max_steps or self.max_minutes):
+        if self.schedule == "wsd" and not (self.max_steps or self.max_minutes or self.max_target_tokens):
             raise ConfigError(
-                "train.schedule=wsd needs train.max_steps or train.max_minutes (--max-minutes): "
-                "the decay must know where the run ends"
+                "train.schedule=wsd needs train.max_steps, train.max_minutes (--max-minutes) or "
+                "train.max_target_tokens (--max-target-tokens): the decay must know where the run ends"
             )
 
 

@@ -1,11 +1,11 @@
-"""Learning-rate schedules as pure functions of the step, and the step budget a wall-clock
-limit leaves.
+"""Learning-rate schedules as pure functions of the step, and the step budget a wall-clock or
+target-token limit leaves.
 
 `inverse_sqrt`: linear warmup, then peak * sqrt(warmup / step), never reaching zero (the paper's).
 `wsd` (warmup-stable-decay): linear warmup, the peak held, then a decay to zero over the last
 `decay_fraction` of the run's steps, so that a run given a budget ends annealed (budgeted
-training, Li et al. ICLR 2020). Under a wall-clock budget the run's length in steps is not known
-in advance: `StepBudget` estimates it from the measured time per step.
+training, Li et al. ICLR 2020). Under a wall-clock or token budget the run's length in steps is not
+known in advance: `StepBudget` estimates it from the measured time, and tokens, per step.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def wsd_lr(step: int, peak: float, warmup: int, total: float, decay_fraction: fl
 
 @dataclass
 class StepBudget:
-    """How many steps a run will make in all: `max_steps`, and under a wall-clock budget the
-    steps done plus the seconds left over the measured seconds per step, whichever is fewer.
+    """How many steps a run will make in all: `max_steps`; under a wall-clock budget the steps
+    done plus the seconds left over the measured seconds per step; under a target-token budget
+    the steps done plus the tokens left over the mean tokens per step so far; whichever is fewest.
 
     Time per step is measured from the `settle`-th step after this process started on (the
     first steps carry torch.compile's compilation and cold caches) and includes everything the
@@ -62,6 +63,7 @@ class StepBudget:
     budget_s: float = 0.0  # 0 = no time limit
     spent_s: float = 0.0  # seconds of the budget spent before this process started
     seconds_per_step: float = 0.0  # the last estimate; carried across resumes
+    max_tokens: int = 0  # target tokens to train on; 0 = no token limit
     settle: int = 10
     _start: float = 0.0
     _mark: tuple[float, int] | None = None
@@ -84,9 +86,12 @@ class StepBudget:
         elif step > self._mark[1]:
             self.seconds_per_step = (now - self._mark[0]) / (step - self._mark[1])
 
-    def total(self, step: int, now: float | None = None) -> float:
-        """The estimated number of steps of the whole run (math.inf when unbounded or unknown)."""
+    def total(self, step: int, now: float | None = None, tokens: int = 0) -> float:
+        """The estimated number of steps of the whole run (math.inf when unbounded or unknown),
+        `tokens` target tokens having been trained on in `step` steps."""
         total = float(self.max_steps) if self.max_steps else math.inf
+        if self.max_tokens and step and tokens:
+            total = min(total, step + max(self.max_tokens - tokens, 0) * step / tokens)
         if self.budget_s and self.seconds_per_step > 0:
             left = max(self.budget_s - self.elapsed(now), 0.0)
             total = min(total, step + left / self.seconds_per_step)

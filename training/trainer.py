@@ -198,7 +198,9 @@ class Trainer:
     def run(self) -> TrainState:
         """Train until a limit, patience or a signal stops the run; a no-op for a finished run."""
         t, st = self.cfg.train, self.state
-        self.budget = StepBudget(t.max_steps, t.max_minutes * 60, st.elapsed_s, st.seconds_per_step)
+        self.budget = StepBudget(
+            t.max_steps, t.max_minutes * 60, st.elapsed_s, st.seconds_per_step, max_tokens=t.max_target_tokens
+        )
         self.budget.start()
         done = self.world.broadcast(self.limit_reached())
         if done:
@@ -230,7 +232,7 @@ class Trainer:
         window = Window()
         reason = ""
         while not reason:
-            total = self.budget.total(st.step)
+            total = self.budget.total(st.step, tokens=st.tokens_seen)
             if world.size > 1 and t.max_minutes:
                 total = world.broadcast(total)  # one learning rate for all: rank 0's estimate
             lr = learning_rate(st.step + 1, t, total)
@@ -272,6 +274,8 @@ class Trainer:
         # The time as of the last step or save, as the checkpoint holds it: a rerun decides alike.
         if t.max_minutes and st.elapsed_s >= t.max_minutes * 60:
             return f"reached train.max_minutes={t.max_minutes}"
+        if t.max_target_tokens and st.tokens_seen >= t.max_target_tokens:
+            return f"reached train.max_target_tokens={t.max_target_tokens} ({st.tokens_seen} trained on)"
         if t.patience and st.bad_validations >= t.patience:
             return f"no better validation BLEU for {t.patience} validations"
         return ""
