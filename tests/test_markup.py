@@ -102,6 +102,34 @@ def test_an_element_no_confident_word_holds_is_kept_on_its_aligned_words():
     assert restore_markup(markup, doc, [aligned]).text == "ein <i>Backsteingebäude</i>"
 
 
+def test_a_source_word_translated_as_two_words_wraps_both_but_not_the_article_before_them():
+    # two(0) construction-workers(1) talk(2): "Bauarbeiter" -> "construction workers"; "with a
+    # mustache" -> "a" attends to the noun, but stays outside as the word before it
+    markup = parse_markup("Zwei <b>Bauarbeiter</b> reden mit <i>Schnurrbart</i>")
+    doc = split_document(markup.text, words, 50)
+    rows = [
+        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # Two
+        [0.05, 0.9, 0.05, 0.0, 0.0, 0.0],  # construction: the source word's own
+        [0.0, 0.6, 0.3, 0.1, 0.0, 0.0],  # workers: same source word, "reden" has its own word
+        [0.0, 0.1, 0.9, 0.0, 0.0, 0.0],  # talk
+        [0.0, 0.0, 0.1, 0.9, 0.0, 0.0],  # with
+        [0.0, 0.0, 0.0, 0.3, 0.7, 0.0],  # a
+        [0.0, 0.0, 0.0, 0.1, 0.9, 0.0],  # mustache
+    ]
+    pieces = ["▁Two", "▁construction", "▁workers", "▁talk", "▁with", "▁a", "▁mustache"]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows)
+    assert restore_markup(markup, doc, [aligned]).text == "Two <b>construction workers</b> talk with a <i>mustache</i>"
+
+
+def test_a_word_after_the_translation_that_attends_to_an_untranslated_word_stays_outside():
+    # boy(0) sleeps(1) here(2): "hier" has no word of its own, "here" attends to "sleeps" but next to "hier"
+    markup = parse_markup("Junge <b>schläft</b> hier")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.9, 0.1, 0.0, 0.0], [0.0, 0.9, 0.1, 0.0], [0.0, 0.55, 0.45, 0.0]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁Boy", "▁sleeps", "▁here"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "Boy <b>sleeps</b> here"
+
+
 def test_block_elements_end_sentences_even_without_whitespace():
     markup = parse_markup("<p>One dog</p><p>Two cats</p><ul><li>a bird</li><li>A fish</li></ul>x<br/>y")
     doc = split_document(markup.text, words, 50, breaks=markup.breaks)

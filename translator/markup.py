@@ -293,6 +293,34 @@ def confident(words: list[int], alignment: list[list[float]], links: list[int | 
     return [src is not None and best[src][1] == words[t] for t, src in enumerate(links)]
 
 
+def further_parts(
+    words: list[int], sure: list[bool], links: list[int | None], alignment: list[list[float]], source_stacks: list[Stack]
+) -> list[bool]:
+    """`sure` with the further words of one source word's translation added: a word right after
+    a sure word aligned to the same source token ("Bauarbeiter": "construction workers",
+    "miteinander": "each other"), unless the source token with a different stack that it attends
+    to most is one that no target word is aligned to (then it translates that token). Only to the
+    right: the words before a translation's head that attend to it are, in the languages of
+    Multi30K, its articles, prepositions and auxiliaries ("mit Schnurrbart": "with a mustache",
+    "a" attending to "Schnurrbart"), which a person leaves outside the element."""
+    linked = {s for s in links if s is not None}
+    held = list(sure)
+    grown = True
+    while grown:
+        grown = False
+        for t, s in enumerate(links):
+            if held[t] or s is None:
+                continue
+            after = any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links)))
+            others = [i for i in range(len(source_stacks)) if source_stacks[i] != source_stacks[s]]
+            rival = max(others, key=lambda i: alignment[t][i], default=None)
+            if after and (rival is None or rival in linked):
+                for i in (i for i in range(len(links)) if words[i] == words[t]):
+                    held[i] = True
+                grown = True
+    return held
+
+
 def target_stacks(
     source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]]
 ) -> list[Stack | None]:
@@ -302,7 +330,7 @@ def target_stacks(
     An element that no token holds then goes onto the target word (of letters or digits, where
     there is one) that attends most to it."""
     words = word_ids(target_pieces)
-    sure = confident(words, alignment, links)
+    sure = further_parts(words, confident(words, alignment, links), links, alignment, source_stacks)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = _prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []
