@@ -18,6 +18,7 @@ from translator.decoding import (
     greedy_search,
     search,
 )
+from translator.length import output_budget, output_budgets
 from translator.model import EncoderDecoder, build_model
 from translator.translate import batch_tensor
 
@@ -110,6 +111,14 @@ def test_alignment_follows_the_chosen_beam():
         forced = greedy_search(model, torch.tensor([row]), DecodeOptions(alignment=True), prefix=[best.tokens])
         again = forced.nbest[0][0].alignment[: len(best.tokens)]
         torch.testing.assert_close(best.alignment, again, atol=1e-5, rtol=1e-4)
+
+
+def test_one_sentence_budget_in_plain_python_equals_the_batched_one():
+    lengths = list(range(0, 300, 7))
+    for a, b, cap, positions in [(1.2, 10, 256, 256), (0.0, 200, 1024, 64), (3.5, -20, 50, 1024), (1e300, 5, 99, 128),
+                                 (0.5, 1, 4, 64)]:
+        batched = output_budgets(torch.tensor(lengths), a, b, cap, positions).tolist()
+        assert [output_budget(n, a, b, cap, positions) for n in lengths] == batched
 
 
 @pytest.mark.parametrize("opts", SEARCHES)

@@ -24,6 +24,7 @@ from translator.metrics import Metrics, MetricsEndpoint
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
 from translator.server import TranslationServer, create_server
+from translator.service import LoopMailbox
 
 IDLE_STREAMS = 300  # past the sync server's thread pool (max_queue_sentences + 16 = 80 threads)
 IDLE_METRICS_CONNECTIONS = 400
@@ -189,3 +190,29 @@ def test_a_request_still_running_after_the_grace_is_cancelled(checkpoint, caplog
         assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     line = log_line(caplog, "past-grace")
     assert line["status"] == "CANCELLED" and line["steps"] < LONG
+
+
+def test_calls_posted_while_the_loop_is_busy_run_in_order_after_one_wake_up():
+    loop = asyncio.new_event_loop()
+    box = LoopMailbox(loop)
+    busy, ran, failures = threading.Event(), [], []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context["exception"]))
+
+    def post_all() -> None:
+        for i in range(100):  # from another thread, as the engine does, while the loop is held
+            box.post(ran.append, i)
+        box.post(int, "not a number")  # a call that fails
+        box.post(ran.append, "after the failure")
+        busy.set()
+
+    async def main() -> None:
+        threading.Thread(target=post_all).start()
+        busy.wait(10)  # the loop is held here: nothing posted can run yet
+        await asyncio.sleep(0.05)
+
+    loop.run_until_complete(main())
+    assert ran == [*range(100), "after the failure"]
+    assert box.wakeups == 1 and len(failures) == 1 and isinstance(failures[0], ValueError)
+    loop.close()
+    box.post(ran.append, "after close")  # dropped, no error
+    assert ran[-1] == "after the failure"

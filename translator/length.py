@@ -11,6 +11,7 @@ log-probability per token.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,6 +29,13 @@ def length_penalty(lengths: Tensor, alpha: float, form: PenaltyForm) -> Tensor:
     n = lengths.clamp(min=1).to(torch.float32)
     base = (5.0 + n) / 6.0 if form == "gnmt" else n
     return base.pow(alpha)
+
+
+def output_budget(src_length: int, a: float, b: int, hard_cap: int, max_positions: int) -> int:
+    """`output_budgets` of one sentence, in plain Python: the front end checks a request's cost
+    with it, where a tensor op would hand the GIL to the decoding thread and wait to get it back."""
+    cap = min(hard_cap, max_positions - 1)
+    return max(1, min(cap, math.floor(min(src_length * a + b, cap))))
 
 
 def output_budgets(

@@ -9,13 +9,11 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from translator.decode_options import DecodeOptions
 from translator.document_requests import DocumentRequest, SplitDocuments, split_documents
 from translator.documents import DocumentLimitError
 from translator.glossary import GlossaryError, GlossaryLimits, Term
-from translator.length import output_budgets
+from translator.length import output_budget
 from translator.request_options import decode_options
 from translator.requests import (
     InvalidArgument,
@@ -138,7 +136,7 @@ class Preparer:
     def request_cost(self, sources: list[list[int]], opts: DecodeOptions) -> int:
         """Source tokens x beam size x output budget, summed over sentences: a bound on the work
         of decoding them, known before any is done."""
-        lengths = torch.tensor([len(s) for s in sources])
-        budgets = output_budgets(lengths, opts.max_len_a, opts.max_len_b, opts.max_len,
-                                 self.translator.model.cfg.max_positions)
-        return int((lengths * budgets).sum()) * opts.beam_size
+        positions = self.translator.model.cfg.max_positions
+        return opts.beam_size * sum(
+            len(s) * output_budget(len(s), opts.max_len_a, opts.max_len_b, opts.max_len, positions) for s in sources
+        )

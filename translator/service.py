@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import threading
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,11 +372,60 @@ class _StreamedText:
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
-    """fn(*args) on loop's thread, from any thread; dropped once the loop has closed."""
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass
+    """fn(*args) on loop's thread, from any thread, in the order posted; dropped once the loop has
+    closed."""
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = LoopMailbox(loop)
+    box.post(fn, *args)
+
+
+class LoopMailbox:
+    """Calls posted to an event loop from other threads, run on the loop in order, with one
+    wake-up of the loop for all the calls posted before it gets to run them.
+
+    `loop.call_soon_threadsafe` writes to the loop's wake-up socket at every call: the engine
+    thread, handing over each finished sentence (and each streamed prefix) one by one, made a
+    system call and a wake-up of the loop thread per sentence, and each wake-up takes a core from
+    the engine's threads mid-step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)  # weak: the mailbox is the value of a weak map keyed by its loop
+        self._lock = threading.Lock()
+        self._calls: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._due = False  # a run is scheduled on the loop and has not yet taken the calls
+        self.wakeups = 0
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            self._calls.append((fn, args))
+            if self._due:
+                return
+            self._due = True
+            self.wakeups += 1
+        loop = self._loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop has closed: nothing will run them
+            with self._lock:
+                self._calls.clear()
+                self._due = False
+
+    def _run(self) -> None:
+        with self._lock:
+            calls, self._calls, self._due = self._calls, deque(), False
+        for fn, args in calls:
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - one failing call must not drop the others
+                asyncio.get_running_loop().call_exception_handler({"message": f"posted call {fn!r} failed", "exception": e})
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
 
 
 def _settle(future: asyncio.Future) -> None:
