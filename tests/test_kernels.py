@@ -21,7 +21,7 @@ from tests.test_decoding import run, source_rows, tiny_model
 from translator import native
 from translator.decoding import DecodeOptions
 from translator.model import MultiHeadAttention, build_model
-from translator.native import kernels, loader
+from translator.native import kernels, loader, modules
 from translator.native.modules import NativeLayerNorm, PackedLinear, layer_weights
 from translator.translate import batch_tensor
 
@@ -290,6 +290,30 @@ def test_native_decoder_step_equals_torchs_layers(norm_first, join):
     with torch.inference_mode():
         reference, _ = decode_steps(plain, src, joining)  # translator.model's layers
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_a_padded_batch_is_encoded_over_its_real_tokens_with_the_padded_arithmetic(norm_first, monkeypatch):
+    torch.manual_seed(0)
+    plain = build_model(tiny_model_config(norm_first=norm_first)).eval()
+    model = native.for_backend(plain, "native")
+    src = torch.randint(4, model.cfg.vocab_size, (4, 11))
+    for row, n in enumerate((11, 3, 6, 2)):  # half the batch is padding: packed
+        src[row, n:] = model.cfg.pad_id
+    real = src != model.cfg.pad_id
+    with torch.inference_mode():
+        memory, mask = model.encode(src)
+        caches = model.init_cache(memory, mask).layers
+        monkeypatch.setattr(modules, "PACK_BELOW", 0.0)  # every batch padded, as before packing
+        padded_memory, _ = model.encode(src)
+        padded_caches = model.init_cache(padded_memory, mask).layers
+        reference, _ = plain.encode(src)
+    assert torch.equal(memory[real], padded_memory[real]) and not memory[~real].any()
+    torch.testing.assert_close(memory[real], reference[real], atol=1e-5, rtol=1e-5)
+    for packed, padded in zip(caches, padded_caches):
+        for a, b in ((packed.cross_k, padded.cross_k), (packed.cross_v, padded.cross_v)):
+            assert torch.equal(a.transpose(1, 2)[real], b.transpose(1, 2)[real])  # (B, S, H, Dh) at real tokens
 
 
 @needs_kernels

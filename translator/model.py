@@ -154,7 +154,11 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
         """x (B, S, D), src_mask (B, 1, 1, S) -> (B, S, D)."""
-        x = self.sublayers[0](x, lambda y: self.self_attn(y, y, src_mask))
+        return self.around(x, lambda y: self.self_attn(y, y, src_mask))
+
+    def around(self, x: Tensor, attend) -> Tensor:
+        """The layer with its self-attention given: `attend` maps the normed x to its output."""
+        x = self.sublayers[0](x, attend)
         return self.sublayers[1](x, self.feed_forward)
 
 

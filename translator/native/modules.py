@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from translator.cache import DecoderCache
+from translator.cache import DecoderCache, LayerCache
 from translator.model import (
     Decoder,
     DecoderLayer,
+    Encoder,
     EncoderDecoder,
     FeedForward,
     Generator,
@@ -37,6 +38,8 @@ from translator.native import kernels, onednn
 # the bound sits below the measured crossover (docs/HISTORY.md, round 7).
 FEW_QUERIES = 40
 FEW_ROWS = 64  # up to this many rows the generator takes its decoding-step forms
+# A padded batch whose real tokens fill at most this share of it is encoded over its real tokens only.
+PACK_BELOW = 0.9
 
 
 class PackedLinear(nn.Linear):
@@ -80,6 +83,46 @@ class NativeAttention(MultiHeadAttention):
         if y is None:  # other dtypes, devices, head sizes: torch's
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class NativeEncoder(Encoder):
+    """Outside autograd, a padded batch runs its position-wise products over its real tokens only
+    (a sentence joining a running batch is encoded beside others of any length: ten random test
+    sentences fill 60% of their padded batch). Self-attention alone sees the padded layout; the
+    real positions' arithmetic is the reference's, padding positions come out zero."""
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        B, S, D = x.shape
+        real = src_mask.reshape(B * S)
+        if self.training or torch.is_grad_enabled() or x.dtype != torch.float32:
+            return super().forward(x, src_mask)
+        T = int(real.sum())
+        if T > PACK_BELOW * B * S:
+            return super().forward(x, src_mask)
+        index = real.nonzero().squeeze(1)  # (T,) positions of real tokens in (B * S)
+        h = x.reshape(B * S, D).index_select(0, index)  # (T, D)
+        for layer in self.layers:
+            h = layer.around(h, lambda y, attn=layer.self_attn: packed_self_attention(attn, y, index, B, S, src_mask))
+        return unpacked(self.norm(h), index, B, S)
+
+
+def packed_self_attention(
+    attn: MultiHeadAttention, y: Tensor, index: Tensor, B: int, S: int, mask: Tensor
+) -> Tensor:
+    """Self-attention of the real tokens y (T, D) at `index` of a (B, S) batch -> (T, D): the
+    projections over the T rows, the attention itself in the padded layout."""
+    q = attn.split_heads(unpacked(attn.q_proj(y), index, B, S))  # (B, H, S, Dh)
+    k, v = map(attn.split_heads, unpacked(attn.kv_proj(y), index, B, S).chunk(2, dim=-1))  # (B, H, S, Dh) each
+    out = kernels.attention(q, k, v, mask) if S <= FEW_QUERIES else None
+    if out is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S, Dh)
+    return attn.out_proj(out.transpose(1, 2).reshape(B * S, -1).index_select(0, index))
+
+
+def unpacked(h: Tensor, index: Tensor, B: int, S: int) -> Tensor:
+    """Rows h (T, X) at `index` of a (B, S) layout -> (B, S, X), zeros elsewhere."""
+    out = h.new_zeros(B * S, h.size(-1))
+    return out.index_copy_(0, index, h).view(B, S, -1)
 
 
 class NativeFeedForward(FeedForward):
@@ -198,7 +241,25 @@ def columns(weight: Tensor) -> Tensor:
 
 class NativeEncoderDecoder(EncoderDecoder):
     def init_cache(self, memory: Tensor, src_mask: Tensor, capacity: int = 64) -> DecoderCache:
-        return NativeDecoderCache(layers=self.layer_caches(memory), src_mask=src_mask, capacity=capacity)
+        return NativeDecoderCache(layers=self.packed_layer_caches(memory, src_mask), src_mask=src_mask,
+                                  capacity=capacity)
+
+    def packed_layer_caches(self, memory: Tensor, src_mask: Tensor) -> list[LayerCache]:
+        """`layer_caches`, projecting only the real positions of a padded memory (B, S, D) where
+        padding is worth skipping (keys and values of padding are zero; attention masks them)."""
+        B, S, D = memory.shape
+        real = src_mask.reshape(B * S)
+        T = int(real.sum())
+        if torch.is_grad_enabled() or memory.dtype != torch.float32 or T > PACK_BELOW * B * S:
+            return self.layer_caches(memory)
+        index = real.nonzero().squeeze(1)  # (T,)
+        h = memory.reshape(B * S, D).index_select(0, index)  # (T, D)
+        layers = []
+        for layer in self.decoder.layers:
+            attn = layer.cross_attn
+            k, v = map(attn.split_heads, unpacked(attn.kv_proj(h), index, B, S).chunk(2, dim=-1))
+            layers.append(LayerCache(cross_k=k.contiguous(), cross_v=v.contiguous()))
+        return layers
 
     def best_tokens(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         # One pass over each row, without writing the (n, V) log-softmax.
@@ -213,6 +274,7 @@ FORMS: dict[type[nn.Module], type[nn.Module]] = {
     FeedForward: NativeFeedForward,
     Residual: NativeResidual,
     Decoder: NativeDecoder,
+    Encoder: NativeEncoder,
     Generator: NativeGenerator,
     EncoderDecoder: NativeEncoderDecoder,
 }
