@@ -311,10 +311,11 @@ def further_parts(
         for t, s in enumerate(links):
             if held[t] or s is None:
                 continue
-            after = any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links)))
+            if not any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links))):
+                continue  # no sure word of the same source token just before it
             others = [i for i in range(len(source_stacks)) if source_stacks[i] != source_stacks[s]]
             rival = max(others, key=lambda i: alignment[t][i], default=None)
-            if after and (rival is None or rival in linked):
+            if rival is None or rival in linked:
                 for i in (i for i in range(len(links)) if words[i] == words[t]):
                     held[i] = True
                 grown = True

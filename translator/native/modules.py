@@ -93,17 +93,22 @@ class NativeEncoder(Encoder):
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
         B, S, D = x.shape
-        real = src_mask.reshape(B * S)
-        if self.training or torch.is_grad_enabled() or x.dtype != torch.float32:
+        index = None if self.training else real_positions(x, src_mask)  # (T,)
+        if index is None:
             return super().forward(x, src_mask)
-        T = int(real.sum())
-        if T > PACK_BELOW * B * S:
-            return super().forward(x, src_mask)
-        index = real.nonzero().squeeze(1)  # (T,) positions of real tokens in (B * S)
         h = x.reshape(B * S, D).index_select(0, index)  # (T, D)
         for layer in self.layers:
             h = layer.around(h, lambda y, attn=layer.self_attn: packed_self_attention(attn, y, index, B, S, src_mask))
         return unpacked(self.norm(h), index, B, S)
+
+
+def real_positions(x: Tensor, src_mask: Tensor) -> Tensor | None:
+    """Positions of the real tokens of x (B, S, D) in its (B * S) rows, where computing over them
+    alone pays: outside autograd, float32, real tokens at most PACK_BELOW of the rows; else None."""
+    real = src_mask.reshape(-1)  # (B * S,)
+    if torch.is_grad_enabled() or x.dtype != torch.float32 or int(real.sum()) > PACK_BELOW * real.numel():
+        return None
+    return real.nonzero().squeeze(1)
 
 
 def packed_self_attention(
@@ -248,11 +253,9 @@ class NativeEncoderDecoder(EncoderDecoder):
         """`layer_caches`, projecting only the real positions of a padded memory (B, S, D) where
         padding is worth skipping (keys and values of padding are zero; attention masks them)."""
         B, S, D = memory.shape
-        real = src_mask.reshape(B * S)
-        T = int(real.sum())
-        if torch.is_grad_enabled() or memory.dtype != torch.float32 or T > PACK_BELOW * B * S:
+        index = real_positions(memory, src_mask)  # (T,)
+        if index is None:
             return self.layer_caches(memory)
-        index = real.nonzero().squeeze(1)  # (T,)
         h = memory.reshape(B * S, D).index_select(0, index)  # (T, D)
         layers = []
         for layer in self.decoder.layers:
