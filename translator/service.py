@@ -387,7 +387,7 @@ class LoopMailbox:
 
     `loop.call_soon_threadsafe` writes to the loop's wake-up socket at every call: the engine
     thread, handing over each finished sentence (and each streamed prefix) one by one, made a
-    system call and a wake-up of the loop thread per sentence, and each wake-up takes a core from
+    system call and a wake-up of the loop thread per sentence, and a wake-up can take a core from
     the engine's threads mid-step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
