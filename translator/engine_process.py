@@ -16,11 +16,20 @@ Messages, pickled, over a socket pair (framed by multiprocessing's Connection):
 
 If the engine process dies (killed, out of memory), its requests fail with `EngineRestarted`
 (UNAVAILABLE: safe to retry) and a new engine process starts; the front end keeps serving.
+
+`EnginePool` runs several engine processes for one model (as Triton runs several instances of a
+model), each decoding batches of its own on a share of the cores, behind one admission queue; a
+request goes to the engine holding the fewest sentences. On two cores, two single-threaded engines
+delivered more under heavy load than one engine of two threads, whose OpenMP regions stall at their
+barrier whenever the front end takes one of the cores (docs/RESULTS.md); a lone request is then
+decoded on one core, more slowly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -57,6 +66,7 @@ class EngineSpec:
     defaults: DecodeOptions | None = None
     threads: int = 0
     start_timeout_s: float = 300.0
+    processes: int = 1  # engine processes for the model (EnginePool when more than one)
 
 
 # -- the engine process -----------------------------------------------------------------------
@@ -154,17 +164,20 @@ class RemoteBatcher:
     place from submit until its result arrives or its job ends, as in the Batcher.
     """
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, admission: Admission | None = None,
+                 stopped: threading.Event | None = None) -> None:
+        """admission, stopped: shared with the other engines of a pool (the places of one queue;
+        set when any of them stops)."""
         self.spec = spec
         self.config = spec.batching
         self._jobs: dict[int, Job] = {}
         self._held: dict[int, int] = {}  # places each job still holds
         self._ids = count()
-        self._admission = Admission(self.config.max_queue_sentences)
+        self._admission = admission or Admission(self.config.max_queue_sentences)
         self._cond = self._admission.cond
         self._stopping = False
         self._send_lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._stopped = stopped or threading.Event()
         self._restarting = False
         self.restarts = 0
         self._conn, self._process = self._start()
@@ -181,6 +194,12 @@ class RemoteBatcher:
     @property
     def pid(self) -> int | None:
         return self._process.pid
+
+    @property
+    def holding(self) -> int:
+        """Sentences of this engine's jobs not finished yet."""
+        with self._cond:
+            return sum(self._held.values())
 
     # -- the Batcher's interface --------------------------------------------------------------
 
@@ -352,6 +371,69 @@ class RemoteBatcher:
             for job_id, job in waiting:
                 self._send_locked(_submit_message(job_id, job))
         self.restarts += 1
+
+
+class EnginePool:
+    """The Batcher's interface over several engine processes of one model (see the module
+    docstring): one admission queue, each request to the engine holding the fewest sentences.
+
+    An engine that dies is replaced as a lone one is, failing only its own requests; one that
+    cannot be replaced stops the pool, which then refuses requests (`failed`), as a lone one does.
+    """
+
+    def __init__(self, spec: EngineSpec) -> None:
+        if spec.processes < 1:
+            raise ValueError(f"an engine pool needs at least one process, got {spec.processes}")
+        # Each engine gets its share of the cores unless told how many threads to use.
+        one = dataclasses.replace(spec, threads=spec.threads or max(1, (os.cpu_count() or 1) // spec.processes),
+                                  processes=1)
+        self.config = spec.batching
+        self._admission = Admission(self.config.max_queue_sentences)
+        self._stopped = threading.Event()
+        self.engines: list[RemoteBatcher] = []
+        try:
+            for _ in range(spec.processes):
+                self.engines.append(RemoteBatcher(one, self._admission, self._stopped))
+        except EngineStartError:
+            self.stop()
+            raise
+
+    @property
+    def pending(self) -> int:
+        return self._admission.pending
+
+    @property
+    def failed(self) -> bool:
+        return any(engine.failed for engine in self.engines)
+
+    @property
+    def restarts(self) -> int:
+        return sum(engine.restarts for engine in self.engines)
+
+    def submit(self, job: Job) -> Job:
+        with self._admission.cond:
+            engine = min(self.engines, key=lambda e: e.holding)
+        return engine.submit(job)  # sends outside the lock, as a lone engine does
+
+    def close(self) -> None:
+        self._admission.close()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        return self._admission.wait_idle(timeout)
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+        self._stopped.set()
+
+    def run(self) -> None:
+        """Block until stop(), or until an engine has died and could not be restarted."""
+        self._stopped.wait()
+
+
+def engine_batcher(spec: EngineSpec) -> RemoteBatcher | EnginePool:
+    """The front end's side of spec's engine processes: one, or a pool."""
+    return RemoteBatcher(spec) if spec.processes == 1 else EnginePool(spec)
 
 
 def _submit_message(job_id: int, job: Job) -> tuple:

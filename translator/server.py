@@ -55,6 +55,9 @@ class ServerConfig:
     threads: int = 0  # torch intra-op threads of the decoding engine; 0 = torch's default
     # Decode in a process of its own, apart from the front end's GIL (translator.engine_process).
     engine_process: bool = False
+    # With engine_process: engine processes per model, each decoding batches of its own on its
+    # share of the cores (threads each; 0: the cores divided among them), one admission queue.
+    engine_processes: int = 1
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
@@ -72,6 +75,11 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.engine_processes < 1:
+            raise ConfigError(f"engine_processes must be >= 1, got {self.engine_processes}")
+        if self.engine_processes > 1 and not self.engine_process:
+            raise ConfigError(f"engine_processes={self.engine_processes} needs engine_process: true "
+                              "(the engines run in processes of their own)")
         for name in ("grace_seconds", "swap_grace_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -92,7 +100,8 @@ def build_models(cfg: ServerConfig, engine_thread: bool = True) -> Models:
     def build(spec: ModelSpec) -> TranslationService:
         service = TranslationService.from_checkpoint(
             spec.checkpoint, cfg.limits, cfg.batching, cfg.decoding, cfg.threads, engine_process=cfg.engine_process,
-            engine=engine, name=spec.name, languages=(spec.source_language, spec.target_language))
+            engine=engine, name=spec.name, languages=(spec.source_language, spec.target_language),
+            engine_processes=cfg.engine_processes)
         if engine is not None:  # first-call costs (packed weights, caches) now, not on its first request
             service.translator.translate(["warm-up"])
         return service

@@ -34,7 +34,7 @@ from translator.document_requests import (
     piece_translations,
 )
 from translator.documents import DocumentResult
-from translator.engine_process import EngineSpec, RemoteBatcher
+from translator.engine_process import EnginePool, EngineSpec, RemoteBatcher, engine_batcher
 from translator.glossary import Term
 from translator.hypotheses import Hypothesis
 from translator.model import EncoderDecoder, build_model
@@ -129,11 +129,11 @@ class TranslationService:
                      if isinstance(v, (int, float)) and not isinstance(v, bool)},
             origin=origin,
         )
-        self.batcher: Batcher | RemoteBatcher | Lane
+        self.batcher: Batcher | RemoteBatcher | EnginePool | Lane
         if engine is not None:
             self.batcher = engine.lane(self._decode)
         elif engine_process is not None:
-            self.batcher = RemoteBatcher(engine_process)
+            self.batcher = engine_batcher(engine_process)
         else:
             self.batcher = Batcher(self._decode, batching,
                                    (lambda: torch.set_num_threads(threads)) if threads else None, thread=engine_thread)
@@ -150,12 +150,14 @@ class TranslationService:
         engine_process: bool = False,
         engine: SharedEngine | None = None,
         name: str = "",
+        engine_processes: int = 1,
         languages: tuple[str, str] = ("", ""),
     ) -> TranslationService:
         """Load the checkpoint (weights-only unpickling, verified: CheckpointError) and build the
         service around it; with engine, it decodes on that shared engine. With engine_process, an
-        engine process loads the weights and decodes, and this one reads only the config and the
-        tokenizer: its model is the architecture on the meta device, with no weights in memory.
+        engine process (engine_processes of them, translator.engine_process.EnginePool) loads the
+        weights and decodes, and this one reads only the config and the tokenizer: its model is
+        the architecture on the meta device, with no weights in memory.
         name: the model's name (default: the file's); languages: (source, target) to serve it as,
         each where the checkpoint's record is to be replaced."""
         path = Path(path)
@@ -165,7 +167,8 @@ class TranslationService:
                                  languages[1] or data.get("tgt_lang", ""))
         # The front end of an engine process decodes nothing: no kernels, no packed weights.
         translator = Translator(model, ckpt.tokenizer, defaults, backend="torch" if engine_process else "native")
-        spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads)
+        spec = EngineSpec(str(path), batching or BatcherConfig(), limits or Limits(), defaults, threads,
+                          processes=engine_processes)
         origin = CheckpointOrigin(ckpt.weights_sha256, ckpt.verified, ckpt.provenance, ckpt.config)
         return cls(translator, identity, limits, batching, ckpt.config, ckpt.metrics, threads, engine_thread,
                    spec if engine_process else None, origin, None if engine_process else engine)
