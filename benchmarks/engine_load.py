@@ -10,7 +10,9 @@ occupancy); what `benchmarks/load.py` loses beyond it is the front end's and the
 Also prints, for the served and the offline runs alike, the mean rows per decoder step, the
 sentences per encoder pass, and the milliseconds per sentence spent in decoder steps, in the
 encoder and in everything else (search and batcher bookkeeping, waiting), timed on the model's
-calls: where the engine loses against offline decoding.
+calls, and the decoder cache's drops of finished rows (how many, milliseconds each, and the
+engine thread's CPU milliseconds each: the rest is waiting, for the GIL; part of everything
+else): where the engine loses against offline decoding.
 
     python benchmarks/engine_load.py runs/bench/best.pt --concurrency 32 --repeats 3
     python benchmarks/engine_load.py runs/bench/best.pt --concurrency 32 --set max_join_delay_ms=5
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from translator.batcher import BatcherConfig
+from translator.cache import DecoderCache
 from translator.checkpoint import load_checkpoint
 from translator.decoding import DecodeOptions
 from translator.model_info import ModelIdentity
@@ -44,11 +47,12 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared/data/multi30k/test_2016_f
 
 
 class Counts:
-    """Decoder steps, their rows and encoder passes, counted and timed on one model's calls."""
+    """Decoder steps, their rows and encoder passes, counted and timed on one model's calls; and
+    the decoder cache's drops of finished rows (every cache's, while these counts live)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.reset()
-        decode_step, encode = model.decode_step, model.encode
+        decode_step, encode, drop = model.decode_step, model.encode, DecoderCache.drop
 
         def counted_step(tgt_new, cache, record_alignment=False):
             start = time.perf_counter()
@@ -66,18 +70,29 @@ class Counts:
             self.encoded += src.size(0)
             return out
 
+        def counted_drop(cache, keep):
+            start, cpu = time.perf_counter(), time.thread_time()
+            out = drop(cache, keep)
+            self.drop_s += time.perf_counter() - start
+            self.drop_cpu_s += time.thread_time() - cpu
+            self.drops += 1
+            return out
+
         model.decode_step, model.encode = counted_step, counted_encode
+        DecoderCache.drop = counted_drop
 
     def reset(self) -> None:
-        self.steps = self.rows = self.encodes = self.encoded = 0
-        self.step_s = self.encode_s = 0.0
+        self.steps = self.rows = self.encodes = self.encoded = self.drops = 0
+        self.step_s = self.encode_s = self.drop_s = self.drop_cpu_s = 0.0
 
     def per_sentence(self, sentences: int, seconds: float) -> dict:
         """Milliseconds per sentence in decoder steps, in the encoder and in everything else."""
         step, encode = 1000 * self.step_s / sentences, 1000 * self.encode_s / sentences
         return {"rows_per_step": self.rows / max(self.steps, 1), "sentences_per_encoder_pass": self.encoded / max(
                 self.encodes, 1), "decoder_ms": step, "encoder_ms": encode,
-                "rest_ms": 1000 * seconds / sentences - step - encode}
+                "rest_ms": 1000 * seconds / sentences - step - encode,
+                "drops": self.drops, "ms_per_drop": 1000 * self.drop_s / max(self.drops, 1),
+                "cpu_ms_per_drop": 1000 * self.drop_cpu_s / max(self.drops, 1)}
 
 
 def closed_loop(service: TranslationService, sentences: list[str], clients: int, beam: int) -> dict:
