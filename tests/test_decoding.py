@@ -239,6 +239,30 @@ def test_sentences_joining_a_running_beam_search_decode_as_if_alone(opts):
     assert_decoded_as_if_alone(model, rows, order, hyps, opts)
 
 
+def test_a_long_running_beam_search_keeps_buffers_for_its_live_rows_not_every_row_it_has_had():
+    """Sentences keep joining while others finish: the self-attention buffers hold at most twice
+    the rows a step runs (rows of finished sentences are let go), and every sentence decodes as
+    if alone."""
+    model = tiny_model()
+    rows = source_rows(model, lengths=[3 + (5 * i) % 10 for i in range(16)])
+    opts = DecodeOptions(beam_size=3, n_best=2, max_len_a=0.5, max_len_b=2)
+    admit, order = join_schedule(model, rows, at=[2 * i for i in range(16)])
+    held: list[tuple[int, int]] = []  # (rows the step runs, rows its buffers hold)
+    step = model.decode_step
+
+    def decode_step(tgt, cache, **kw):
+        held.append((tgt.size(0), cache.layers[0].self_k.size(1) if cache.layers[0].self_k is not None else 0))
+        return step(tgt, cache, **kw)
+
+    model.decode_step = decode_step
+    hyps = run(model, rows[:1], opts, admit=admit)
+    del model.decode_step
+    assert order == list(range(16))
+    assert max(buffer for _, buffer in held) < 16 * 3  # not every row the search has had
+    assert all(buffer <= 2 * running for running, buffer in held)
+    assert_decoded_as_if_alone(model, rows, order, hyps, opts)
+
+
 @pytest.mark.parametrize("opts", SEARCHES + [pytest.param(DecodeOptions(beam_size=3, alignment=True), id="alignment")])
 def test_the_longest_source_leaving_narrows_the_cache_and_the_rest_decode_as_if_alone(opts):
     model = tiny_model()

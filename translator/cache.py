@@ -169,6 +169,7 @@ class DecoderCache:
                     torch.index_select(buffer.flatten(0, 1), 0, flat, out=out[:n].view(n * R, *buffer.shape[2:]))
                 else:
                     out[:n] = buffer[slots, self.slot_rows]
+                out[n : self.length] = buffer[n : self.length, :R]  # later slots: each row's own
                 setattr(lc, name, out)
         self.slot_rows = None
 
@@ -265,7 +266,8 @@ class DecoderCache:
         sentence, finished sentences dropped); sources no row reads are dropped. Slots before
         the earliest start of the rows kept are dropped too. Self-attention keys/values stay
         where they are, the new order composed into `slot_rows`, unless rows outnumber the
-        buffers' rows: then they are copied into the new order.
+        buffers' rows or the buffers hold more than twice the rows kept: then they are copied
+        into the new order.
         """
         group = group or self.group
         if index.numel() % group:
@@ -283,9 +285,12 @@ class DecoderCache:
             self.start = start if bool(start.any()) else None
         # Rows that fit the buffers are reordered in the slot table alone: copying every key and
         # value of every layer is bound by memory bandwidth, and with sentences joining a running
-        # beam search (rows with their own starts) it would be every step's.
+        # beam search (rows with their own starts) it would be every step's. But the buffers keep
+        # the rows of every sentence that has left (joins append rows after them): once they hold
+        # more than twice the rows kept, the kept rows are copied into buffers of their own, so that
+        # a long-running search's memory and copies follow the rows it runs, not all it has taken.
         buffers = self.layers[0].self_k
-        in_table = buffers is not None and index.numel() <= buffers.size(1)
+        in_table = buffers is not None and index.numel() <= buffers.size(1) <= 2 * index.numel()
         if in_table:
             self.slot_rows = self.slot_rows_until(self.length)[first:, index]  # (length - first, R')
         else:
