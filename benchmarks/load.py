@@ -17,7 +17,8 @@ count of consecutive corpus sentences; latency is per request, throughput in sen
 
 Every level prints the load generator's own CPU seconds (all its threads) and the server process's
 CPU per sentence (from /proc/<pid>/stat) against offline decoding's, so that a generator sharing
-the cores with the server can neither hide nor fake a result; and where a request's time went on
+the cores with the server can neither hide nor fake a result; the server's peak memory so far
+(VmHWM, engine processes included); and where a request's time went on
 the server (mean wait for a batch, mean time in decode batches; from its Prometheus metrics, when
 it has them). `--repeats R` runs every level R times against the same server; the summary holds
 medians and the JSON every run. `--batching continuous,static` runs it all against a server of
@@ -108,9 +109,9 @@ def cpu_seconds_from_stat(stat: str, clk_tck: int) -> float:
     return (int(fields[11]) + int(fields[12])) / clk_tck
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """CPU seconds a process and its live descendants have used, all their threads (nmt-serve's
-    decoding engine may be a child process); None without a pid or without /proc."""
+def process_tree(pid: int | None) -> dict[int, str] | None:
+    """/proc/<pid>/stat of a process and its live descendants (nmt-serve's decoding engines may be
+    child processes); None without a pid or without /proc."""
     if pid is None:
         return None
     stats = {}
@@ -123,13 +124,37 @@ def process_cpu_seconds(pid: int | None) -> float | None:
     for child, stat in stats.items():
         with contextlib.suppress(ValueError, IndexError):
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(child)
-    tree, total = [pid], 0.0
+    tree, found = [pid], {}
     while tree:
         p = tree.pop()
-        with contextlib.suppress(ValueError, IndexError):
-            total += cpu_seconds_from_stat(stats[p], os.sysconf("SC_CLK_TCK"))
+        found[p] = stats[p]
         tree += children.get(p, [])
+    return found
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds a process and its live descendants have used, all their threads."""
+    tree = process_tree(pid)
+    if tree is None:
+        return None
+    total = 0.0
+    for stat in tree.values():
+        with contextlib.suppress(ValueError, IndexError):
+            total += cpu_seconds_from_stat(stat, os.sysconf("SC_CLK_TCK"))
     return total
+
+
+def process_peak_rss_mb(pid: int | None) -> float | None:
+    """The peak resident memory (VmHWM) of a process and its live descendants, summed, MB."""
+    tree = process_tree(pid)
+    if tree is None:
+        return None
+    total = 0
+    for p in tree:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # ended, or a zombie without memory
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+    return round(total / 1024, 1)
 
 
 def find_max_rate(passes: Callable[[float], bool], start: float, budget_s: float, steps: int = 4,
@@ -362,6 +387,9 @@ def measured(server: Server, offline: dict, level: Callable[[], dict]) -> dict:
     if cpu is not None and after is not None and r["ok_sentences"]:
         r["server_cpu_s_per_sentence"] = round((after - cpu) / r["ok_sentences"], 5)
         r["server_cpu_vs_offline"] = round(r["server_cpu_s_per_sentence"] / offline["cpu_s_per_sentence"], 3)
+    peak = process_peak_rss_mb(server.pid)
+    if peak is not None:
+        r["server_peak_rss_mb"] = peak  # since the server started
     r["ratio_to_offline"] = round(r["sentences_per_s"] / offline["sentences_per_s"], 3)
     return r
 
@@ -377,7 +405,8 @@ def print_row(values: tuple, errors: dict | None = None) -> None:
 
 
 def cpu_columns(r: dict) -> tuple:
-    return r["generator_cpu_s"], round(1000 * r.get("server_cpu_s_per_sentence", float("nan")), 2)
+    return (r["generator_cpu_s"], round(1000 * r.get("server_cpu_s_per_sentence", float("nan")), 2),
+            r.get("server_peak_rss_mb", "-"))
 
 
 def run_all(args: argparse.Namespace, server: Server, kind: str, requests: list[pb.TranslateRequest],
@@ -390,7 +419,7 @@ def run_all(args: argparse.Namespace, server: Server, kind: str, requests: list[
     closed, open_loop = [], []
 
     print_row(("batching", "clients", "sent/s", "p50 ms", "p95 ms", "p99 ms", "errors", "ratio", "vs C",
-               "queue ms", "decode ms", "gen cpu s", "srv ms/sent", "cpu/off"))
+               "queue ms", "decode ms", "gen cpu s", "srv ms/sent", "srv peak MB", "cpu/off"))
     for clients in args.concurrency:
         r = {"batching": kind, "clients": clients,
              **measured(server, offline, lambda c=clients: run_level(stubs, requests, args.timeout, clients=c))}
@@ -416,7 +445,7 @@ def run_all(args: argparse.Namespace, server: Server, kind: str, requests: list[
 
     if args.open_loop or args.find_max:
         print_row(("batching", "offered/s", "sent/s", "achieved/s", "p50 ms", "p95 ms", "p99 ms", "errors",
-                   "twice", "late p99", "gen cpu s", "srv ms/sent", "cpu/off"))
+                   "twice", "late p99", "gen cpu s", "srv ms/sent", "srv peak MB", "cpu/off"))
     for rate in args.open_loop:
         open_level(rate)
     if args.find_max:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,19 @@ def test_process_cpu_seconds_of_this_process():
         return
     assert load.process_cpu_seconds(os.getpid()) > 0
     assert load.process_cpu_seconds(None) is None
+
+
+def test_peak_rss_of_a_process_tree_counts_its_children():
+    if not Path(f"/proc/{os.getpid()}/status").exists():
+        assert load.process_peak_rss_mb(os.getpid()) is None
+        return
+    alone = load.process_peak_rss_mb(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while load.process_peak_rss_mb(os.getpid()) <= alone and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert load.process_peak_rss_mb(os.getpid()) > alone  # the child's memory is counted
+    finally:
+        child.communicate(b"")
+    assert load.process_peak_rss_mb(None) is None
