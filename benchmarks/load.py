@@ -132,29 +132,31 @@ def process_tree(pid: int | None) -> dict[int, str] | None:
     return found
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """CPU seconds a process and its live descendants have used, all their threads."""
+def tree_total(pid: int | None, value: Callable[[int, str], float]) -> float | None:
+    """value(pid, stat) summed over a process and its live descendants; None without a pid or /proc."""
     tree = process_tree(pid)
     if tree is None:
         return None
     total = 0.0
-    for stat in tree.values():
-        with contextlib.suppress(ValueError, IndexError):
-            total += cpu_seconds_from_stat(stat, os.sysconf("SC_CLK_TCK"))
+    for p, stat in tree.items():
+        with contextlib.suppress(OSError, ValueError, IndexError, AttributeError):  # ended meanwhile, a zombie
+            total += value(p, stat)
     return total
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds a process and its live descendants have used, all their threads."""
+    return tree_total(pid, lambda _, stat: cpu_seconds_from_stat(stat, os.sysconf("SC_CLK_TCK")))
 
 
 def process_peak_rss_mb(pid: int | None) -> float | None:
     """The peak resident memory (VmHWM) of a process and its live descendants, summed, MB."""
-    tree = process_tree(pid)
-    if tree is None:
-        return None
-    total = 0
-    for p in tree:
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # ended, or a zombie without memory
-            status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
-    return round(total / 1024, 1)
+    def peak_kb(p: int, _: str) -> float:
+        status = Path(f"/proc/{p}/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+
+    total = tree_total(pid, peak_kb)
+    return None if total is None else round(total / 1024, 1)
 
 
 def find_max_rate(passes: Callable[[float], bool], start: float, budget_s: float, steps: int = 4,
