@@ -384,9 +384,9 @@ class EnginePool:
     def __init__(self, spec: EngineSpec) -> None:
         if spec.processes < 1:
             raise ValueError(f"an engine pool needs at least one process, got {spec.processes}")
-        # Each engine gets its share of the cores unless told how many threads to use.
-        one = dataclasses.replace(spec, threads=spec.threads or max(1, (os.cpu_count() or 1) // spec.processes),
-                                  processes=1)
+        # Each engine gets its share of the cores this process may run on, unless told its threads.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        one = dataclasses.replace(spec, threads=spec.threads or max(1, cores // spec.processes), processes=1)
         self.config = spec.batching
         self._admission = Admission(self.config.max_queue_sentences)
         self._stopped = threading.Event()
