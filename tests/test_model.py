@@ -197,6 +197,28 @@ def test_a_join_keeps_reordered_beams_in_the_slot_table_and_every_row_stays_exac
             torch.testing.assert_close(step[row], full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", native.BACKENDS)
+def test_sources_leaving_beams_in_a_filling_order_move_only_the_last_sources_in_place(backend):
+    """Beams of three sources; the first leaves and the last takes its place: the cross-attention
+    keys move for that one source, in their own buffer, and every row still scores exactly."""
+    model, src, tgt = model_and_batch(True)
+    model = native.for_backend(model, backend)
+    with torch.inference_mode():
+        cache = model.init_cache(*model.encode(src))
+        cache.select(torch.tensor([0, 0, 1, 1, 2, 2]), group=2)
+        model.decode_step(tgt[[0, 0, 1, 1, 2, 2], :1], cache)
+        before = [(lc.cross_k.data_ptr(), lc.cross_k.clone()) for lc in cache.layers]
+        cache.select(torch.tensor([5, 4, 3, 3]))  # source 2 takes source 0's place
+        for lc, (ptr, old) in zip(cache.layers, before):
+            assert lc.cross_k.data_ptr() == ptr  # in place
+            assert torch.equal(lc.cross_k, old[[2, 1]])
+        last = torch.tensor([[9], [10], [11], [12]])
+        step = model.decode_step(last, cache)[:, 0]  # (4, V)
+        for row, s in enumerate([2, 2, 1, 1]):
+            full = model(src[s : s + 1], torch.tensor([tgt[s, :1].tolist() + last[row].tolist()]))[0, -1]
+            torch.testing.assert_close(step[row], full, atol=1e-5, rtol=1e-5)
+
+
 def test_only_fresh_one_row_per_source_caches_join():
     model, src, tgt = model_and_batch(True)
     with torch.no_grad():

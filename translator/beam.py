@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from translator.cache import filling_order
 from translator.decode_options import DecodeOptions
 from translator.hooks import Admit, Cancelled, OnDone, OnStep
 from translator.hypotheses import Hypotheses, Hypothesis, make_hypotheses, padded
@@ -295,7 +296,9 @@ def advance(beams: Beams, logits: Tensor, run: SearchSetup, finished: Finished, 
     if run.hooks.wants_done:
         for s in beams.sentence[stop].tolist():
             run.hooks.done(s, finished.hyps[s][: opts.n_best])
-    keep = (~stop).nonzero().squeeze(1)  # (b',)
+    # (b',): the sentences that go leave their places to the last ones, so that the cache moves
+    # only those (DecoderCache.select); every per-sentence tensor follows this order.
+    keep = filling_order(~stop)[0]
     rows = parent.gather(1, live)[keep].flatten()  # (b'*K,)
     chosen = live[keep]
     toks, lps, align = beams.rows(rows, cand.tokens[keep].gather(1, chosen).flatten(),

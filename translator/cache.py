@@ -62,6 +62,18 @@ def take_rows(buffer: Tensor, index: Tensor, first: int, filled: int) -> Tensor:
     return out
 
 
+def filling_order(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The order that keeps the entries flagged in keep (n,) bool by moving the last kept ones
+    into the places of those that go: (order (k,), holes, movers); new entry i is old entry
+    order[i], and only the movers move (onto the holes), each from past the first k."""
+    kept = int(keep.sum())
+    holes = (~keep[:kept]).nonzero().squeeze(1)  # entries that go among the first `kept`
+    movers = keep[kept:].nonzero().squeeze(1) + kept  # kept entries after them, as many
+    order = torch.arange(kept, device=keep.device)
+    order[holes] = movers
+    return order, holes, movers
+
+
 def room_view(x: Tensor, shape: tuple[int, ...]) -> Tensor | None:
     """A view of x's buffer with x's strides and the larger `shape`, if the buffer holds it without
     its dimensions overlapping (x a leading slice of a larger buffer); None otherwise."""
@@ -216,11 +228,8 @@ class DecoderCache:
         if self.group != 1:
             raise ValueError("drop() keeps one row per source; reorder beams with select()")
         self.settle()
-        kept = int(keep.sum())
-        holes = (~keep[:kept]).nonzero().squeeze(1)  # dropped rows among the first `kept`
-        movers = keep[kept:].nonzero().squeeze(1) + kept  # kept rows after them, as many
-        order = torch.arange(kept, device=keep.device)
-        order[holes] = movers
+        order, holes, movers = filling_order(keep)
+        kept = order.numel()
         first = 0 if kept else self.length  # no row left: every slot goes
         if self.start is not None:
             start = self.start[order]
@@ -295,9 +304,19 @@ class DecoderCache:
             self.slot_rows = self.slot_rows_until(self.length)[first:, index]  # (length - first, R')
         else:
             self.settle()
+        if not same_sources:
+            # Sources that leave with their places filled by the last ones (filling_order): only
+            # those move, in place; any other order is gathered.
+            holes = (sources != torch.arange(sources.numel(), device=sources.device)).nonzero().squeeze(1)
+            if bool((sources[holes] >= sources.numel()).all()):
+                self.move_rows([(getattr(lc, name), 0) for lc in self.layers for name in ("cross_k", "cross_v")],
+                               holes, sources[holes])
+                moved = slice(0, sources.numel())
+            else:
+                moved = sources
         for lc in self.layers:
             if not same_sources:
-                lc.cross_k, lc.cross_v = lc.cross_k[sources], lc.cross_v[sources]
+                lc.cross_k, lc.cross_v = lc.cross_k[moved], lc.cross_v[moved]
             if lc.self_k is None:
                 continue
             if in_table:  # dropped slots go as a view
