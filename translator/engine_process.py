@@ -19,10 +19,10 @@ If the engine process dies (killed, out of memory), its requests fail with `Engi
 
 `EnginePool` runs several engine processes for one model (as Triton runs several instances of a
 model), each decoding batches of its own on a share of the cores, behind one admission queue; a
-request goes to the engine holding the fewest sentences. On two cores, two single-threaded engines
-delivered more under heavy load than one engine of two threads, whose OpenMP regions stall at their
-barrier whenever the front end takes one of the cores (docs/RESULTS.md); a lone request is then
-decoded on one core, more slowly.
+request goes to the engine holding the fewest sentences. It is meant for machines with more cores
+than one engine's small products can use. On two cores, two single-threaded engines delivered more
+than one engine of two threads for beam search under heavy load, not for greedy search, and a lone
+request, decoded on one core, took longer (docs/RESULTS.md); the pool is off by default.
 """
 
 from __future__ import annotations
