@@ -521,3 +521,46 @@ def test_a_short_request_is_not_kept_out_by_the_queued_sentences_of_a_long_one()
     assert not long.done  # 8 sentences one after another: 160 steps of 5 ms
     assert long.wait() == [list(range(20))[::-1]] * 8
     batcher.stop()
+
+
+def test_the_engine_wakes_the_event_loop_at_most_one_step_after_an_answer_and_before_it_idles():
+    """Without a native step to release them (translator.handover), answers handed to an event loop
+    wake it after the next whole step, and the last one when the batch ends."""
+    from translator.service import LoopMailbox
+
+    class Loop:  # asyncio's part: runs what it is handed at once, counting the wake-ups
+        woken = 0
+
+        def call_soon_threadsafe(self, fn):
+            self.woken += 1
+            fn()
+
+    loop = Loop()
+    box = LoopMailbox(loop)
+    woken_at_step: list[int] = []
+
+    def decode(batch, options):
+        out: list[list[int]] = [[] for _ in batch.sources]
+        for step in range(max(map(len, batch.sources))):
+            yield
+            woken_at_step.append(loop.woken)
+            for i, source in enumerate(batch.sources):
+                if step < len(source):
+                    out[i].append(source[-1 - step])
+                    if step == len(source) - 1:
+                        batch.on_result(i, out[i])
+        yield
+        return out
+
+    handed: list[tuple] = []
+    batcher = Batcher(decode, BatcherConfig())
+    job = batcher.submit(Job([[1], [2, 3, 4, 5]], options="g", listener=lambda e: box.post(handed.append, e)))
+    assert job.wait() == [[1], [5, 4, 3, 2]]
+    deadline = time.monotonic() + 5.0  # the engine goes idle (no stop() to release what it holds)
+    while loop.woken < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    batcher.stop()
+    # sentence 0's answer, handed over in step 1, wakes the loop after step 2; the rest when it ends
+    assert woken_at_step == [0, 0, 1, 1]
+    assert [e[0] for e in handed] == ["result", "result", "end"]
+    assert loop.woken == 2

@@ -39,6 +39,7 @@ from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from translator import handover
 from translator.config import ConfigError
 from translator.jobs import (
     Admission,
@@ -179,21 +180,28 @@ class Batcher:
         try:
             if self._worker_init is not None:
                 self._worker_init()
-            while True:
-                with self._cond:
-                    self._start_batches()
-                    if not self._batches:
-                        if self._stopping:
-                            return
-                        self._cond.wait()
-                        continue
-                    batch = min(self._batches, key=lambda b: b.used)
-                if not batch.step():
-                    with self._cond:
-                        self._batches.remove(batch)
-                        self._cond.notify_all()
+            with handover.deferring():  # answers wake the event loop while a step runs natively
+                self._serve()
         finally:
             self._engine_done.set()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                self._start_batches()
+                if not self._batches:
+                    if self._stopping:
+                        return
+                    handover.release()  # before waiting: nothing held while there is nothing to do
+                    self._cond.wait()
+                    continue
+                batch = min(self._batches, key=lambda b: b.used)
+            if not batch.step():
+                handover.release()
+                with self._cond:
+                    self._batches.remove(batch)
+                    self._cond.notify_all()
+            handover.step_done()
 
     def _start_batches(self) -> None:
         """Turn queued sentences into batches while there is room: at once when nothing decodes,
@@ -359,6 +367,7 @@ class RunningBatch:
         if not self.items:
             return False
         self.sources = [item.job.sources[item.index] for item in self.items]
+        handover.release()  # not held while the batch is encoded
         self.take(self.items, 0)
         self.steps = self.batcher.decode(self, self.options)
         next(self.steps)  # encodes, and stops before the first step: a search asks to admit from there on
@@ -405,6 +414,7 @@ class RunningBatch:
         joining = self.batcher._joining(self, alive)
         if not joining:
             return []
+        handover.release()  # not held while the joining sentences are encoded
         self.take(joining, len(self.items))
         self.items.extend(joining)
         return [item.job.sources[item.index] for item in joining]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from translator import handover
 from translator.batcher import Batcher, BatcherConfig, Job, RunningBatch
 from translator.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_metadata
 from translator.config import ConfigError
@@ -407,6 +408,9 @@ class LoopMailbox:
                 return
             self._due = True
             self.wakeups += 1
+        handover.wake(self._wake)  # from the decoding thread: while its next step runs natively
+
+    def _wake(self) -> None:
         loop = self._loop()
         try:
             if loop is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 1  # NMT_KERNELS_ABI_VERSION of csrc/kernels.h
+ABI_VERSION = 2  # NMT_KERNELS_ABI_VERSION of csrc/kernels.h
 
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 STRIDES = I64 * 4
@@ -44,7 +44,7 @@ STRUCTS: tuple[type[ctypes.Structure], ...] = (LayerStep, DecoderStep)  # in nmt
 SIGNATURES = {  # name: (argument types, result type), as declared in csrc/kernels.h
     "few_query_attention": ([PTR] * 9 + [I64] * 5 + [F32, PTR, INT, PTR], INT),
     "layer_norm": ([PTR] * 4 + [I64] * 2 + [F32, INT], None),
-    "decoder_layer_step": ([PTR] * 4, INT),
+    "decoder_step": ([PTR, PTR, I64, PTR, PTR], INT),
     "pack_panels": ([PTR, PTR, I64, I64], None),
     "panel_linear": ([PTR] * 4 + [I64] * 3 + [INT, INT], None),
     "move_rows": ([I64] + [PTR] * 7 + [I64], None),

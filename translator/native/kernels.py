@@ -13,9 +13,9 @@ beyond its arithmetic. `csrc/kernels.c` does these natively:
   writing the log-softmax;
 - rows of the caches moved in place when sentences leave a running batch (`move_rows`: one
   call for every layer's keys and values instead of two torch ops per tensor);
-- a decoder layer's whole step for one new position per row (`decoder_steps`): the same
-  arithmetic as translator.model's layers, through the functions above, with no torch op and no
-  Python between the products.
+- every decoder layer's step for one new position per row, in one call (`decoder_steps`): the
+  same arithmetic as translator.model's layers, through the functions above, with no torch op and
+  no Python between the products or the layers (so no other thread's Python holds the step up).
 docs/RESULTS.md and docs/HISTORY.md have the figures. Each wrapper returns None (or False)
 where its kernel does not apply or the library is not loaded (translator.native.loader), and
 its caller falls back to torch: same results within float rounding, only slower. Each takes
@@ -220,7 +220,7 @@ def decoder_steps(
     lib = lib or library()
     R, D = x.shape
     N, S = src_mask.size(0), src_mask.size(-1)
-    if lib is None or lib.decoder_layer_step is None or not (plain_f32(x) and x.is_contiguous()):
+    if lib is None or lib.decoder_step is None or not (plain_f32(x) and x.is_contiguous()):
         return False
     if D % n_heads or (D // n_heads) % 8:
         return False
@@ -247,13 +247,12 @@ def decoder_steps(
     if self_rows is not None:
         step.self_rows = self_rows.data_ptr()
     scratch = x.new_empty(R * (6 * D + F) + step.threads * 4 * max(S, past + 1))
-    for template, (self_k, self_v, cross_k, cross_v) in zip(weights.layers, caches):
-        layer = LayerStep.from_buffer_copy(template)
+    layers = (LayerStep * len(caches))(*weights.layers)  # copies, filled with this step's caches
+    for layer, (self_k, self_v, cross_k, cross_v) in zip(layers, caches):
         layer.self_k, layer.self_v = self_k.data_ptr(), self_v.data_ptr()
         layer.self_slot_stride, layer.self_row_stride = self_k.stride(0), self_k.stride(1)
         layer.cross_k, layer.cross_v = cross_k.data_ptr(), cross_v.data_ptr()
         layer.cross_k_strides, layer.cross_v_strides = STRIDES(*cross_k.stride()), STRIDES(*cross_v.stride())
-        if lib.decoder_layer_step(ctypes.byref(step), ctypes.byref(layer), x.data_ptr(),
-                                  scratch.data_ptr()):
-            raise RuntimeError("native decoder step failed (attention's status)")
+    if lib.decoder_step(ctypes.byref(step), layers, len(caches), x.data_ptr(), scratch.data_ptr()):
+        raise RuntimeError("native decoder step failed (attention's status)")
     return True

@@ -134,7 +134,7 @@ class Kernels:
 
     few_query_attention: Callable | None
     layer_norm: Callable | None
-    decoder_layer_step: Callable | None
+    decoder_step: Callable | None
     pack_panels: Callable | None
     panel_linear: Callable | None
     move_rows: Callable | None

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from translator import handover
 from translator.cache import DecoderCache, LayerCache
 from translator.model import (
     Decoder,
@@ -204,6 +205,7 @@ class NativeDecoder(Decoder):
             lc.reserve(like, cache.length, cache.length + 1, cache.capacity)
         caches = [(lc.self_k, lc.self_v, lc.cross_k, lc.cross_v) for lc in cache.layers]
         rows = cache.slot_rows_until(cache.length + 1) if cache.slot_rows is not None else None
+        handover.release()  # the event loop's Python runs beside the step, which needs no GIL
         return kernels.decoder_steps(cache.native, caches, x.view(R, D), cache.length, cache.src_mask,
                                      cache.self_attention_mask(1), rows, H, first.sublayers[0].norm_first,
                                      first.sublayers[0].norm.eps)

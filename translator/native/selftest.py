@@ -112,7 +112,7 @@ CHECKS: list[tuple[tuple[str, ...], Callable[[Kernels, torch.Generator], bool]]]
     (("pack_panels", "panel_linear"), check_panels),
     (("argmax_log_prob",), check_argmax),
     (("move_rows",), check_move_rows),
-    (("decoder_layer_step",), check_decoder_step),
+    (("decoder_step",), check_decoder_step),
 ]
 
 
@@ -121,8 +121,8 @@ def self_test(lib: Kernels) -> None:
     with torch.random.fork_rng(devices=[]), torch.inference_mode(), one_thread():
         g = torch.Generator().manual_seed(0)
         for names, check in CHECKS:
-            if lib.pack_panels is None and "decoder_layer_step" in names:
-                lib.disable("decoder_layer_step", "its weights are packed by pack_panels, which is disabled")
+            if lib.pack_panels is None and "decoder_step" in names:
+                lib.disable("decoder_step", "its weights are packed by pack_panels, which is disabled")
                 continue
             try:
                 ok = check(lib, g)

@@ -318,8 +318,8 @@ static void add_into(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* scratch: R * (6 * D + F) + threads * 4 * max(S, past + 1) floats. Returns attention's status. */
-int decoder_layer_step(const step_t *st, const layer_t *L, float *x, float *scratch)
+/* One layer's step; scratch as decoder_step's. Returns attention's status. */
+static int layer_step(const step_t *st, const layer_t *L, float *x, float *scratch)
 {
     const int64_t R = st->R, D = st->D, H = st->H, Dh = D / H, group = R / st->N, slots = st->past + 1;
     float *y = scratch, *q = y + R * D, *kv = q + R * D, *att = kv + 2 * R * D, *o = att + R * D;
@@ -363,6 +363,16 @@ int decoder_layer_step(const step_t *st, const layer_t *L, float *x, float *scra
     panel_linear(h, L->ff_out_w, L->ff_out_b, o, R, D, st->F, 0, st->threads);
     add_into(x, o, R * D);
     if (!st->norm_first) layer_norm(x, L->norm_w[2], L->norm_b[2], x, R, D, st->eps, st->threads);
+    return status;
+}
+
+/* The n layers' step, in order, in one call: the caller's Python waits for none of them (each call
+   from Python releases and takes back its lock, and any thread holding it then delays the step).
+   scratch: R * (6 * D + F) + threads * 4 * max(S, past + 1) floats. Returns attention's status. */
+int decoder_step(const step_t *st, const layer_t *layers, int64_t n, float *x, float *scratch)
+{
+    int status = 0;
+    for (int64_t i = 0; i < n; i++) status |= layer_step(st, layers + i, x, scratch);
     return status;
 }
 

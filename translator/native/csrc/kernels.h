@@ -10,9 +10,9 @@
 
 #include <stdint.h>
 
-#define NMT_KERNELS_ABI_VERSION 1
+#define NMT_KERNELS_ABI_VERSION 2
 
-/* One decoder layer's weights and caches for decoder_layer_step. */
+/* One decoder layer's weights and caches for decoder_step. */
 typedef struct {
     const float *norm_w[3], *norm_b[3];
     const float *self_q_w, *self_q_b, *self_kv_w, *self_kv_b, *self_out_w, *self_out_b;
@@ -50,7 +50,7 @@ void panel_linear(const float *x, const float *wp, const float *bias, float *out
                   int64_t K, int relu, int threads);
 void layer_norm(const float *x, const float *weight, const float *bias, float *out, int64_t M,
                 int64_t D, float eps, int threads);
-int decoder_layer_step(const step_t *st, const layer_t *L, float *x, float *scratch);
+int decoder_step(const step_t *st, const layer_t *layers, int64_t n, float *x, float *scratch);
 void move_rows(int64_t n, float *const *base, const int64_t *row_stride, const int64_t *blocks,
                const int64_t *block_stride, const int64_t *run, const int64_t *holes,
                const int64_t *movers, int64_t moves);
