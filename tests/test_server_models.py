@@ -197,15 +197,36 @@ def test_swap_under_load_loses_no_request_and_mixes_no_models(admin_server, chec
     assert texts_of(client.translate(texts)) == offline["en-de-2.pt"](texts)
 
 
+@pytest.mark.parametrize("admin_server", [True], ids=["engine-process"], indirect=True)
+def test_a_reloaded_engine_process_runs_at_the_servers_priority(admin_server, checkpoints):
+    """The loading thread yields the cores only to an engine in this process: an engine process it
+    started would inherit a lowered priority for life and starve wherever other work fills the cores."""
+    srv, client, stub = admin_server
+    admin(stub, "ReloadModel", name="m", checkpoint=str(checkpoints["en-de-2"]))
+    pid = srv.models.route("m").batcher.pid
+    assert pid is not None
+    assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert texts_of(client.translate(SENTENCES[:1])) != []
+
+
 def _weights_of(response: pb.TranslateResponse, checkpoints: dict[str, Path]) -> str:
     """The weights digest of the checkpoint that answered (the response names its file's sha256)."""
     for path in checkpoints.values():
         if _file_sha256(path) == response.model.checkpoint_sha256:
-            return load_checkpoint(path).weights_sha256
+            return _weights_sha256(path)
     raise AssertionError(f"answered by an unknown checkpoint {response.model.checkpoint_sha256}")
 
 
 _SHA: dict[Path, str] = {}
+_WEIGHTS_SHA: dict[Path, str] = {}
+
+
+def _weights_sha256(path: Path) -> str:
+    """Once per file: loading a checkpoint verifies it and builds its model, work that, repeated for
+    every answer, would take the cores from the engine being reloaded."""
+    if path not in _WEIGHTS_SHA:
+        _WEIGHTS_SHA[path] = load_checkpoint(path).weights_sha256
+    return _WEIGHTS_SHA[path]
 
 
 def _file_sha256(path: Path) -> str:

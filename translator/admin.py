@@ -62,7 +62,10 @@ class AdminServicer:
             if not hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
                 raise AccessDenied("missing or wrong admin bearer token in 'authorization'")
             check_request(request)
-            return await asyncio.to_thread(_on_fresh_thread, work)
+            # Only a load that decodes on this process's engine yields the cores: an engine process
+            # started by the loading thread would keep its priority for life (and an unprivileged
+            # process cannot take a lowered one back), starved wherever other work fills the cores.
+            return await asyncio.to_thread(_on_fresh_thread, work, self.models.engine is not None)
         except Exception as e:  # noqa: BLE001 - every error leaves through status_of
             code, message = status_of(e, f"{method}:{name}")
             await context.abort(code, message)
@@ -71,13 +74,15 @@ class AdminServicer:
                                  "total_ms": round((time.perf_counter() - start) * 1000.0, 2)}))
 
 
-def _on_fresh_thread(work: Callable[[], T]) -> T:
-    """work() on a thread of its own, which ends with it; its result or its error."""
+def _on_fresh_thread(work: Callable[[], T], low_priority: bool) -> T:
+    """work() on a thread of its own, which ends with it (at the lowest CPU priority with
+    low_priority); its result or its error."""
     out: list[Any] = []
 
     def run() -> None:
         try:
-            load_priority()
+            if low_priority:
+                load_priority()
             out.append((True, work()))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             out.append((False, e))
