@@ -62,6 +62,23 @@ def take_rows(buffer: Tensor, index: Tensor, first: int, filled: int) -> Tensor:
     return out
 
 
+def gathered(buffer: Tensor, table: Tensor, first: int) -> Tensor:
+    """A buffer like `buffer` (capacity, R', H, Dh) with the rows of table (n, R): its slot j holds,
+    for each row i, buffer's slot first + j of row table[j, i]; slots from n on are left unset."""
+    n, R = table.shape
+    out = buffer.new_empty((buffer.size(0), R) + tuple(buffer.shape[2:]))
+    if not n:
+        return out
+    slots = torch.arange(first, first + n, device=table.device)[:, None]  # (n, 1)
+    if buffer.is_contiguous():
+        # One row gather over (slot, row) pairs: advanced indexing on two dimensions copies element-wise.
+        flat = (slots * buffer.size(1) + table).flatten()  # (n*R,)
+        torch.index_select(buffer.flatten(0, 1), 0, flat, out=out[:n].view(n * R, *buffer.shape[2:]))
+    else:
+        out[:n] = buffer[slots, table]
+    return out
+
+
 def filling_order(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The order that keeps the entries flagged in keep (n,) bool by moving the last kept ones
     into the places of those that go: (order (k,), holes, movers); new entry i is old entry
@@ -168,21 +185,9 @@ class DecoderCache:
         """Move the self-attention keys/values `slot_rows` points at into each row's own buffer row."""
         if self.slot_rows is None:
             return
-        n, R = self.slot_rows.shape
-        slots = torch.arange(n, device=self.slot_rows.device)[:, None]  # (n, 1)
+        table = self.slot_rows_until(self.length)  # later slots: each row's own
         for lc in self.layers:
-            for name in ("self_k", "self_v"):
-                buffer = getattr(lc, name)  # (capacity, R', H, Dh)
-                out = buffer.new_empty((buffer.size(0), R) + tuple(buffer.shape[2:]))
-                if buffer.is_contiguous():
-                    # One row gather over (slot, row) pairs: advanced indexing on two dimensions
-                    # copies element-wise.
-                    flat = (slots * buffer.size(1) + self.slot_rows).flatten()  # (n*R,)
-                    torch.index_select(buffer.flatten(0, 1), 0, flat, out=out[:n].view(n * R, *buffer.shape[2:]))
-                else:
-                    out[:n] = buffer[slots, self.slot_rows]
-                out[n : self.length] = buffer[n : self.length, :R]  # later slots: each row's own
-                setattr(lc, name, out)
+            lc.self_k, lc.self_v = gathered(lc.self_k, table, 0), gathered(lc.self_v, table, 0)
         self.slot_rows = None
 
     def extend(self, new: DecoderCache) -> None:
@@ -300,10 +305,10 @@ class DecoderCache:
         # a long-running search's memory and copies follow the rows it runs, not all it has taken.
         buffers = self.layers[0].self_k
         in_table = buffers is not None and index.numel() <= buffers.size(1) <= 2 * index.numel()
-        if in_table:
-            self.slot_rows = self.slot_rows_until(self.length)[first:, index]  # (length - first, R')
-        else:
-            self.settle()
+        # Where a table is kept, the kept rows' entries, (length - first, R'): the new table, or what
+        # the buffers of their own are gathered through, in one copy.
+        table = None if self.slot_rows is None and not in_table else self.slot_rows_until(self.length)[first:, index]
+        self.slot_rows = table if in_table else None
         if not same_sources:
             # Sources that leave with their places filled by the last ones (filling_order): only
             # those move, in place; any other order is gathered.
@@ -321,6 +326,8 @@ class DecoderCache:
                 continue
             if in_table:  # dropped slots go as a view
                 lc.self_k, lc.self_v = lc.self_k[first:], lc.self_v[first:]
+            elif table is not None:
+                lc.self_k, lc.self_v = gathered(lc.self_k, table, first), gathered(lc.self_v, table, first)
             else:
                 lc.self_k = take_rows(lc.self_k, index, first, self.length)
                 lc.self_v = take_rows(lc.self_v, index, first, self.length)
