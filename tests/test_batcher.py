@@ -399,7 +399,7 @@ def test_with_every_worker_busy_a_request_with_other_options_stops_the_joining_o
 
 
 def test_sentences_arriving_within_the_join_delay_join_a_running_batch_together():
-    decoder, batcher, first = running(100, max_queue_delay_ms=0.0, max_join_delay_ms=300.0)
+    decoder, batcher, first = running(100, max_queue_delay_ms=0.0, max_join_delay_ms=300.0, join_ratio=0.0)
     early = batcher.submit(Job([[1, 2]], options="g"))
     time.sleep(0.03)
     late = batcher.submit(Job([[3, 4, 5]], options="g"))
@@ -425,6 +425,36 @@ def test_sentences_join_at_once_when_the_batch_has_no_room_to_wait_for():
 def test_join_delay_must_not_be_negative():
     with pytest.raises(ConfigError, match="batching.max_join_delay_ms"):
         BatcherConfig(max_join_delay_ms=-1.0)
+    with pytest.raises(ConfigError, match="batching.join_ratio"):
+        BatcherConfig(join_ratio=-0.5)
+
+
+def test_a_sentence_joins_a_batch_of_no_more_sentences_at_once_whatever_the_join_delay():
+    decoder, batcher, first = running(100, max_queue_delay_ms=0.0, max_join_delay_ms=10_000.0, join_ratio=1.0)
+    joining = batcher.submit(Job([[1, 2]], options="g"))
+    assert joining.wait() == [[2, 1]]
+    assert joining.stats.queue_ms < 1_000.0 and decoder.joined == [1]
+    assert not first.done
+    first.wait()
+    batcher.stop()
+
+
+def test_beside_more_sentences_joining_ones_wait_until_they_are_as_many():
+    # Two decode; a first sentence waits for company, the second one makes them as many: both join together.
+    decoder = ReverseDecoder(step_seconds=0.01, joins=True)
+    batcher = make(decoder, max_queue_delay_ms=0.0, max_join_delay_ms=10_000.0, join_ratio=1.0)
+    first = batcher.submit(Job([list(range(100)), list(range(100))], options="g"))
+    assert decoder.started.wait(5)
+    early = batcher.submit(Job([[1, 2]], options="g"))
+    time.sleep(0.05)
+    assert decoder.joined == []  # one of two: it waits
+    late = batcher.submit(Job([[3]], options="g"))
+    assert early.wait() == [[2, 1]] and late.wait() == [[3]]
+    assert decoder.joined == [2]  # one encoder pass for both
+    assert early.stats.queue_ms >= 50.0 and late.stats.queue_ms < 1_000.0
+    assert not first.done
+    first.wait()
+    batcher.stop()
 
 
 def test_a_short_request_with_other_options_keeps_moving_beside_a_long_one():

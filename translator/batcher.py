@@ -21,9 +21,11 @@ which loaded the model.
 With `continuous` on, a running batch also takes queued sentences with its options between steps
 (iteration-level batching), as far as its token budget allows, if the decode function asks
 (`admit`; greedy and beam search do): under steady load the batch stays full instead of running
-down to its longest sentence while new requests wait. Sentences join together once the first of
-them has waited `max_join_delay_ms` (at once when the batch is full or has run out): each join
-costs an encoder pass, and one pass over several sentences costs little more than over one. When
+down to its longest sentence while new requests wait. Sentences join together once they are at
+least `join_ratio` times the sentences decoding, or once the first of them has waited
+`max_join_delay_ms` (at once when the batch is full or has run out): each join costs an encoder
+pass, and one pass over several sentences costs little more than over one, while beside a batch of
+a few sentences a joining one need not wait for company (docs/RESULTS.md). When
 `max_batches` batches run and the oldest queued request wants other options, joining stops once it
 has waited `max_queue_delay_ms`, so that its batch goes next.
 
@@ -85,14 +87,18 @@ class BatcherConfig:
     # per-step bookkeeping grows with every sentence it has taken.
     max_sentences_per_decode: int = 1024
     # How long queued sentences may wait to join a running batch. Each join runs the encoder
-    # once for the sentences joining; waiting a little lets several share that pass.
-    max_join_delay_ms: float = 30.0
+    # once for the sentences joining; waiting lets several share that pass.
+    max_join_delay_ms: float = 100.0
+    # Queued sentences join without that wait once they are at least this many times the
+    # sentences decoding (the waiting-to-served ratio of Hugging Face's text-generation-inference):
+    # beside a batch of few sentences, one joins at once. 0: only the wait.
+    join_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_queue_sentences", "max_batch_tokens", "max_batches", "max_sentences_per_decode"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"batching.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "max_join_delay_ms"):
+        for name in ("max_queue_delay_ms", "max_join_delay_ms", "join_ratio"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"batching.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -302,7 +308,8 @@ class Batcher:
             joining, full = self._gather(batch.key, batch.tokens)
             joining = joining[: self.config.max_sentences_per_decode - len(batch.items)]
             wait = self.config.max_join_delay_ms / 1000.0
-            if alive and joining and not full and time.monotonic() - joining[0].job._submitted < wait:
+            enough = self.config.join_ratio and len(joining) >= self.config.join_ratio * alive
+            if alive and joining and not full and not enough and time.monotonic() - joining[0].job._submitted < wait:
                 return []  # let more arrive: sentences joining together share one encoder pass
             self._take(joining)
         return joining
