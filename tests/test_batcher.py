@@ -523,6 +523,24 @@ def test_a_queued_request_past_its_deadline_gives_its_places_back_without_a_step
     batcher.stop()
 
 
+def test_a_queued_request_with_an_earlier_deadline_than_those_queued_gives_its_places_back_at_it():
+    # The deadline thread waits for the first deadline queued (10 s); one queued after it with an
+    # earlier deadline wakes it.
+    decoder, batcher, first = held(max_queue_sentences=4)
+    batcher.submit(Job([[3]], options="g", deadline=time.monotonic() + 10.0))
+    time.sleep(0.05)  # the deadline thread now waits for the 10 s deadline
+    early = batcher.submit(Job([[4], [5]], options="g", deadline=time.monotonic() + 0.05))
+    deadline = time.monotonic() + 5
+    while batcher.pending > 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.pending == 2 and early.done  # the running sentence and the 10 s one
+    with pytest.raises(DeadlineExceeded):
+        early.wait()
+    decoder.gate.set()
+    assert first.wait() == [[2, 1]]
+    batcher.stop()
+
+
 def test_streaming_requests_batch_apart_and_only_their_batches_report_prefixes():
     decoder = ReverseDecoder()
     decoder.gate = threading.Event()

@@ -127,6 +127,11 @@ class Batcher:
         self._batches: list[RunningBatch] = []  # decoding now
         self._stopping = False
         self._cond = self._admission.cond  # guards the queue and the batches too
+        # The deadline thread's own condition on the same lock: the engine's and wait_idle's
+        # wake-ups (every submission, every place given back) do not wake it to scan the queue
+        # for nothing; it is woken when a job comes with a deadline before the one it waits for.
+        self._deadlines = threading.Condition(self._admission.lock)
+        self._next_expiry: float | None = None  # the deadline it waits for; None: none
         self._worker_init = worker_init
         self._engine: threading.Thread | None = None  # the thread running run()
         self._engine_done = threading.Event()
@@ -150,6 +155,8 @@ class Batcher:
             self._queue.extend(job._items)
             job._on_end = self._forget
             self._cond.notify_all()
+            if job.deadline is not None and (self._next_expiry is None or job.deadline < self._next_expiry):
+                self._deadlines.notify()
         if job.done:  # cancelled before it got here: it held its places for no time
             self._forget(job)
         return job
@@ -171,6 +178,7 @@ class Batcher:
             for job in {id(job): job for job in jobs}.values():
                 job.fail(ShuttingDown("the server shut down before the request was decoded"))
             self._cond.notify_all()
+            self._deadlines.notify_all()
             engine = self._engine
         if engine is not None and engine is not threading.current_thread():
             self._engine_done.wait()
@@ -250,12 +258,12 @@ class Batcher:
         with self._cond:
             while not self._stopping:
                 self._drop_stopped()
-                self._cond.wait(self._next_deadline())
+                self._next_expiry = self._first_deadline()
+                self._deadlines.wait(None if self._next_expiry is None else max(0.0, self._next_expiry - time.monotonic()))
 
-    def _next_deadline(self) -> float | None:
-        """Seconds until the first queued deadline (when its places go back), None if none."""
-        deadlines = [item.job.deadline for item in self._queue if item.job.deadline is not None]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+    def _first_deadline(self) -> float | None:
+        """The first queued deadline (when its places go back), None if none."""
+        return min((item.job.deadline for item in self._queue if item.job.deadline is not None), default=None)
 
     def _drop_stopped(self) -> None:
         """Queued jobs past their deadline end now (and leave the queue through _forget)."""

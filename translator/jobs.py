@@ -46,7 +46,8 @@ class Admission:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.cond = threading.Condition()  # reentrant: a job failing under it comes back to release
+        self.lock = threading.RLock()  # reentrant: a job failing under it comes back to release
+        self.cond = threading.Condition(self.lock)
         self.pending = 0  # places taken: sentences queued or decoding
         self.closed = False
 
