@@ -10,8 +10,10 @@ reference of the speedups):
     bucketing  baseline + batches sorted by longer side, then target length (less padding)
     bf16       baseline + bf16 autocast
     compile    baseline + torch.compile of the loss's forward and backward
+    dropout    baseline + translator.model.dropout's cheaper mask (the others: torch's F.dropout)
     new        the trainer's step: --precision (auto: the trainer's probe decides), --compile,
-               fused Adam unless --no-fused, one log-softmax, the new bucketing
+               fused Adam unless --no-fused, one log-softmax, the new bucketing, the cheaper
+               dropout mask
 
 For each it prints target tokens/second (median over repeats), the speedup over the first
 variant, the model's matmul FLOPs per target token (torch.utils.flop_counter), the achieved
@@ -26,6 +28,7 @@ otherwise idle machine: a busy second core slows small matrix work many times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -43,7 +46,9 @@ from training.corpus import load_pairs
 from training.data import BatchSource, length_filter, tokenize
 from training.precision import MixedPrecision, choose_precision, training_shapes
 from training.step import TrainStep, batch_loss, make_adam
+from translator import model as model_module
 from translator.model import build_model
+from translator.model import dropout as fast_dropout
 from translator.tokenizer import train_tokenizer
 
 
@@ -54,12 +59,32 @@ class Variant:
     fused: bool = False
     loss_once: bool = False
     bucketing: bool = False
+    fast_dropout: bool = False
 
 
 LEVERS = {
     "baseline": Variant(), "fused": Variant(fused=True), "loss": Variant(loss_once=True),
     "bucketing": Variant(bucketing=True), "bf16": Variant(precision="bf16"), "compile": Variant(compile=True),
+    "dropout": Variant(fast_dropout=True),
 }
+
+
+def torch_dropout(x, p, training=True):
+    return F.dropout(x, p, training)
+
+
+@contextlib.contextmanager
+def dropout_of(v: Variant):
+    """The model's dropout for the variant: translator.model.dropout, or torch's F.dropout (the
+    step before the lever) in its place while the variant runs."""
+    if v.fast_dropout:
+        yield
+        return
+    model_module.dropout = torch_dropout
+    try:
+        yield
+    finally:
+        model_module.dropout = fast_dropout
 
 
 def loss_twice(model, src, tgt_in, tgt_out, smoothing):
@@ -115,10 +140,11 @@ class Runner:
         self.rates: list[float] = []
 
     def run(self, batches: list) -> float:
-        t0 = time.perf_counter()
-        for b in batches:
-            self.step([b], 1e-4, b.n_tokens)
-        return time.perf_counter() - t0
+        with dropout_of(self.v):
+            t0 = time.perf_counter()
+            for b in batches:
+                self.step([b], 1e-4, b.n_tokens)
+            return time.perf_counter() - t0
 
     def matmul_flops_per_token(self) -> float:
         b = self.batches[0]
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "new":
             shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
             precision, probe_record = choose_precision(args.precision, torch.device("cpu"), shapes)
-            variants[name] = Variant(precision, args.compile, not args.no_fused, True, True)
+            variants[name] = Variant(precision, args.compile, not args.no_fused, True, True, True)
         else:
             variants[name] = LEVERS[name]
     runners = [Runner(name, v, cfg, sorted_new if v.bucketing else sorted_old) for name, v in variants.items()]

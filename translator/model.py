@@ -111,8 +111,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """F.dropout(x, p, training) in distribution: each element kept with probability 1 - p (to
     1/32768) and scaled by 1 / (1 - p). On CPU the mask comes from 16 random bits an element, four
     elements to one 64-bit draw of torch's generator, where F.dropout's bernoulli_ draws once per
-    element: on a training step's (B*T, F) activations a third of F.dropout's time, forward and
-    backward (benchmarks/dropout.py). Elsewhere F.dropout, which the GPU fuses."""
+    element (benchmarks/dropout.py times both, docs/RESULTS.md has the figures). Elsewhere
+    F.dropout, which the GPU fuses."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
