@@ -31,8 +31,8 @@ from translator.config import ConfigError
 from translator.models import ModelSpec
 from translator.proto.translator.v1 import translator_pb2 as pb
 from translator.proto.translator.v1 import translator_pb2_grpc as pb_grpc
-from translator.serve_cli import parse_config
-from translator.server import ServerConfig, create_server
+from translator.serve_cli import Reloader, parse_config
+from translator.server import ServerConfig, build_models, create_server
 from translator.translate import Translator
 
 ADMIN_TOKEN = "admin-secret"
@@ -373,6 +373,67 @@ def test_sighup_reloads_every_model_and_keeps_one_that_fails(tmp_path, checkpoin
             assert texts_of(client.translate(SENTENCES[:2])) == offline["en-de-2.pt"](SENTENCES[:2])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def serve_one_model(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "translator.serve_cli", "--model", f"m={path}", "--port", "0",
+         "decoding.max_len_a=0", "decoding.max_len_b=10000", f"decoding.max_len={DEFAULTS.max_len}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def sighups(proc: subprocess.Popen, count: int = 10, apart_s: float = 0.02) -> None:
+    """Signals far enough apart that the server sees each, close enough that reloads overlap them."""
+    for _ in range(count):
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(apart_s)
+
+
+def test_reloads_asked_for_during_a_reload_make_one_more_reload_not_one_each(tmp_path, checkpoints, caplog):
+    served = tmp_path / "served.pt"
+    served.write_bytes(checkpoints["en-de"].read_bytes())
+    models = build_models(server_config(None, models=(ModelSpec("m", str(served)),)))
+    reloader = Reloader(models)
+    try:
+        with caplog.at_level(logging.INFO, logger="translator.server"):
+            def logged(text: str, count: int) -> None:
+                deadline = time.monotonic() + 120
+                while sum(text in r.message for r in caplog.records) < count:
+                    assert time.monotonic() < deadline, f"{count} x {text!r} not logged"
+                    time.sleep(0.01)
+
+            reloader.ask()
+            logged("SIGHUP: reloading", 1)
+            for _ in range(9):  # within a millisecond, while the first reload runs
+                reloader.ask()
+            logged("model m reloaded", 2)
+            time.sleep(1.0)  # time enough for a third, which must not come
+        starts = [r.message for r in caplog.records if "SIGHUP: reloading" in r.message]
+        assert len(starts) == 2
+        assert sum("model m reloaded" in r.message for r in caplog.records) == 2
+    finally:
+        reloader.stop()
+        models.stop()
+
+
+def test_no_reload_starts_once_the_server_drains(tmp_path, checkpoints):
+    served = tmp_path / "served.pt"
+    served.write_bytes(checkpoints["en-de"].read_bytes())
+    proc = serve_one_model(served)
+    try:
+        read_line(proc, 300)
+        sighups(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        lines = proc.stderr.read().splitlines()
+        drained = next(i for i, line in enumerate(lines) if "draining" in line)
+        assert not [line for line in lines[drained:] if "SIGHUP: reloading" in line]
     finally:
         if proc.poll() is None:
             proc.kill()

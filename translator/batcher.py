@@ -72,6 +72,12 @@ __all__ = [
 # len(batch.sources) + 1, ... of the search; a decode function that cannot take them in never calls it.
 DecodeFn = Callable[["RunningBatch", Any], Generator[None, None, list[Any]]]
 
+# An idle engine wakes this often even with nothing to do. nmt-serve runs it on the main thread,
+# the only one where Python runs signal handlers; a signal the kernel hands to another thread (an
+# OpenMP worker, one of gRPC's: it does so while the main thread has a signal pending) is seen
+# only when the main thread next runs Python, and a wait on a lock is not interrupted by it.
+IDLE_WAKE_S = 0.25
+
 
 @dataclass(frozen=True)
 class BatcherConfig:
@@ -207,7 +213,7 @@ class Batcher:
                     if self._stopping:
                         return
                     handover.release()  # before waiting: nothing held while there is nothing to do
-                    self._cond.wait()
+                    self._cond.wait(IDLE_WAKE_S)
                     continue
                 batch = min(self._batches, key=lambda b: b.used)
             if not batch.step():

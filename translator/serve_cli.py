@@ -96,42 +96,78 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 1
     drainer = threading.Thread(target=_drain, args=(server, cfg.grace_seconds), name="drain")
 
+    reloader = Reloader(models)
+
     def on_signal(*_: Any) -> None:
         if drainer.ident is None:  # the first signal starts the drain; later ones change nothing
+            reloader.stop()
             drainer.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    # On a thread of its own per signal, which ends with the reload (see translator.admin).
-    reloading = threading.Lock()
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(models, reloading),
-                                                              name="reload").start())
-    server.start()
-    metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
-    models.run_engine()  # until the drain stops the models
-    if drainer.ident is None:  # not drained: the engine process died and could not be restarted
-        server.stop()
-        print("error: the decoding engine stopped and could not be restarted", file=sys.stderr)
-        return 1
-    drainer.join()
-    return 0
+    signal.signal(signal.SIGHUP, lambda *_: reloader.ask())
+    try:
+        server.start()
+        metrics = f", metrics on http://{cfg.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        print(f"listening on {cfg.host}:{port}{metrics}", flush=True)
+        models.run_engine()  # until the drain stops the models
+        if drainer.ident is None:  # not drained: the engine process died and could not be restarted
+            server.stop()
+            print("error: the decoding engine stopped and could not be restarted", file=sys.stderr)
+            return 1
+        drainer.join()
+        return 0
+    finally:
+        reloader.stop()  # the process exits once a reload still running has ended
 
 
-def _reload(models, reloading: threading.Lock) -> None:
-    """SIGHUP: every model again from its path; a refused one is logged and keeps serving. Reloads
-    run one after another, so a signal sent after a file changed always reads the new file."""
-    from translator.models import load_priority
+class Reloader:
+    """SIGHUP's reloads of every model from its path, on a thread of their own, one at a time.
 
-    log = logging.getLogger("translator.server")
-    load_priority()  # this thread ends with the reload
-    with reloading:
-        log.info("SIGHUP: reloading %d models", len(models.services()))
-        for name, error in models.reload_all().items():
-            if error is None:
-                log.info("model %s reloaded", name)
-            else:
-                log.error("model %s kept: the new checkpoint was refused: %s", name, error)
+    Signals that come while a reload runs make one more reload after it, however many they are:
+    a file changed before a signal is always read, and a burst of signals costs two reloads, not
+    one each. None starts once the server drains (`stop`); the process exits once the one still
+    running, if any, has ended (a thread torn down inside torch's or gRPC's C++ at exit aborts
+    the process). A refused checkpoint is logged and its model keeps serving.
+    """
+
+    def __init__(self, models) -> None:
+        self._models = models
+        # Reentrant: ask() runs in a signal handler, which may interrupt the main thread in ask().
+        self._cond = threading.Condition(threading.RLock())
+        self._asked = 0
+        self._stopped = False
+        threading.Thread(target=self._run, name="reload").start()
+
+    def ask(self) -> None:
+        with self._cond:
+            self._asked += 1
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        from translator.models import load_priority
+
+        log = logging.getLogger("translator.server")
+        load_priority()  # this thread only reloads
+        done = 0
+        while True:
+            with self._cond:
+                while not self._stopped and self._asked <= done:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                done = self._asked  # the signals this reload answers
+                log.info("SIGHUP: reloading %d models", len(self._models.services()))
+            for name, error in self._models.reload_all().items():
+                if error is None:
+                    log.info("model %s reloaded", name)
+                else:
+                    log.error("model %s kept: the new checkpoint was refused: %s", name, error)
 
 
 def _drain(server, grace: float) -> None:
