@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_us  # benchmarks/timing.py, beside this script
 
 from translator.model import dropout
 
@@ -30,15 +29,7 @@ def ms_per_call(fn, x: torch.Tensor, backward: bool, calls: int, repeats: int) -
         y = fn(x)
         if backward:
             y.backward(torch.ones_like(y))
-    for _ in range(3):
-        once()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            once()
-        runs.append((time.perf_counter() - start) / calls * 1000)
-    return statistics.median(runs)
+    return median_us(once, calls, repeats, warmup=3) / 1000
 
 
 def main(argv: list[str] | None = None) -> int:
