@@ -4,10 +4,12 @@ one line naming the file and the problem: no traceback, no torch advice, a non-z
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,23 @@ def malicious_pickle(path, tok, corpus):
     torch.save({"format_version": 2, "config": "{}", "x": Evil()}, path)
 
 
+def config_file(path, tok, corpus):
+    path.write_text((ROOT / "training" / "configs" / "cpu.yaml").read_text())
+
+
+def gzip_file(path, tok, corpus):
+    path.write_bytes(gzip.compress(b"a man rides a horse .\n"))
+
+
+def tokenizer_file(path, tok, corpus):
+    path.write_bytes(tok.model_bytes)
+
+
+def foreign_zip(path, tok, corpus):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+
+
 # case -> (how to build the bad file, words the error must hold)
 CASES = {
     "truncated": (truncated, "not a complete torch archive"),
@@ -105,6 +124,10 @@ CASES = {
     "empty_file": (empty_file, "is empty (0 bytes)"),
     "directory": (directory, "is a directory"),
     "malicious_pickle": (malicious_pickle, "pickled objects that are not tensors or plain data"),
+    "config_file": (config_file, "is not a torch checkpoint: it is text (it begins '#"),
+    "gzip_file": (gzip_file, "is not a torch checkpoint: it holds gzip-compressed data"),
+    "tokenizer_file": (tokenizer_file, "is not a torch checkpoint: it begins with bytes b'\\n"),
+    "foreign_zip": (foreign_zip, "a zip archive, but not one torch.save wrote"),
 }
 
 

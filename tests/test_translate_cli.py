@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import io
 import json
 import sys
@@ -47,6 +48,44 @@ def test_file_mode_writes_one_translation_per_line(checkpoint, tmp_path):
                            "--beam-size", "3", "--length-penalty", "0.6"]) == 0
     expected = translator_of(checkpoint).translate(LINES, DecodeOptions(beam_size=3, length_penalty=0.6))
     assert out.read_text(encoding="utf-8").splitlines() == [t.text for t in expected]
+
+
+def test_a_gzip_file_is_read_through_gzip(checkpoint, tmp_path, capsys):
+    plain, packed = tmp_path / "in.txt", tmp_path / "in.txt.gz"
+    plain.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    outputs = []
+    for src in (plain, packed):
+        assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), "--beam-size", "1"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == len(LINES)
+
+
+class BytesStdin(io.TextIOWrapper):
+    """stdin as a terminal or pipe gives it: bytes underneath."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="utf-8", errors="surrogateescape")
+
+
+@pytest.mark.parametrize("mode", [[], ["--document"]])
+def test_input_that_is_not_utf8_is_refused_naming_where(checkpoint, tmp_path, monkeypatch, capsys, mode):
+    data = "the red dog runs\nthe man".encode() + b" \xe9 sees\n"
+    src = tmp_path / "latin1.txt"
+    src.write_bytes(data)
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), *mode]) == 2
+    assert capsys.readouterr().err == f"error: {src} is not UTF-8 text: byte 0xe9 at line 2, column 9\n"
+    monkeypatch.setattr(sys, "stdin", BytesStdin(data))
+    assert translate_main(["--checkpoint", str(checkpoint), *mode]) == 2
+    assert capsys.readouterr().err == "error: stdin is not UTF-8 text: byte 0xe9 at line 2, column 9\n"
+
+
+def test_a_gzip_file_cut_short_is_refused(checkpoint, tmp_path, capsys):
+    src = tmp_path / "in.txt.gz"
+    src.write_bytes(gzip.compress(("the red dog runs\n" * 500).encode())[:40])
+    assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src} is not a complete gzip file: ") and err.count("\n") == 1
 
 
 def test_stdin_mode_writes_to_stdout(checkpoint, monkeypatch, capsys):

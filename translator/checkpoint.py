@@ -184,6 +184,10 @@ def _read(path: Path, mmap: bool = False) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted write or copy?")
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint: {_what_it_is(head)}")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
             warnings.simplefilter("ignore")
@@ -195,6 +199,22 @@ def _read(path: Path, mmap: bool = False) -> dict:
     return payload
 
 
+# The first bytes of what torch.save writes: a zip archive, or (before torch 1.6, and with
+# _use_new_zipfile_serialization=False) a pickle of protocol 2 or later.
+ZIP_MAGIC, PICKLE_PROTO = b"PK\x03\x04", b"\x80"
+
+
+def _what_it_is(head: bytes) -> str:
+    """What a file that is neither a zip archive nor a pickle looks like, from its first bytes."""
+    if head.startswith(b"\x1f\x8b"):
+        return "it holds gzip-compressed data"
+    text = head.decode("utf-8", "replace").rstrip("\ufffd")  # a character cut at the end
+    if "\ufffd" not in text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"it is text (it begins {first!r}): a config, vocabulary or corpus given as the checkpoint?"
+    return f"it begins with bytes {head[:8]!r}, neither a zip archive nor a pickle"
+
+
 def _load_failure(e: Exception) -> str:
     """What torch.load's exception means, in one line and without its advice to unpickle anyway."""
     text = str(e)
@@ -204,7 +224,9 @@ def _load_failure(e: Exception) -> str:
             advice in line for advice in ("weights_only", "Weights only", "file an issue", "documentation"))]
         what = lines[0].partition(". ")[0].rstrip(".") if lines else "an object of a type it does not allow"
         return f"it holds pickled objects that are not tensors or plain data ({what}); refused"
-    if "central directory" in text or isinstance(e, EOFError):
+    if "central directory" in text or "not a ZIP archive" in text or isinstance(e, EOFError):
         return "not a complete torch archive (truncated, or not a checkpoint)"
+    if "not in a subdirectory" in text or "data.pkl" in text:
+        return "a zip archive, but not one torch.save wrote"
     first = " ".join(text.split()) or type(e).__name__
     return first[:300]

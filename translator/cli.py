@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import importlib.util
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TextIO
@@ -87,7 +89,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="checkpoint file (.pt)")
     source.add_argument("--server", metavar="HOST:PORT", help="translate with a running nmt-serve instead")
-    p.add_argument("--input", type=Path, help="file of sentences, one per line (default: stdin)")
+    p.add_argument("--input", type=Path, help="file of sentences, one per line, UTF-8, gzip-compressed if it ends in .gz (default: stdin)")
     p.add_argument("--output", type=Path, help="write translations here (default: stdout)")
     p.add_argument("--scores", action="store_true", help="prefix each translation with its score and a tab")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="sentences x longest source x beam")
@@ -155,11 +157,7 @@ def translate_document_file(backend: TranslateBackend, args: argparse.Namespace,
     """The whole input translated as one document, written with its layout (newlines untranslated)."""
     from translator.documents import DocumentLimits
 
-    if args.input:
-        with args.input.open(encoding="utf-8", newline="") as f:
-            text = f.read()
-    else:
-        text = sys.stdin.read()
+    text = read_input(args.input)
     # A file is not a request: its only limit is itself.
     limits = DocumentLimits(max_chars=max(len(text), 1), max_sentences=max(len(text), 1))
     result = backend.translate_document(text, opts, args.lang, limits, markup=args.markup)  # type: ignore[attr-defined]
@@ -194,8 +192,30 @@ def open_backend(args: argparse.Namespace) -> TranslateBackend:
 
 
 def read_lines(path: Path | None) -> list[str]:
-    text = path.read_text(encoding="utf-8") if path else sys.stdin.read()
-    return text.splitlines()
+    return read_input(path).splitlines()
+
+
+def read_input(path: Path | None) -> str:
+    """The text of path (through gzip when it ends in .gz) or of stdin, as it is (line ends kept).
+    Not UTF-8, or a gzip file cut short: a ValueError naming the input, and the line and column of
+    the first byte that is not UTF-8."""
+    if path is None:
+        name = "stdin"
+        stdin = sys.stdin
+        data = stdin.buffer.read() if hasattr(stdin, "buffer") else stdin.read().encode("utf-8", "surrogateescape")
+    else:
+        name = str(path)
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            try:
+                data = gzip.decompress(data)
+            except (EOFError, OSError, zlib.error) as e:
+                raise ValueError(f"{path} is not a complete gzip file: {e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{name} is not UTF-8 text: byte 0x{data[e.start]:02x} at line {line}, column {column}") from None
 
 
 def translate_lines(
