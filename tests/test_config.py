@@ -60,11 +60,28 @@ def test_missing_config_file_is_named(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
-def test_malformed_yaml_is_named(tmp_path):
+def test_malformed_yaml_is_named_with_its_line_on_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("model:\n  dropout: 0.1\n\td_ff: 512\n")
+    with pytest.raises(ConfigError) as e:
         load_config(str(bad))
+    assert str(e.value) == (f"config file {bad} is not valid YAML: found character '\\t' that cannot start any token "
+                            "at line 3, column 1")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfemodel: {}\n", "is not UTF-8 text (byte 0xff at offset 0)"),
+    (None, "is a directory"),
+])
+def test_a_config_that_is_not_text_is_named(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert str(e.value) == f"config file {path} {message}"
 
 
 def test_unknown_preset_lists_the_shipped_ones():
