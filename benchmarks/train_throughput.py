@@ -6,13 +6,14 @@ reference of the speedups):
     baseline   the step before the levers: fp32, torch's default Adam, the NLL for logging a
                second cross entropy, batches sorted by their longer side only
     fused      baseline + fused Adam
-    loss       baseline + one log-softmax for the smoothed loss and the NLL
+    loss       baseline + one log-softmax for the smoothed loss and the NLL, through autograd
+    fusedloss  baseline + that loss with its gradient written in one pass (training.step.SmoothedNLL)
     bucketing  baseline + batches sorted by longer side, then target length (less padding)
     bf16       baseline + bf16 autocast
     compile    baseline + torch.compile of the loss's forward and backward
     dropout    baseline + translator.model.dropout's cheaper mask (the others: torch's F.dropout)
     new        the trainer's step: --precision (auto: the trainer's probe decides), --compile,
-               fused Adam unless --no-fused, one log-softmax, the new bucketing, the cheaper
+               fused Adam unless --no-fused, the fused loss, the new bucketing, the cheaper
                dropout mask
 
 For each it prints target tokens/second (median over repeats), the speedup over the first
@@ -57,13 +58,14 @@ class Variant:
     precision: str = "fp32"
     compile: bool = False
     fused: bool = False
-    loss_once: bool = False
+    loss: str = "twice"  # twice (the NLL a second cross entropy), once (one log-softmax), fused
     bucketing: bool = False
     fast_dropout: bool = False
 
 
 LEVERS = {
-    "baseline": Variant(), "fused": Variant(fused=True), "loss": Variant(loss_once=True),
+    "baseline": Variant(), "fused": Variant(fused=True), "loss": Variant(loss="once"),
+    "fusedloss": Variant(loss="fused"),
     "bucketing": Variant(bucketing=True), "bf16": Variant(precision="bf16"), "compile": Variant(compile=True),
     "dropout": Variant(fast_dropout=True),
 }
@@ -92,6 +94,21 @@ def loss_twice(model, src, tgt_in, tgt_out, smoothing):
     with torch.no_grad():
         nll = F.cross_entropy(flat, gold, ignore_index=pad, reduction="sum")
     return loss, nll
+
+
+def loss_once(model, src, tgt_in, tgt_out, smoothing):
+    """One log-softmax for the smoothed loss and the NLL, its gradient through autograd."""
+    logits = model(src, tgt_in)  # (B, T, V)
+    V = logits.size(-1)
+    logp = F.log_softmax(logits.reshape(-1, V), dim=-1, dtype=torch.float32)  # (B*T, V)
+    gold = tgt_out.reshape(-1)
+    real = (gold != model.cfg.pad_id).to(logp.dtype)
+    nll = -logp.gather(1, gold.unsqueeze(1)).squeeze(1) * real
+    uniform = -logp.mean(dim=-1) * real
+    return ((1.0 - smoothing) * nll + smoothing * uniform).sum(), nll.detach().sum()
+
+
+LOSSES = {"twice": loss_twice, "once": loss_once, "fused": batch_loss}
 
 
 def longest_side_batches(src_lens, tgt_lens, max_tokens, seed, epoch) -> list[list[int]]:
@@ -132,7 +149,7 @@ class Runner:
         self.model = build_model(cfg.model).train()
         opt = make_adam(self.model.parameters(), t)
         amp = MixedPrecision(v.precision, torch.device("cpu"))
-        self.step = TrainStep(self.model, self.model, opt, amp, t, loss_fn=batch_loss if v.loss_once else loss_twice)
+        self.step = TrainStep(self.model, self.model, opt, amp, t, loss_fn=LOSSES[v.loss])
         self.rates: list[float] = []
 
     def run(self, batches: list) -> float:
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "new":
             shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
             precision, probe_record = choose_precision(args.precision, torch.device("cpu"), shapes)
-            variants[name] = Variant(precision, args.compile, not args.no_fused, True, True, True)
+            variants[name] = Variant(precision, args.compile, not args.no_fused, "fused", True, True)
         else:
             variants[name] = LEVERS[name]
     runners = [Runner(name, v, cfg, sorted_new if v.bucketing else sorted_old) for name, v in variants.items()]

@@ -31,6 +31,34 @@ def test_smoothed_nll_equals_torch_cross_entropy_with_label_smoothing():
     assert not nll.requires_grad
 
 
+@pytest.mark.parametrize("smoothing, dtype", [(0.2, torch.float32), (0.0, torch.float32), (0.1, torch.bfloat16)])
+def test_smoothed_nll_gradient_equals_autograd_through_torch_cross_entropy(smoothing, dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 13).to(dtype)
+    gold = torch.randint(1, 13, (4, 6))
+    gold[1, 2:] = 0
+    gold[3, :] = 0  # a row of padding only
+    ours = logits.clone().requires_grad_()
+    loss, _ = smoothed_nll(ours, gold, pad=0, smoothing=smoothing)
+    (loss * 0.7).backward()
+    ref = logits.clone().requires_grad_()
+    expected = F.cross_entropy(ref.float().view(-1, 13), gold.view(-1), ignore_index=0, label_smoothing=smoothing,
+                               reduction="sum")
+    (expected * 0.7).backward()
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(ours.grad, ref.grad, **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}))
+    assert ours.grad[3].abs().max() == 0
+
+
+def test_smoothed_nll_refuses_a_second_backward():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    loss, _ = smoothed_nll(logits, torch.randint(1, 7, (2, 3)), pad=0, smoothing=0.1)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def trainer(tmp_path, corpus, **extra) -> Trainer:
     cfg = load_config("cpu", tiny_overrides(corpus, **{"model.dropout": 0.0, "train.max_steps": 5, **extra}))
     return Trainer(cfg, tmp_path / "run", log=lambda *_: None)

@@ -19,18 +19,48 @@ from training.precision import MixedPrecision
 
 def smoothed_nll(logits: Tensor, gold: Tensor, pad: int, smoothing: float) -> tuple[Tensor, Tensor]:
     """Summed label-smoothed cross entropy and summed NLL (detached) over real tokens, from one
-    log-softmax: logits (B, T, V), gold (B, T). Equal to F.cross_entropy(..., label_smoothing=)."""
+    log-softmax: logits (B, T, V), gold (B, T). Equal to F.cross_entropy(..., label_smoothing=),
+    gradient included, which `SmoothedNLL` writes in one pass over the log-probabilities."""
     V = logits.size(-1)
-    logp = F.log_softmax(logits.reshape(-1, V), dim=-1, dtype=torch.float32)  # (B*T, V)
-    gold = gold.reshape(-1)  # (B*T,)
-    real = (gold != pad).to(logp.dtype)  # (B*T,)
-    nll = -logp.gather(1, gold.unsqueeze(1)).squeeze(1) * real  # (B*T,)
-    if smoothing:
-        uniform = -logp.mean(dim=-1) * real  # (B*T,) cross entropy against the uniform distribution
-        loss = ((1.0 - smoothing) * nll + smoothing * uniform).sum()
-    else:
-        loss = nll.sum()
-    return loss, nll.detach().sum()
+    real = (gold != pad).reshape(-1)  # (B*T,)
+    return SmoothedNLL.apply(logits.reshape(-1, V), gold.reshape(-1), real, smoothing)
+
+
+class SmoothedNLL(torch.autograd.Function):
+    """The loss of `smoothed_nll` over (N, V) logits with its gradient written directly:
+    d loss / d logits = real * (softmax - (1 - s) onehot(gold) - s / V), computed in place of the
+    saved log-probabilities. Through autograd the same gradient takes a log-softmax backward, a
+    mean's backward, a gather's zero-filled scatter and their sum, each a pass over (N, V)
+    (benchmarks/train_throughput.py times both). Its backward runs once: the saved
+    log-probabilities become the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, gold: Tensor, real: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+        logp = F.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N, V)
+        weight = real.to(logp.dtype)  # (N,)
+        nll = -logp.gather(1, gold.unsqueeze(1)).squeeze(1) * weight  # (N,)
+        loss = (1.0 - smoothing) * nll
+        if smoothing:
+            loss = loss - smoothing * logp.mean(dim=-1) * weight  # cross entropy against the uniform distribution
+        ctx.save_for_backward(logp, gold, weight)
+        ctx.smoothing, ctx.dtype, ctx.used = smoothing, logits.dtype, False
+        nll_sum = nll.sum()
+        ctx.mark_non_differentiable(nll_sum)
+        return loss.sum(), nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_nll: Tensor) -> tuple[Tensor, None, None, None]:
+        if ctx.used:
+            raise RuntimeError("SmoothedNLL's backward ran twice: its saved log-probabilities became the gradient")
+        ctx.used = True
+        logp, gold, weight = ctx.saved_tensors
+        s, V = ctx.smoothing, logp.size(-1)
+        grad = logp.exp_()  # (N, V) softmax
+        if s:
+            grad.sub_(s / V)
+        grad.scatter_add_(1, gold.unsqueeze(1), torch.full_like(weight, -(1.0 - s)).unsqueeze(1))
+        grad.mul_((weight * grad_loss).unsqueeze(1))
+        return grad.to(ctx.dtype), None, None, None
 
 
 def label_smoothed_loss(model: torch.nn.Module, batch: Batch, smoothing: float) -> tuple[Tensor, Tensor]:
