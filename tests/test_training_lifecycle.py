@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import sacrebleu
 
 from tests.conftest import tiny_overrides
@@ -18,7 +19,7 @@ from training.average import average_run
 from training.checkpoints import CheckpointDir
 from training.config import load_config
 from training.trainer import Trainer
-from translator.checkpoint import load_checkpoint
+from translator.checkpoint import CheckpointError, load_checkpoint
 from translator.translate import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,35 @@ def test_a_resume_logs_no_step_twice_and_removes_partial_writes(tmp_path, toy_co
     steps = [r["step"] for r in records(run) if "train_loss" in r]
     assert steps == list(range(1, 17))
     assert [r["step"] for r in records(run) if "valid_bleu" in r] == [10, 16]
+
+
+def test_a_corrupt_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path, toy_corpus):
+    run = tmp_path / "run"
+    common = {"train.valid_every": 5, "train.log_every": 1}
+    train(run, toy_corpus, **common, **{"train.max_steps": 14})
+    newest = run / "checkpoints" / "step_0000014.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the middle of the weights
+    newest.write_bytes(bytes(data))
+    logs: list[str] = []
+    tr = train(run, toy_corpus, logs, **common, **{"train.max_steps": 16})
+    assert any(line.startswith("cannot resume from step_0000014.pt: ") and "is corrupt" in line
+               and "set aside as step_0000014.pt.unreadable" in line for line in logs), logs
+    assert any("resumed from" in line and "at step 10" in line for line in logs)
+    assert tr.state.step == 16
+    assert (run / "checkpoints" / "step_0000014.pt.unreadable").read_bytes() == bytes(data)
+    assert [p.name for p in CheckpointDir(run, 5).steps()][-2:] == ["step_0000015.pt", "step_0000016.pt"]
+    assert [r["step"] for r in records(run) if "train_loss" in r] == list(range(1, 17))
+
+
+def test_a_run_whose_step_checkpoints_are_all_unreadable_is_an_error_naming_them(tmp_path, toy_corpus):
+    run = tmp_path / "run"
+    train(run, toy_corpus, **{"train.valid_every": 5, "train.max_steps": 10})
+    for p in CheckpointDir(run, 5).steps():
+        p.write_bytes(b"PK\x03\x04 not any more")
+    with pytest.raises(CheckpointError, match=r"none of the 2 step checkpoints under .* can be read \(each set aside"):
+        train(run, toy_corpus, **{"train.valid_every": 5, "train.max_steps": 12})
+    assert not CheckpointDir(run, 5).steps() and len(list((run / "checkpoints").glob("*.unreadable"))) == 2
 
 
 def test_sigterm_saves_the_state_and_the_run_resumes_from_there(tmp_path, toy_corpus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from training.config import ExperimentConfig
@@ -54,9 +55,34 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return path
 
-    def load_for_resume(self, path: Path, cfg: ExperimentConfig) -> Checkpoint:
-        """The checkpoint to resume from; its model and data sections must match cfg's."""
-        ckpt = load_checkpoint(path)
+    def resumable(self, cfg: ExperimentConfig, log: Callable[[str], None],
+                  set_aside: bool = True) -> tuple[Path, Checkpoint] | None:
+        """The newest step checkpoint that reads whole, to resume from (None: there are none).
+
+        One that is unreadable or fails its digests is passed over, with a line in the log, for
+        the one before it: the steps between are trained again. With set_aside (the process that
+        writes the folder) its file is renamed `step_NNNNNNN.pt.unreadable`, kept for a look and never
+        read again (nor averaged). None of them readable: a CheckpointError naming the newest."""
+        steps = self.steps()
+        for path in reversed(steps):
+            try:
+                ckpt = load_checkpoint(path)
+            except CheckpointError as e:
+                aside = path.with_name(path.name + ".unreadable")
+                if set_aside:
+                    path.replace(aside)
+                log(f"cannot resume from {path.name}: {e}; set aside as {aside.name}, trying the step checkpoint "
+                    "before it")
+                continue
+            return path, self.check_resumable(path, ckpt, cfg)
+        if steps:
+            raise CheckpointError(f"none of the {len(steps)} step checkpoints under {self.dir} can be read (each set "
+                                  "aside as .unreadable): run again to start from step 0, or restore them")
+        return None
+
+    @staticmethod
+    def check_resumable(path: Path, ckpt: Checkpoint, cfg: ExperimentConfig) -> Checkpoint:
+        """ckpt, read from path, if it holds a training state and its model and data sections match cfg's."""
         if ckpt.train_state is None:
             raise CheckpointError(f"checkpoint {path} holds no training state to resume from")
         new, defaults = to_dict(cfg), to_dict(ExperimentConfig())

@@ -78,8 +78,8 @@ class Trainer:
                 self.log(f"removed {p}, left by a write that did not finish")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        latest = self.ckpts.latest()
-        resumed = self.ckpts.load_for_resume(latest, cfg) if latest else None
+        with self.world.main_first():  # rank 0 sets unreadable checkpoints aside before the others look
+            latest, resumed = self.ckpts.resumable(cfg, self.log, set_aside=self.world.is_main) or (None, None)
         with self.world.main_first():  # the others read rank 0's tokenizer and token cache
             self.tokenizer = resumed.tokenizer if resumed else self.fit_tokenizer()
             self.train_data, self.valid_data = self.load_data()
