@@ -3,6 +3,7 @@ unpickling arbitrary objects."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,13 @@ import torch
 from tests.conftest import tiny_model_config
 from training.checkpoints import CheckpointDir
 from translator import provenance
-from translator.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_metadata, save_checkpoint
+from translator.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_checkpoint_metadata,
+    save_checkpoint,
+)
 from translator.config import to_dict
 from translator.digest import tensors_sha256
 from translator.info_cli import info_main
@@ -119,6 +126,24 @@ def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path, toy_token
                         train_state={"x": Unsaveable()})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_a_full_disk_keeps_the_previous_file_and_names_the_one_it_could_not_write(tmp_path, toy_tokenizer):
+    path = tmp_path / "c.pt"
+    write(path, toy_tokenizer)
+    before = path.read_bytes()
+
+    def fill_the_disk(f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as e:
+        atomic_write(path, fill_the_disk)
+    assert str(e.value) == f"cannot write {path}: {os.strerror(errno.ENOSPC)}"
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    with pytest.raises(OSError, match=f"cannot write {path}/x.pt: {path} is, or lies in, a file rather than a folder"):
+        atomic_write(path / "x.pt", fill_the_disk)
 
 
 def test_pickled_code_is_refused(tmp_path):

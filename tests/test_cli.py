@@ -38,6 +38,13 @@ def test_train_with_a_bad_override_returns_2_and_names_the_key(tmp_path, capsys)
     assert "model.n_heads" in capsys.readouterr().err
 
 
+def test_an_output_under_a_file_returns_2_naming_it(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would go")
+    assert train_main(["--config", "cpu", "--out", str(blocker / "run")]) == 2
+    assert capsys.readouterr().err == f"error: --out {blocker / 'run'} is, or lies in, a file rather than a folder\n"
+
+
 def test_evaluate_with_a_missing_checkpoint_returns_2(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "none.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

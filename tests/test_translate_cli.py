@@ -70,7 +70,7 @@ class BytesStdin(io.TextIOWrapper):
 
 @pytest.mark.parametrize("mode", [[], ["--document"]])
 def test_input_that_is_not_utf8_is_refused_naming_where(checkpoint, tmp_path, monkeypatch, capsys, mode):
-    data = "the red dog runs\nthe man".encode() + b" \xe9 sees\n"
+    data = b"the red dog runs\nthe man \xe9 sees\n"
     src = tmp_path / "latin1.txt"
     src.write_bytes(data)
     assert translate_main(["--checkpoint", str(checkpoint), "--input", str(src), *mode]) == 2

@@ -38,7 +38,10 @@ def train_main(argv: list[str] | None = None) -> int:
     code, processes = 0, 1
     try:
         cfg = load_config(args.config, list(args.overrides), values)
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"--out {args.out} is, or lies in, a file rather than a folder") from None
         world = init_distributed()  # a world of one unless started by torchrun
         processes = world.size
         trainer = Trainer(cfg, args.out, world=world, preset=args.config)
@@ -54,7 +57,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 from training.evaluate import evaluate_checkpoint
 
                 evaluate_checkpoint(best, cfg.data.test, record=True)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     finally:
@@ -129,7 +132,7 @@ def average_main(argv: list[str] | None = None) -> int:
 
     try:
         paths = average_run(args.run, args.last, args.out)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) into {args.out}")

@@ -92,18 +92,29 @@ def atomic_write(path: Path, write) -> None:
     """Call write(file) on a temp file beside path, fsync it, then rename it over path.
 
     The file gets mode 0666 less the process umask, as `open()` would give it. A temp file left by
-    a killed writer (`.NAME.RANDOM.tmp`) is never read in place of `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    a killed writer (`.NAME.RANDOM.tmp`) is never read in place of `path`. A write that fails (a
+    full disk, a folder that cannot be made) leaves path as it was and raises an OSError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OSError(f"cannot write {path}: {path.parent} is, or lies in, a file rather than a folder") from None
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
