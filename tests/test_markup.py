@@ -130,6 +130,38 @@ def test_a_word_after_the_translation_that_attends_to_an_untranslated_word_stays
     assert restore_markup(markup, doc, [aligned]).text == "Boy <b>sleeps</b> here"
 
 
+def test_a_further_part_must_attend_strongly_to_the_word_it_translates():
+    # (attention rows as the de->en model gave them on Multi30K val)
+    # einem(0) Schneemobil(1) mitten(2) im(3) Sprung(4): "in" half attends to "Schneemobil" and is
+    # not part of it; "bat" attends to "Baseballschläger" strongly, though "in" (which it attends
+    # to next) has no word of its own, and is part of it
+    markup = parse_markup("einem <a>Schneemobil</a> mitten im Sprung")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.7, 0.2, 0.1, 0.0, 0.0, 0.0], [0.05, 0.8, 0.1, 0.05, 0.0, 0.0],  # a, snowmobile
+            [0.05, 0.31, 0.15, 0.1, 0.1, 0.29],  # in
+            [0.0, 0.05, 0.6, 0.2, 0.1, 0.05], [0.0, 0.0, 0.8, 0.1, 0.1, 0.0],  # the, middle
+            [0.0, 0.0, 0.2, 0.6, 0.2, 0.0], [0.0, 0.1, 0.1, 0.1, 0.7, 0.0]]  # of, jump
+    pieces = ["▁a", "▁snowmobile", "▁in", "▁the", "▁middle", "▁of", "▁jump"]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows)
+    assert restore_markup(markup, doc, [aligned]).text == "a <a>snowmobile</a> in the middle of jump"
+
+    markup = parse_markup("einen <i>Baseballschläger</i> in Richtung")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.1, 0.05, 0.05, 0.0], [0.05, 0.79, 0.05, 0.05, 0.06], [0.05, 0.48, 0.14, 0.1, 0.23],
+            [0.0, 0.1, 0.2, 0.7, 0.0]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁a", "▁baseball", "▁bat", "▁towards"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "a <i>baseball bat</i> towards"
+
+
+def test_a_full_stop_the_translation_adds_stays_outside_the_element_before_it():
+    # the source has no full stop; the output's attends to the wrapped word, as attention does
+    markup = parse_markup("im <b>Regenwald</b>")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.2, 0.0], [0.1, 0.9, 0.0], [0.1, 0.5, 0.4]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁in", "▁rain", "."], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "in <b>rain</b>."
+
+
 def test_block_elements_end_sentences_even_without_whitespace():
     markup = parse_markup("<p>One dog</p><p>Two cats</p><ul><li>a bird</li><li>A fish</li></ul>x<br/>y")
     doc = split_document(markup.text, words, 50, breaks=markup.breaks)
