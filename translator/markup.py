@@ -298,7 +298,6 @@ def confident(words: list[int], alignment: list[list[float]], links: list[int | 
 # outside the token's elements (chosen on 50 lines of Multi30K val, docs/RESULTS.md).
 FURTHER_PART_ATTENTION = 0.4
 FURTHER_PART_MARGIN = 2.0
-FURTHER_PART_SIDES = (1,)
 
 
 def further_parts(
@@ -319,8 +318,8 @@ def further_parts(
         for t, s in enumerate(links):
             if held[t] or s is None or not wordy[t]:
                 continue
-            if not any(held[i] and links[i] == s and words[t] - words[i] in FURTHER_PART_SIDES for i in range(len(links))):
-                continue  # no sure word of the same source token beside it
+            if not any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links))):
+                continue  # no sure word of the same source token just before it
             part = [i for i in range(len(links)) if words[i] == words[t]]
             own = max(alignment[i][s] for i in part)
             rival = max((alignment[i][j] for i in part for j in range(len(source_stacks))
