@@ -131,7 +131,7 @@ def test_a_word_after_the_translation_that_attends_to_an_untranslated_word_stays
 
 
 def test_a_further_part_must_attend_strongly_to_the_word_it_translates():
-    # (attention rows as the de->en model gave them on Multi30K val)
+    # (attention values like those the de->en model gave on Multi30K val)
     # einem(0) Schneemobil(1) mitten(2) im(3) Sprung(4): "in" half attends to "Schneemobil" and is
     # not part of it; "bat" attends to "Baseballschläger" strongly, though "in" (which it attends
     # to next) has no word of its own, and is part of it
