@@ -302,7 +302,7 @@ FURTHER_PART_MARGIN = 2.0
 
 def further_parts(
     words: list[int], sure: list[bool], links: list[int | None], alignment: list[list[float]], source_stacks: list[Stack],
-    wordy: list[bool],
+    lettered: list[bool],
 ) -> list[bool]:
     """`sure` with the further words of one source word's translation added ("Bauarbeiter":
     "construction workers", "Baseballschläger": "baseball bat"): a word of letters or digits right
@@ -316,7 +316,7 @@ def further_parts(
     while grown:
         grown = False
         for t, s in enumerate(links):
-            if held[t] or s is None or not wordy[t]:
+            if held[t] or s is None or not lettered[t]:
                 continue
             if not any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links))):
                 continue  # no sure word of the same source token just before it
@@ -343,8 +343,8 @@ def target_stacks(
     texts: dict[int, str] = {}
     for w, piece in zip(words, target_pieces):
         texts[w] = texts.get(w, "") + piece
-    wordy = [any(ch.isalnum() for ch in texts[w]) for w in words]
-    sure = further_parts(words, confident(words, alignment, links), links, alignment, source_stacks, wordy)
+    lettered = [any(ch.isalnum() for ch in texts[w]) for w in words]  # per token: its word has letters or digits
+    sure = further_parts(words, confident(words, alignment, links), links, alignment, source_stacks, lettered)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = _prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []
