@@ -15,6 +15,7 @@ reference of the speedups):
     new        the trainer's step: --precision (auto: the trainer's probe decides), --compile,
                fused Adam unless --no-fused, the fused loss, the new bucketing, the cheaper
                dropout mask
+    newcompiled  the trainer's step as `new`, through torch.compile (train.compile: true)
 
 For each it prints target tokens/second (median over repeats), the speedup over the first
 variant, the model's matmul FLOPs per target token (torch.utils.flop_counter), the achieved
@@ -172,7 +173,7 @@ class Runner:
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="cpu")
-    p.add_argument("--variants", default="baseline,new", help=f"comma list of {', '.join([*LEVERS, 'new'])}")
+    p.add_argument("--variants", default="baseline,new", help=f"comma list of {', '.join([*LEVERS, 'new', 'newcompiled'])}")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the new step's precision")
     p.add_argument("--compile", action="store_true", help="the new step through torch.compile")
     p.add_argument("--no-fused", action="store_true", help="the new step with torch's default Adam")
@@ -183,7 +184,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--json", help="write the figures here")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    unknown = [n for n in args.variants.split(",") if n not in LEVERS and n != "new"]
+    unknown = [n for n in args.variants.split(",") if n not in LEVERS and n not in ("new", "newcompiled")]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}")
     return args
@@ -207,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     probe_record = {}
     variants = {}
     for name in args.variants.split(","):
-        if name == "new":
-            shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
-            precision, probe_record = choose_precision(args.precision, torch.device("cpu"), shapes)
-            variants[name] = Variant(precision, args.compile, not args.no_fused, "fused", True, True)
+        if name in ("new", "newcompiled"):
+            if not probe_record:
+                shapes = training_shapes(t.max_tokens, m.d_model, m.d_ff, m.vocab_size)
+                precision, probe_record = choose_precision(args.precision, torch.device("cpu"), shapes)
+            compiled = args.compile or name == "newcompiled"
+            variants[name] = Variant(precision, compiled, not args.no_fused, "fused", True, True)
         else:
             variants[name] = LEVERS[name]
     runners = [Runner(name, v, cfg, sorted_new if v.bucketing else sorted_old) for name, v in variants.items()]
