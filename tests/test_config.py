@@ -48,11 +48,24 @@ def test_data_vocab_size_sizes_the_model():
         ("data.spm_model_type=word", "data.spm_model_type must be one of"),
         ("data.max_len=1000", "data.max_len"),
         ("train.betas=[0.9]", "train.betas must have 2 items"),
+        ("data.subword_alpha=-0.1", "data.subword_alpha must be >= 0, got -0.1"),
     ],
 )
 def test_bad_values_fail_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config("cpu", [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.spm_model_type=bpe", "data.subword_alpha=1.0"], r"data.subword_alpha must be in \[0, 1\) for a bpe model"),
+        (["data.streaming=true", "data.subword_alpha=0.5"], "data.subword_alpha needs the train split in memory"),
+    ],
+)
+def test_subword_alpha_outside_what_its_model_and_data_allow_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("cpu", overrides)
 
 
 def test_missing_config_file_is_named(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import sacrebleu
 import torch
@@ -11,7 +12,7 @@ import torch
 from tests.conftest import tiny_overrides, toy_pairs
 from training.average import average_run
 from training.config import load_config
-from training.data import collate, token_batches
+from training.data import BatchSource, SubwordSampling, collate, token_batches
 from training.trainer import Trainer
 from translator.checkpoint import CheckpointError, load_checkpoint
 from translator.translate import Translator
@@ -37,6 +38,45 @@ def test_token_batches_depend_only_on_seed_and_epoch():
     lens = list(range(1, 50))
     assert token_batches(lens, lens, 40, 1, 2) == token_batches(lens, lens, 40, 1, 2)
     assert token_batches(lens, lens, 40, 1, 2) != token_batches(lens, lens, 40, 1, 3)
+
+
+def toy_split(tokenizer, n=200):
+    """A training split as `training.data.tokenize` makes it: text and best-segmentation ids."""
+    pairs = toy_pairs(n, seed=1)
+    src, tgt = [s for s, _ in pairs], [t for _, t in pairs]
+    return datasets.Dataset.from_dict({
+        "src": src, "tgt": tgt, "src_ids": tokenizer.encode(src), "tgt_ids": tokenizer.encode(tgt),
+    })
+
+
+def sampled_source(tokenizer, ds, alpha=0.1, max_len=128):
+    return BatchSource(ds, 200, seed=1, bos=1, eos=2, pad=0, sampling=SubwordSampling(tokenizer, alpha, max_len, 3.0))
+
+
+def test_subword_sampling_segments_each_epoch_anew_and_the_same_after_a_restart(toy_tokenizer):
+    ds = toy_split(toy_tokenizer)
+    source = sampled_source(toy_tokenizer, ds)
+    batches0, ids0 = source.epoch(0), (source.src_ids, source.tgt_ids)
+    batches1, ids1 = source.epoch(1), (source.src_ids, source.tgt_ids)
+    assert ids0 != ids1 and ids0[1] != ds["tgt_ids"]  # another draw each epoch, not the best segmentation
+    for src_ids, tgt_ids in (ids0, ids1):  # every draw spells the same text
+        assert toy_tokenizer.decode(src_ids) == ds["src"] and toy_tokenizer.decode(tgt_ids) == ds["tgt"]
+    restarted = sampled_source(toy_tokenizer, ds)  # a resumed run asks for epoch 1 first
+    assert restarted.epoch(1) == batches1 and (restarted.src_ids, restarted.tgt_ids) == ids1
+    first = batches1[0]  # collated from the segmentation of the epoch asked for
+    want = collate([ids1[0][i] for i in first], [ids1[1][i] for i in first], 1, 2, 0)
+    assert restarted.collate(first).tgt_out.tolist() == want.tgt_out.tolist()
+    assert restarted.epoch(0) == batches0 and (restarted.src_ids, restarted.tgt_ids) == ids0
+
+
+def test_subword_sampling_keeps_the_best_segmentation_of_a_pair_whose_draw_is_too_long(toy_tokenizer):
+    ds = toy_split(toy_tokenizer)
+    longest = max(len(x) for side in ("src_ids", "tgt_ids") for x in ds[side])
+    source = sampled_source(toy_tokenizer, ds, alpha=0.05, max_len=longest)
+    source.epoch(0)
+    kept = [i for i in range(len(ds)) if (source.src_ids[i], source.tgt_ids[i]) == (ds["src_ids"][i], ds["tgt_ids"][i])]
+    assert 0 < len(kept) < len(ds)
+    assert max(map(len, source.src_ids + source.tgt_ids)) <= longest
 
 
 def test_teacher_forcing_shifts_target_by_the_start_token():
@@ -67,9 +107,11 @@ def test_overfits_a_toy_word_for_word_task(tmp_path, toy_corpus):
     assert sacrebleu.corpus_bleu(hyps, [[t for _, t in pairs]]).score > 80
 
 
-def test_resume_continues_exactly(tmp_path, toy_corpus):
-    """N steps, stop, resume to 2N gives the same weights as 2N steps in one go (dropout on)."""
-    common = {"model.dropout": 0.2, "train.valid_every": 100}
+@pytest.mark.parametrize("data", [{}, {"data.subword_alpha": 0.1}], ids=["best segmentation", "subword sampling"])
+def test_resume_continues_exactly(tmp_path, toy_corpus, data):
+    """N steps, stop, resume to 2N gives the same weights as 2N steps in one go (dropout on; with
+    subword sampling, across an epoch's new segmentation)."""
+    common = {"model.dropout": 0.2, "train.valid_every": 100, **data}
     straight = train(tmp_path / "straight", toy_corpus, **common, **{"train.max_steps": 24})
     train(tmp_path / "split", toy_corpus, **common, **{"train.max_steps": 12})
     resumed = train(tmp_path / "split", toy_corpus, **common, **{"train.max_steps": 24})

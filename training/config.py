@@ -29,6 +29,10 @@ class DataConfig:
     spm_model_type: Literal["unigram", "bpe"] = "unigram"
     max_len: int = 128
     max_len_ratio: float = 3.0
+    # Subword regularization: > 0 segments the train split anew each epoch, drawn by SentencePiece
+    # (unigram: segmentations weighted by P^alpha, smaller is more random; bpe: each merge dropped
+    # with probability alpha); 0 = always the best segmentation.
+    subword_alpha: float = 0.0
     # Stream the train split (see training.streaming) instead of loading it into memory.
     streaming: bool = False
     stream_buffer: int = 100_000  # pairs held at once: the shuffle buffer and each length-bucketed chunk
@@ -41,6 +45,11 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.max_len_ratio < 1.0:
             raise ConfigError(f"data.max_len_ratio must be >= 1, got {self.max_len_ratio}")
+        if self.subword_alpha < 0 or (self.spm_model_type == "bpe" and self.subword_alpha >= 1):
+            bound = "in [0, 1) for a bpe model (a dropout probability)" if self.spm_model_type == "bpe" else ">= 0"
+            raise ConfigError(f"data.subword_alpha must be {bound}, got {self.subword_alpha}")
+        if self.subword_alpha and self.streaming:
+            raise ConfigError("data.subword_alpha needs the train split in memory: it cannot be used with data.streaming")
 
 
 @dataclass(frozen=True)

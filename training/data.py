@@ -97,20 +97,56 @@ def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], bos: int, eos: i
     return Batch(src, tgt_in, tgt_out, int((tgt_out != pad).sum()))
 
 
-class BatchSource:
-    """The training split held as id lists, served as collated batches by (epoch, index)."""
+@dataclass
+class SubwordSampling:
+    """Subword regularization (Kudo, 2018): each epoch the training split is segmented anew, one
+    segmentation of each sentence drawn by the tokenizer (`Tokenizer.encode_sampled`), so that the
+    model sees a word in its several piece sequences. A pair whose draw breaks the length filter
+    keeps its best segmentation."""
 
-    def __init__(self, ds: datasets.Dataset, max_tokens: int, seed: int, bos: int, eos: int, pad: int):
-        self.src_ids: list[list[int]] = list(ds["src_ids"])
-        self.tgt_ids: list[list[int]] = list(ds["tgt_ids"])
-        self.src_lens = [len(s) for s in self.src_ids]
-        self.tgt_lens = [len(t) for t in self.tgt_ids]
+    tokenizer: Tokenizer
+    alpha: float
+    max_len: int
+    max_ratio: float
+
+    def segment(self, src: list[str], tgt: list[str], best: tuple[list[list[int]], list[list[int]]],
+                seed: int) -> tuple[list[list[int]], list[list[int]]]:
+        ids = self.tokenizer.encode_sampled(src + tgt, self.alpha, seed)
+        src_ids, tgt_ids = ids[: len(src)], ids[len(src) :]
+        for i, (s, t) in enumerate(zip(src_ids, tgt_ids)):
+            if not keep_pair(len(s), len(t), self.max_len, self.max_ratio):
+                src_ids[i], tgt_ids[i] = best[0][i], best[1][i]
+        return src_ids, tgt_ids
+
+
+class BatchSource:
+    """The training split held as id lists, served as collated batches by (epoch, index).
+
+    With `sampling`, `epoch(e)` segments the split anew for epoch e (a draw that depends only on
+    the seed and e, so a resumed run sees the same batches) and `collate` reads the segmentation
+    of the epoch asked for last."""
+
+    def __init__(self, ds: datasets.Dataset, max_tokens: int, seed: int, bos: int, eos: int, pad: int,
+                 sampling: SubwordSampling | None = None):
+        self.best: tuple[list[list[int]], list[list[int]]] = (list(ds["src_ids"]), list(ds["tgt_ids"]))
         self.max_tokens, self.seed = max_tokens, seed
         self.bos, self.eos, self.pad = bos, eos, pad
-        if not self.src_ids:
+        if not self.best[0]:
             raise ValueError("the training split is empty after filtering")
+        self.sampling = sampling
+        self.texts = (list(ds["src"]), list(ds["tgt"])) if sampling else None
+        self.segmented_epoch: int | None = None
+        self.use(*self.best)
+
+    def use(self, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> None:
+        self.src_ids, self.tgt_ids = src_ids, tgt_ids
+        self.src_lens = [len(s) for s in src_ids]
+        self.tgt_lens = [len(t) for t in tgt_ids]
 
     def epoch(self, epoch: int) -> list[list[int]]:
+        if self.sampling is not None and self.segmented_epoch != epoch:
+            self.use(*self.sampling.segment(*self.texts, self.best, self.seed * 100_003 + epoch))
+            self.segmented_epoch = epoch
         return token_batches(self.src_lens, self.tgt_lens, self.max_tokens, self.seed, epoch)
 
     def collate(self, indices: list[int]) -> Batch:

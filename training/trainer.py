@@ -20,7 +20,7 @@ from tqdm import tqdm
 from training.checkpoints import CheckpointDir
 from training.config import ExperimentConfig
 from training.corpus import load_pairs
-from training.data import Batch, BatchSource, collate, length_filter, tokenize
+from training.data import Batch, BatchSource, SubwordSampling, collate, length_filter, tokenize
 from training.distributed import World
 from training.metrics_log import MetricsLog, Window
 from training.precision import MixedPrecision, choose_precision, training_shapes
@@ -191,7 +191,11 @@ class Trainer:
         before = len(train)
         train = length_filter(train, d.max_len, d.max_len_ratio)
         self.log(f"train pairs: {len(train)} of {before} after length/ratio filtering")
-        return BatchSource(train, t.max_tokens, t.seed, m.bos_id, m.eos_id, m.pad_id), valid
+        sampling = None
+        if d.subword_alpha:
+            self.log(f"subword regularization: the train split segmented anew each epoch (alpha {d.subword_alpha})")
+            sampling = SubwordSampling(self.tokenizer, d.subword_alpha, d.max_len, d.max_len_ratio)
+        return BatchSource(train, t.max_tokens, t.seed, m.bos_id, m.eos_id, m.pad_id, sampling), valid
 
     # --- the loop -------------------------------------------------------------------------
 

@@ -40,6 +40,15 @@ class Tokenizer:
             return [self.sp.encode(t) for t in texts]
         return self.sp.encode(texts)
 
+    def encode_sampled(self, texts: list[str], alpha: float, seed: int) -> list[list[int]]:
+        """Token ids of one segmentation of each text drawn by SentencePiece (subword
+        regularization, Kudo 2018): unigram models sample from all segmentations with probability
+        proportional to P(x)^alpha (smaller is more random), BPE models drop each merge with
+        probability alpha. The same (texts, alpha, seed) give the same ids: the draws come from
+        SentencePiece's process-wide generator, seeded here, in one thread."""
+        spm.set_random_generator_seed(seed % (2**32 - 1))  # unsigned 32 bits, 2**32 - 1 is "unseeded"
+        return self.sp.encode(list(texts), enable_sampling=True, alpha=alpha, nbest_size=-1, num_threads=1)
+
     def spans(self, text: str) -> list[tuple[int, int]]:
         """Character span [start, end) in `text` of each token of `encode([text])[0]`; a token's
         span includes the whitespace its piece stands for, and may be empty."""
