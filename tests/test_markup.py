@@ -102,6 +102,22 @@ def test_an_element_no_confident_word_holds_is_kept_on_its_aligned_words():
     assert restore_markup(markup, doc, [aligned]).text == "ein <i>Backsteingebäude</i>"
 
 
+def test_an_element_no_word_is_aligned_to_goes_onto_the_word_whose_piece_attends_to_it_most():
+    # onto(0) a(1) brick(2) building(3) (attention values like the en->de model's on Multi30K
+    # test_2016 line 219): no word's alignment is "building"; the compound's first piece, a bare
+    # word start, attends to it more than "ein" does, and its letters less
+    markup = parse_markup("onto a brick <i>building</i>")
+    doc = split_document(markup.text, words, 50)
+    rows = [
+        [0.7, 0.1, 0.1, 0.1, 0.0],  # auf
+        [0.1, 0.35, 0.2, 0.25, 0.1],  # ein
+        [0.0, 0.1, 0.5, 0.3, 0.1],  # "▁" of Backsteingebäude
+        [0.0, 0.1, 0.6, 0.2, 0.1],  # Backsteingebäude
+    ]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["▁auf", "▁ein", "▁", "Backsteingebäude"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "auf ein <i>Backsteingebäude</i>"
+
+
 def test_a_source_word_translated_as_two_words_wraps_both_but_not_the_article_before_them():
     # two(0) construction-workers(1) talk(2): "Bauarbeiter" -> "construction workers"; "with a
     # mustache" -> "a" attends to the noun, but stays outside as the word before it

@@ -338,7 +338,7 @@ def target_stacks(
     only the elements it shares with the confident tokens on both sides (the piece's outer
     elements at its ends), so that an element does not spread onto an article or a repetition.
     An element that no token holds then goes onto the target word (of letters or digits, where
-    there is one) that attends most to it."""
+    there is one) that attends most to it through any of its pieces."""
     words = word_ids(target_pieces)
     texts: dict[int, str] = {}
     for w, piece in zip(words, target_pieces):
@@ -360,7 +360,7 @@ def target_stacks(
         if id(element) in kept or not out:
             continue
         holders = [s for s, stack in enumerate(source_stacks) if any(e is element for e in stack)]
-        wordy = [t for t, piece in enumerate(target_pieces) if any(ch.isalnum() for ch in piece)]
+        wordy = [t for t, has in enumerate(lettered) if has]  # every piece of a word, its bare "▁" too
         pairs = [(t, s) for t in (wordy or range(len(out))) for s in holders]
         t, s = max(pairs, key=lambda ts: alignment[ts[0]][ts[1]])
         for i in (i for i in range(len(out)) if words[i] == words[t]):
