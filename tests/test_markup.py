@@ -211,6 +211,22 @@ def test_punctuation_goes_with_source_punctuation_not_the_word_before_it():
     assert out == "Ein <b>Hund</b>."
 
 
+def test_a_comma_the_translation_adds_does_not_take_the_element_of_the_word_it_attends_to():
+    # Dog(0) with(1) collar(2) rolling(3) in(4) dirt(5), no punctuation: the added comma attends to
+    # "rolling" as much as "rollt" does, and comes first
+    out = translate("Dog with collar <b>rolling</b> in dirt",
+                    [[("▁Hund", 0), ("▁mit", 1), ("▁Halsband", 2), (",", 3), ("▁der", 0), ("▁in", 4),
+                      ("▁Dreck", 5), ("▁rollt", 3)]])
+    assert out == "Hund mit Halsband, der in Dreck <b>rollt</b>"
+
+
+def test_punctuation_of_the_source_keeps_its_element():
+    out = translate("<b>A dog jumps, a cat runs.</b> The man", [[("▁Ein", 0), ("▁Hund", 1), ("▁springt", 2), (",", 3),
+                                                              ("▁eine", 4), ("▁Katze", 5), ("▁rennt", 6), (".", 7)],
+                                                             [("▁Der", 0), ("▁Mann", 1)]])
+    assert out == "<b>Ein Hund springt, eine Katze rennt.</b> Der Mann"
+
+
 SAMPLES = [
     "The <b>red</b> dog runs on <i>the <b>green</b> street</i>.",
     '<p>A <a href="/x?a=1&amp;b=2">small cat</a> sleeps.<br/>The man &amp; the woman eat.</p>',

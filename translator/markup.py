@@ -253,8 +253,9 @@ def _target_units(
     a, _ = piece
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
-    links = hard_alignment(tr.target_pieces, tr.alignment, [markup.text[a + s : a + e] for s, e in tr.source_spans])
-    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment)
+    texts = [markup.text[a + s : a + e] for s, e in tr.source_spans]
+    links = hard_alignment(tr.target_pieces, tr.alignment, texts)
+    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment, [_is_punctuation(t) for t in texts])
     units: list[_Unit] = []
     pending = sorted(points, key=lambda p: p.position)
     for piece_text, src, stack in zip(tr.target_pieces, links, stacks):
@@ -282,15 +283,17 @@ def word_ids(target_pieces: list[str]) -> list[int]:
     return ids
 
 
-def confident(words: list[int], alignment: list[list[float]], links: list[int | None]) -> list[bool]:
+def confident(
+    words: list[int], alignment: list[list[float]], links: list[int | None], eligible: list[bool]
+) -> list[bool]:
     """Per target token, whether its word is also the target word its source token attends to
-    most (the alignment holds both ways). An article attends to its noun, but the noun's source
-    word attends most to the noun: the article is not confident."""
+    most (the alignment holds both ways), among the `eligible` tokens. An article attends to its
+    noun, but the noun's source word attends most to the noun: the article is not confident."""
     best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
     for t, src in enumerate(links):
-        if src is not None and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
+        if src is not None and eligible[t] and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
             best[src] = (alignment[t][src], words[t])
-    return [src is not None and best[src][1] == words[t] for t, src in enumerate(links)]
+    return [src is not None and eligible[t] and best[src][1] == words[t] for t, src in enumerate(links)]
 
 
 # A word next to a sure word of the same source token is a further part of its translation when it
@@ -332,19 +335,24 @@ def further_parts(
 
 
 def target_stacks(
-    source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]]
+    source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]],
+    source_punctuation: list[bool],
 ) -> list[Stack | None]:
     """Per target token, its aligned source token's stack when the alignment is confident; else
     only the elements it shares with the confident tokens on both sides (the piece's outer
     elements at its ends), so that an element does not spread onto an article or a repetition.
-    An element that no token holds then goes onto the target word (of letters or digits, where
-    there is one) that attends most to it through any of its pieces."""
+    A word of punctuation alone holds only the element of source punctuation
+    (`source_punctuation`, per source token): a comma the translation adds where the source has
+    none attends to the word that called for it, but a person leaves it outside that word's
+    element. An element that no token holds then goes onto the target word (of letters or
+    digits, where there is one) that attends most to it through any of its pieces."""
     words = word_ids(target_pieces)
     texts: dict[int, str] = {}
     for w, piece in zip(words, target_pieces):
         texts[w] = texts.get(w, "") + piece
     lettered = [any(ch.isalnum() for ch in texts[w]) for w in words]  # per token: its word has letters or digits
-    sure = further_parts(words, confident(words, alignment, links), links, alignment, source_stacks, lettered)
+    eligible = [has or (s is not None and source_punctuation[s]) for has, s in zip(lettered, links)]
+    sure = further_parts(words, confident(words, alignment, links, eligible), links, alignment, source_stacks, lettered)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = _prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []
