@@ -79,24 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     translator = Translator(model, ckpt.tokenizer)
     opts = decoding_options(args).replace(alignment=True, n_best=1)
     names = args.variants.split(",")
+    n_layers = len(model.decoder.layers)
+    known = {"mean", "Smean"} | {f"{kind}{k}" for kind in "LS" for k in range(n_layers)}
+    if unknown := [n for n in names if n not in known]:
+        p.error(f"--variants: unknown {', '.join(unknown)}; this model has {n_layers} decoder layers "
+                f"(mean, Smean, L0-L{n_layers - 1}, S0-S{n_layers - 1})")
     with gzip.open(args.src, "rt", encoding="utf-8") as f:
         lines = [line.strip() for line in f][args.start : args.start + args.sentences]
     differ = {name: 0 for name in names}
     for i, line in enumerate(lines):
-        parsed = parse_markup(wrap(line, i))
+        source = wrap(line, i)
+        parsed = parse_markup(source)
         doc = split_document(parsed.text, translator.count_tokens, translator.max_source_tokens, args.lang,
                              breaks=parsed.breaks)
         sources = doc.sources()
         results = translator.translate(sources, opts)
         aligned = {name: [] for name in names}
-        for source, t in zip(sources, results):
-            src_ids = translator.tokenizer.encode([source])[0] + [model.cfg.eos_id]
+        for piece, t in zip(sources, results):
+            src_ids = translator.tokenizer.encode([piece])[0] + [model.cfg.eos_id]
             table = variants(layer_attention(model, src_ids, t.tokens))
             for name in names:
-                aligned[name].append(aligned_translation(translator.tokenizer, source, t.tokens, table[name]))
+                aligned[name].append(aligned_translation(translator.tokenizer, piece, t.tokens, table[name]))
         decoder = restore_markup(parsed, doc, [aligned_translation(translator.tokenizer, s, t.tokens, t.alignment)
                                                for s, t in zip(sources, results)]).text
-        print(f"== {i} | {wrap(line, i)}\n   decoder  {decoder}")
+        print(f"== {i} | {source}\n   decoder  {decoder}")
         for name in names:
             text = restore_markup(parsed, doc, aligned[name]).text
             differ[name] += text != decoder
