@@ -134,6 +134,16 @@ def test_markup_comes_back_well_formed_and_equals_offline(client, translator):
         (*s.source, *s.target, s.text) for s in want.sentences]
 
 
+def test_code_and_scripts_come_back_as_they_stand_and_equal_offline(client, translator):
+    page = ('<p>the dog runs <code>ls &amp;&amp; x</code> on the street.</p>\n'
+            '<script>if (a < b) { c = "<b>the dog</b>"; }</script>\n<p translate="no">the cat</p>')
+    got = client.translate([page], document=MARKED).translations[0].document
+    assert got.text == translator.translate_document(page, markup=True).text
+    for kept in ("<code>ls &amp;&amp; x</code>", '<script>if (a < b) { c = "<b>the dog</b>"; }</script>',
+                 '<p translate="no">the cat</p>'):
+        assert got.text.count(kept) == 1
+
+
 def test_markup_source_spans_cover_each_sentence_in_the_marked_up_text(client, translator):
     doc = client.translate([MARKUP], document=MARKED).translations[0].document
     plain = parse_markup(MARKUP).text

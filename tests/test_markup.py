@@ -3,6 +3,7 @@ known, and well-formed output from a tiny random model whatever its alignments."
 
 from __future__ import annotations
 
+import functools
 import re
 import xml.etree.ElementTree as ET
 
@@ -189,6 +190,63 @@ def test_comments_empty_elements_and_stray_end_tags():
     assert out == "Ein <!-- note --><span></span>Hund."
 
 
+VERBATIM_DOC = ('<p>Run <code>ls -l</code> to list <b>files</b>.</p>\n'
+                '<script>if (a < b) { x = "<b>"; }</script><style>p { color: red }</style>\n'
+                '<p><span translate="no">Firefox <span>Nightly</span></span> opens <i class="x notranslate">about:config</i>.</p>')
+
+
+def test_code_scripts_styles_and_untranslated_elements_are_copied_as_they_stand():
+    markup = parse_markup(VERBATIM_DOC)
+    assert markup.text == "Run ls -l to list files.\n\nFirefox Nightly opens about:config."  # scripts hold no text
+    # Run(0) ls(1) -(2) l(3) to(4) list(5) files(6) .(7) | Firefox(0) Nightly(1) opens(2) about(3) :(4) config(5) .(6)
+    out = translate(VERBATIM_DOC, [
+        [("▁Führe", 0), ("▁ls", 1), ("▁-", 2), ("l", 3), ("▁aus", 0), ("▁um", 4), ("▁Dateien", 6),
+         ("▁aufzulisten", 5), (".", 7)],
+        [("▁Feuer", 0), ("fuchs", 0), ("▁Nächtlich", 1), ("▁öffnet", 2), ("▁über", 3), (":", 4), ("▁Konfig", 5),
+         (".", 6)]])
+    assert out == ('<p>Führe <code>ls -l</code> aus um <b>Dateien</b> aufzulisten.</p>\n'
+                   '<script>if (a < b) { x = "<b>"; }</script><style>p { color: red }</style>\n'
+                   '<p><span translate="no">Firefox <span>Nightly</span></span> öffnet '
+                   '<i class="x notranslate">about:config</i>.</p>')
+
+
+def test_a_verbatim_element_is_written_once_where_its_first_word_is_and_its_text_is_the_sentences():
+    markup = parse_markup("Open <kbd>Control Alt</kbd> now.")
+    doc = split_document(markup.text, words, 50)
+    # Open(0) Control(1) Alt(2) now(3) .(4): the model puts a word between the key's two words
+    target = [("▁Öffne", 0), ("▁Steuerung", 1), ("▁jetzt", 3), ("▁Alt", 2), (".", 4)]
+    rows = [[float(s == link) for s in range(6)] for _, link in target]
+    result = restore_markup(markup, doc, [AlignedTranslation(tokens(doc.sources()[0]), [t for t, _ in target], rows)])
+    assert result.text == "Öffne <kbd>Control Alt</kbd> jetzt."
+    assert result.sentences[0].text == "Öffne Control Alt jetzt."
+    assert result.sentences[0].target == (0, len(result.text))
+
+
+def test_a_verbatim_element_the_translation_leaves_out_goes_before_the_word_attending_to_it_most():
+    markup = parse_markup('<span translate="no">Rex</span> runs <code>home</code>.')
+    doc = split_document(markup.text, words, 50)
+    # Rex(0) runs(1) home(2) .(3): no word aligned to Rex or home; "Läuft" attends to Rex 0.3, "." to home 0.4
+    rows = [[0.3, 0.6, 0.1, 0.0, 0.0], [0.0, 0.2, 0.4, 0.4, 0.0]]
+    result = restore_markup(markup, doc, [AlignedTranslation(tokens(doc.sources()[0]), ["▁Läuft", "."], rows)])
+    assert result.text == '<span translate="no">Rex</span> Läuft <code>home</code>.'
+
+
+def test_scripts_and_empty_verbatim_elements_keep_the_spaces_around_them():
+    # Tom(0) sees(1) .(2): the formula and the empty code element are words of the sentence
+    out = translate("Tom sees <math><mi>x</mi></math> <code> </code>.",
+                    [[("▁Tom", 0), ("▁sieht", 1), (".", 2)]])
+    assert out == "Tom sieht <math><mi>x</mi></math> <code> </code>."
+
+
+def test_an_element_copied_as_it_stands_left_open_takes_the_rest_of_the_text():
+    markup = parse_markup("A dog. <code>x = 1 &amp; <b>y</b>\n\nmore")
+    assert markup.text == "A dog. x = 1 & y\n\nmore"
+    assert markup.stacks[7][-1].start_tag == "<code>x = 1 &amp; <b>y</b>\n\nmore" and markup.stacks[7][-1].verbatim
+    assert markup.stacks[-1] is markup.stacks[7] and markup.stacks[6] == ()
+    markup = parse_markup("A dog. <script>if (a < b) x = '</b>'")
+    assert markup.text == "A dog. " and [p.markup for p in markup.points] == ["<script>if (a < b) x = '</b>'"]
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"
@@ -247,6 +305,18 @@ def test_output_is_always_well_formed_on_a_random_model(toy_tokenizer, seed):
         assert all(e.get("href") == "/x?a=1&b=2" for e in root.iter("a"))
         assert out.count("<br/>") == source.count("<br/>")
         assert out.count("<img") == source.count("<img")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_elements_copied_as_they_stand_come_back_whole_on_a_random_model(toy_tokenizer, seed):
+    torch.manual_seed(seed)
+    translator = Translator(build_model(tiny_model_config()), toy_tokenizer)
+    out = translator.translate_document(VERBATIM_DOC, markup=True).text
+    kept = re.findall(r"<code>.*?</code>|<script>.*?</script>|<style>.*?</style>|<span translate.*?</span></span>"
+                      r"|<i class=.*?</i>", VERBATIM_DOC)
+    assert len(kept) == 5 and all(out.count(k) == 1 for k in kept)
+    rest = functools.reduce(lambda text, k: text.replace(k, ""), kept, out)
+    ET.fromstring(f"<root>{rest}</root>")  # the rest well-formed
 
 
 def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():

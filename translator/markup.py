@@ -10,6 +10,12 @@ HTML translation (bergamot-translator's html.cpp): a hard alignment per target t
 token with the most attention, end-of-sentence left out), shared by all tokens of a target word;
 markup without text goes before the first target token aligned at or after its source position.
 
+What is not prose stays as it is. Script, style, math and svg elements (NOT_PROSE) are markup
+without text. Code, kbd, samp and var elements (VERBATIM), and any element marked `translate="no"`
+(HTML's attribute) or of class `notranslate` (the page translators' convention), keep their text in
+the sentence, so that the model translates the words around it as a whole; the element is placed
+like any other and written as it stands in place of the target words it wraps.
+
 Text is written with `&`, `<` and `>` escaped; start tags are written as they came, attributes and
 their entities kept. An element split by the alignment (or by a sentence boundary) is written as
 two elements with the same start tag. Whitespace stays outside elements that open or close at it.
@@ -32,6 +38,10 @@ BLOCK = frozenset({"address", "article", "aside", "blockquote", "br", "caption",
                    "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6",
                    "header", "hr", "li", "main", "nav", "ol", "option", "p", "pre", "section", "table",
                    "tbody", "td", "tfoot", "th", "thead", "title", "tr", "ul"})
+# Elements whose content is copied as it stands (Bergamot's ignored tags): not text at all, or
+# text that is not to be translated.
+NOT_PROSE = frozenset({"math", "script", "style", "svg"})
+VERBATIM = frozenset({"code", "kbd", "samp", "var"})
 TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
 # A character reference as html.unescape reads one.
 CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
@@ -41,12 +51,14 @@ CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 class Element:
     """An element of the source; each one is distinct, even when two are written alike."""
 
-    start_tag: str  # as written: `<a href="x?a=1&amp;b=2">`
+    start_tag: str  # as written: `<a href="x?a=1&amp;b=2">`; a verbatim element: all of it
     name: str  # as written, for the end tag
+    verbatim: bool = False  # written whole, in place of its words, and holding nothing else
+    text: str = ""  # a verbatim element's plain text
 
     @property
     def end_tag(self) -> str:
-        return f"</{self.name}>"
+        return "" if self.verbatim else f"</{self.name}>"
 
 
 Stack = tuple[Element, ...]  # the elements around a character, outermost first
@@ -54,11 +66,14 @@ Stack = tuple[Element, ...]  # the elements around a character, outermost first
 
 @dataclass(frozen=True)
 class Point:
-    """Markup that holds no text, at a position of the plain text, inside the elements of `stack`."""
+    """Markup that holds no text, at a position of the plain text, inside the elements of `stack`.
+    An element copied as it stands reads as a word: `spaced` says whether the source has
+    whitespace before and after it, which the translation keeps."""
 
     position: int
     markup: str
     stack: Stack
+    spaced: tuple[bool, bool] = (False, False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,12 @@ class _Parser(HTMLParser):
         self.points: list[Point] = []
         self.open: list[tuple[Element, int]] = []  # element, length of the text when it opened
         self.breaks: list[int] = []
+        self.verbatim: _Verbatim | None = None  # the element being copied as it stands
+
+    def here(self) -> int:
+        """Where in the source the construct being handled begins."""
+        line, column = self.getpos()
+        return self.line_starts[line - 1] + column
 
     def block_edge(self, tag: str) -> None:
         if tag in BLOCK:
@@ -112,23 +133,37 @@ class _Parser(HTMLParser):
     def stack(self) -> Stack:
         return tuple(e for e, _ in self.open)
 
-    def point(self, markup: str) -> None:
-        self.points.append(Point(len(self.chars), markup, self.stack))
+    def point(self, markup: str, spaced: tuple[bool, bool] = (False, False)) -> None:
+        self.points.append(Point(len(self.chars), markup, self.stack, spaced))
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
+        if self.verbatim:
+            self.verbatim.depth += tag == self.verbatim.name and tag not in VOID
+            return
         raw = self.get_starttag_text() or f"<{tag}>"
         self.block_edge(tag)
         if tag in VOID:
             self.point(raw)
             return
+        if tag in NOT_PROSE or tag in VERBATIM or untranslated(attrs):
+            self.verbatim = _Verbatim(tag, self.here(), len(self.chars), prose=tag not in NOT_PROSE)
+            return
         match = TAG_NAME.match(raw)
         self.open.append((Element(raw, match.group(1) if match else tag), len(self.chars)))
 
     def handle_startendtag(self, tag: str, attrs: list) -> None:
+        if self.verbatim:
+            return
         self.block_edge(tag)
         self.point(self.get_starttag_text() or f"<{tag}/>")
 
     def handle_endtag(self, tag: str) -> None:
+        if self.verbatim:
+            self.verbatim.depth -= tag == self.verbatim.name
+            if not self.verbatim.depth:
+                end = self.source.find(">", self.here())
+                self.end_verbatim(end + 1 if end >= 0 else len(self.source))
+            return
         names = [e.name.lower() for e, _ in self.open]
         if tag not in names:
             return  # an end tag that closes nothing is dropped
@@ -139,7 +174,21 @@ class _Parser(HTMLParser):
             if opened == len(self.chars):  # it held no text: keep it whole at its position
                 self.point(element.start_tag + element.end_tag)
 
+    def end_verbatim(self, end: int) -> None:
+        """The element being copied ends at `end` of the source: its text, when it has some that is
+        not whitespace, goes inside it; else it is a point."""
+        v, self.verbatim = self.verbatim, None
+        raw, text = self.source[v.start : end], "".join(self.chars[v.opened:])
+        if text.strip():
+            stack = self.stack + (Element(raw, v.name, verbatim=True, text=text),)
+            self.stacks[v.opened:] = [stack] * len(text)
+            return
+        del self.chars[v.opened:], self.stacks[v.opened:], self.origins[v.opened:]
+        self.point(raw, (self.source[v.start - 1 : v.start].isspace(), self.source[end : end + 1].isspace()))
+
     def handle_data(self, data: str) -> None:
+        if self.verbatim and not self.verbatim.prose:
+            return
         stack = self.stack
         self.chars.extend(data)
         self.stacks.extend([stack] * len(data))
@@ -147,21 +196,44 @@ class _Parser(HTMLParser):
         self.origins.extend(origins(self.source, self.line_starts[line - 1] + column, data))
 
     def handle_comment(self, data: str) -> None:
-        self.point(f"<!--{data}-->")
+        if not self.verbatim:
+            self.point(f"<!--{data}-->")
 
     def handle_decl(self, decl: str) -> None:
-        self.point(f"<!{decl}>")
+        if not self.verbatim:
+            self.point(f"<!{decl}>")
 
     def handle_pi(self, data: str) -> None:
-        self.point(f"<?{data}>")
+        if not self.verbatim:
+            self.point(f"<?{data}>")
+
+
+@dataclass
+class _Verbatim:
+    """An element copied as it stands: its name, where it began in the source and in the plain
+    text, whether its text is read, and how many elements of its name are open."""
+
+    name: str
+    start: int
+    opened: int
+    prose: bool
+    depth: int = 1
+
+
+def untranslated(attrs: list[tuple[str, str | None]]) -> bool:
+    """Whether a start tag's attributes mark its content as not to be translated."""
+    return any((name == "translate" and (value or "").strip().lower() == "no")
+               or (name == "class" and "notranslate" in (value or "").split()) for name, value in attrs)
 
 
 def parse_markup(text: str) -> Markup:
     """Plain text and markup of `text`; an end tag that closes nothing is dropped, and elements
-    left open run to the end of the text."""
+    left open run to the end of the text (one copied as it stands takes the rest)."""
     parser = _Parser(text)
     parser.feed(text)
     parser.close()
+    if parser.verbatim:
+        parser.end_verbatim(len(text))
     return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks),
                   tuple(parser.origins))
 
@@ -216,11 +288,13 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
             points = [p for p in points if p.position >= b]
             cursor, k = b, k + 1
     units += _source_units(markup, cursor, len(markup.text), points)
+    units = _verbatim_once(units)
     text, spans = _write(units, len(doc.sentences))
     plain: list[list[str]] = [[] for _ in doc.sentences]
     for unit in units:
         if unit.sentence is not None and not unit.is_markup:
-            plain[unit.sentence].append(unit.text)
+            verbatim = _verbatim(unit)
+            plain[unit.sentence].append(unit.text if verbatim is None else _lead(unit.text) + verbatim.text)
     sentences = tuple(TranslatedSentence(markup.source_span(s.span), span, "".join(parts).strip())
                       for s, span, parts in zip(doc.sentences, spans, plain))
     return DocumentResult(text, sentences)
@@ -249,7 +323,9 @@ def _target_units(
     markup: Markup, piece: Span, tr: AlignedTranslation, points: list[Point], sentence: int
 ) -> list[_Unit]:
     """The target tokens of one piece, each with the stack of its aligned source token, and the
-    points inside the piece before the first target token aligned at or after them."""
+    points inside the piece before the first target token aligned at or after them. A verbatim
+    element that begins in the piece and that no target word holds goes before the target word
+    that attends most to it, or at the end when the translation is empty."""
     a, _ = piece
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
@@ -257,21 +333,71 @@ def _target_units(
     links = hard_alignment(tr.target_pieces, tr.alignment, texts)
     stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment, [_is_punctuation(t) for t in texts])
     units: list[_Unit] = []
+    at: dict[int, int] = {}  # target token -> index of its text in units
     pending = sorted(points, key=lambda p: p.position)
-    for piece_text, src, stack in zip(tr.target_pieces, links, stacks):
+    for t, (piece_text, src, stack) in enumerate(zip(tr.target_pieces, links, stacks)):
         text = piece_text.replace("\u2581", " ")
         if not any(not u.is_markup for u in units):
             text = text.lstrip()
         due = [p for p in pending if src is not None and _token_index(starts, p.position) <= src]
-        if due and text[:1].isspace():  # markup goes after the space, before the word
-            units.append(_Unit(" ", source_stacks[src], sentence=sentence))
-            text = text[1:]
-        units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in due]
+        if due:  # markup goes after the space, before the word
+            spaced = text[:1].isspace()
+            text = text[1:] if spaced else text
+            units += _point_units(due, units, spaced, source_stacks[src], sentence)
+            if text and due[-1].spaced[1]:
+                text = " " + text
         pending = [p for p in pending if p not in due]
         if text:
+            at[t] = len(units)
             units.append(_Unit(text, stack if stack is not None else markup.stacks[a], sentence=sentence))
-    units += [_Unit(p.markup, p.stack, is_markup=True, sentence=sentence) for p in pending]
+    units += _point_units(pending, units, False, markup.stacks[a] if markup.stacks else (), sentence)
+    return _with_unheld_verbatim(markup, piece, source_stacks, tr, units, at, sentence)
+
+
+def _with_unheld_verbatim(markup: Markup, piece: Span, source_stacks: list[Stack], tr: AlignedTranslation,
+                          units: list[_Unit], at: dict[int, int], sentence: int) -> list[_Unit]:
+    """`units` of a piece (`at`: per target token, the index of its text) with each verbatim
+    element that begins in the piece and that no target word holds: before the target word that
+    attends most to it, with the source's spaces around it, or at the end when no word does."""
+    a, b = piece
+    held = {id(_verbatim(u)) for u in units if _verbatim(u) is not None and u.text.strip()}
+    words = word_ids(tr.target_pieces)
+    inserts: list[tuple[int, _Unit]] = []
+    for i in range(a, b):
+        stack = markup.stacks[i]
+        if not stack or not stack[-1].verbatim or id(stack[-1]) in held or markup.text[i].isspace():
+            continue
+        held.add(id(stack[-1]))
+        own = [j for j, st in enumerate(source_stacks) if st and st[-1] is stack[-1]]
+        if not at or not own:
+            units.append(_Unit(" " * any(not u.is_markup for u in units) + stack[-1].text, stack, sentence=sentence))
+            continue
+        best = max(at, key=lambda t: max(tr.alignment[t][j] for j in own))
+        first = min(t for t in at if words[t] == words[best])
+        word = units[at[first]]
+        end = i + len(stack[-1].text.strip())  # the element's text, from its first visible character
+        spaced = bool(_lead(word.text))
+        before = (spaced or markup.text[i - 1 : i].isspace()) and any(not u.is_markup for u in units[: at[first]])
+        inserts.append((at[first], _Unit(" " * before + stack[-1].text.strip(), stack, sentence=sentence)))
+        word.text = " " * (spaced or markup.text[end : end + 1].isspace()) + word.text.lstrip()
+    for index, unit in sorted(inserts, key=lambda iu: -iu[0]):
+        units.insert(index, unit)
     return units
+
+
+def _point_units(points: list[Point], units: list[_Unit], spaced: bool, stack: Stack, sentence: int) -> list[_Unit]:
+    """The points before a target word (after `units`), behind a space when the word had one or
+    the first point is a word copied as it stands with a space before it in the source; such
+    points keep the space between them."""
+    out = []
+    for i, p in enumerate(points):
+        if i and points[i - 1].spaced[1]:
+            out.append(_Unit(" ", p.stack, sentence=sentence))
+        out.append(_Unit(p.markup, p.stack, is_markup=True, sentence=sentence))
+    wordy = any(not u.is_markup for u in units)
+    if points and (spaced or (points[0].spaced[0] and wordy and not units[-1].text[-1:].isspace())):
+        out.insert(0, _Unit(" ", stack, sentence=sentence))
+    return out
 
 
 def word_ids(target_pieces: list[str]) -> list[int]:
@@ -345,7 +471,8 @@ def target_stacks(
     (`source_punctuation`, per source token): a comma the translation adds where the source has
     none attends to the word that called for it, but a person leaves it outside that word's
     element. An element that no token holds then goes onto the target word (of letters or
-    digits, where there is one) that attends most to it through any of its pieces."""
+    digits, where there is one) that attends most to it through any of its pieces; a verbatim
+    one, which would replace that word, is left to `_target_units`."""
     words = word_ids(target_pieces)
     texts: dict[int, str] = {}
     for w, piece in zip(words, target_pieces):
@@ -365,7 +492,7 @@ def target_stacks(
         out.append(_prefix([stack, before or (), after or ()]))
     kept = {id(e) for stack in out if stack for e in stack}
     for element in {id(e): e for stack in source_stacks for e in stack}.values():
-        if id(element) in kept or not out:
+        if id(element) in kept or not out or element.verbatim:  # a verbatim one replaces no word
             continue
         holders = [s for s, stack in enumerate(source_stacks) if any(e is element for e in stack)]
         wordy = [t for t, has in enumerate(lettered) if has]  # every piece of a word, its bare "▁" too
@@ -442,6 +569,30 @@ def _token_stack(markup: Markup, start: int, end: int) -> Stack:
     return markup.stacks[min(_first_visible(markup.text, start, end), len(markup.stacks) - 1)]
 
 
+def _verbatim(unit: _Unit) -> Element | None:
+    """The verbatim element whose text `unit` stands in for, if any."""
+    inner = unit.stack[-1] if unit.stack and not unit.is_markup else None
+    return inner if inner is not None and inner.verbatim else None
+
+
+def _lead(text: str) -> str:
+    return text[: len(text) - len(text.lstrip())]
+
+
+def _verbatim_once(units: list[_Unit]) -> list[_Unit]:
+    """`units` without those of a verbatim element after its first word: it is written whole there."""
+    seen: set[int] = set()
+    out = []
+    for unit in units:
+        element = _verbatim(unit)
+        if element is not None and id(element) in seen:
+            continue
+        if element is not None and unit.text.strip():
+            seen.add(id(element))
+        out.append(unit)
+    return out
+
+
 def _write(units: list[_Unit], n_sentences: int) -> tuple[str, list[Span]]:
     """The marked-up text of `units` and each sentence's span in it."""
     out: list[str] = []
@@ -454,9 +605,13 @@ def _write(units: list[_Unit], n_sentences: int) -> tuple[str, list[Span]]:
         out.append(s)
         length += len(s)
 
+    def begin(unit: _Unit) -> None:
+        if unit.sentence is not None and spans[unit.sentence][0] < 0:
+            spans[unit.sentence][0] = length
+
     for unit in units:
         body = unit.text if unit.is_markup else html.escape(unit.text, quote=False)
-        lead = "" if unit.is_markup else body[: len(body) - len(body.lstrip())]
+        lead = "" if unit.is_markup else _lead(body)
         body = body[len(lead):]
         common = _common(open_, unit.stack)
         for element in reversed(open_[common:]):
@@ -465,11 +620,13 @@ def _write(units: list[_Unit], n_sentences: int) -> tuple[str, list[Span]]:
         open_ = open_[:common]
         if body:  # whitespace alone opens nothing
             for element in unit.stack[common:]:
+                if element.verbatim:  # written whole in place of its words
+                    begin(unit)
                 emit(element.start_tag)
             open_ = unit.stack
-            if unit.sentence is not None and spans[unit.sentence][0] < 0:
-                spans[unit.sentence][0] = length
-            emit(body)
+            if _verbatim(unit) is None:
+                begin(unit)
+                emit(body)
             if unit.sentence is not None:
                 spans[unit.sentence][1] = length
     for element in reversed(open_):
