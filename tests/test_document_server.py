@@ -144,6 +144,16 @@ def test_code_and_scripts_come_back_as_they_stand_and_equal_offline(client, tran
         assert got.text.count(kept) == 1
 
 
+def test_html_wrapped_over_lines_is_translated_sentence_by_sentence_and_equals_offline(client, translator):
+    page = "<p>the red dog\n   runs on the street. the small\r\ncat sleeps.</p>\n<pre>the man\nthe woman</pre>"
+    got = client.translate([page], document=MARKED).translations[0].document
+    want = translator.translate_document(page, markup=True)
+    assert got.text == want.text
+    assert [page[s.source_start : s.source_end] for s in got.sentences] == [
+        "the red dog\n   runs on the street.", "the small\r\ncat sleeps.", "the man", "the woman"]
+    assert "</p>\n<pre>" in got.text and got.text.count("\n") == 2  # between the blocks, and the line in <pre>
+
+
 def test_markup_source_spans_cover_each_sentence_in_the_marked_up_text(client, translator):
     doc = client.translate([MARKUP], document=MARKED).translations[0].document
     plain = parse_markup(MARKUP).text

@@ -247,6 +247,14 @@ def test_an_element_copied_as_it_stands_left_open_takes_the_rest_of_the_text():
     assert markup.text == "A dog. " and [p.markup for p in markup.points] == ["<script>if (a < b) x = '</b>'"]
 
 
+def test_a_lone_line_break_outside_preformatted_text_does_not_end_a_sentence():
+    markup = parse_markup("<p>A man in a red\r\n  shirt rides.\n\nTwo dogs</p>\n<pre>x = 1\ny = 2</pre>")
+    assert markup.text == "A man in a red\r\n  shirt rides.\n\nTwo dogs\nx = 1\ny = 2"
+    assert markup.flowing == "A man in a red    shirt rides.\n\nTwo dogs x = 1\ny = 2"  # same offsets
+    doc = split_document(markup.flowing, words, 50, breaks=markup.breaks)
+    assert doc.sources() == ["A man in a red    shirt rides.", "Two dogs", "x = 1", "y = 2"]
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"

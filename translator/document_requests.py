@@ -111,7 +111,7 @@ def split_documents(
     sentences = pieces = 0
     for text in texts:
         markup = parse_markup(text) if request.markup else None
-        plain, breaks = (markup.text, markup.breaks) if markup else (text, ())
+        plain, breaks = (markup.flowing, markup.breaks) if markup else (text, ())
         left = DocumentLimits(max_chars=max(len(plain), 1), max_sentences=max(max_sentences - sentences, 1))
         try:
             doc = split_document(plain, count_tokens, max_tokens, language, left, breaks)

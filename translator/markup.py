@@ -42,6 +42,9 @@ BLOCK = frozenset({"address", "article", "aside", "blockquote", "br", "caption",
 # text that is not to be translated.
 NOT_PROSE = frozenset({"math", "script", "style", "svg"})
 VERBATIM = frozenset({"code", "kbd", "samp", "var"})
+# Elements inside which a line break is one; elsewhere HTML renders it as a space.
+PREFORMATTED = frozenset({"listing", "plaintext", "pre", "textarea", "xmp"})
+LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # as str.splitlines breaks
 TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
 # A character reference as html.unescape reads one.
 CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
@@ -83,6 +86,19 @@ class Markup:
     points: tuple[Point, ...]  # in order of position
     breaks: tuple[int, ...] = ()  # where a block element begins or ends: split_document's breaks
     origins: tuple[Span, ...] = ()  # per character of text, the characters of the marked-up text it came from
+
+    @property
+    def flowing(self) -> str:
+        """`text` as split_document should read it: a lone line break in whitespace outside a
+        preformatted element as spaces (HTML renders it as a space, so a sentence wrapped over
+        lines of the source is one sentence); blank lines still part paragraphs. Same length."""
+        chars = list(self.text)
+        for gap in re.finditer(r"\s+", self.text):
+            breaks = list(LINE_BREAK.finditer(gap.group()))
+            if len(breaks) == 1 and not any(e.name.lower() in PREFORMATTED for e in self.stacks[gap.start()]):
+                a, b = breaks[0].span()
+                chars[gap.start() + a : gap.start() + b] = " " * (b - a)
+        return "".join(chars)
 
     def source_span(self, span: Span) -> Span:
         """The span of the marked-up text that plain `span` came from (tags inside it included)."""

@@ -194,7 +194,7 @@ class Translator:
         src_lang). Over a limit: DocumentLimitError, before any sentence is translated."""
         check_chars(text, limits)
         parsed = parse_markup(text) if markup else None
-        plain, breaks = (parsed.text, parsed.breaks) if parsed else (text, ())
+        plain, breaks = (parsed.flowing, parsed.breaks) if parsed else (text, ())
         doc = split_document(plain, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits, breaks)
         opts = options or self.options
         if parsed is None:
