@@ -255,6 +255,13 @@ def test_a_lone_line_break_outside_preformatted_text_does_not_end_a_sentence():
     assert doc.sources() == ["A man in a red    shirt rides.", "Two dogs", "x = 1", "y = 2"]
 
 
+def test_cdata_sections_and_declarations_are_kept_as_written():
+    # Tom(0) runs(1) .(2)
+    out = translate("Tom <![CDATA[x < y]]> <!ELEMENT a> runs<![if IE]>.",
+                    [[("▁Tom", 0), ("▁läuft", 1), (".", 2)]])
+    assert out == "Tom <![CDATA[x < y]]><!ELEMENT a>läuft<![if IE]>."
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"

@@ -211,9 +211,19 @@ class _Parser(HTMLParser):
         line, column = self.getpos()
         self.origins.extend(origins(self.source, self.line_starts[line - 1] + column, data))
 
+    def raw(self, closer: str) -> str:
+        """The source of the construct being handled, to the first `closer` after its start."""
+        start = self.here()
+        end = self.source.find(closer, start + 2)
+        return self.source[start : end + len(closer)] if end >= 0 else self.source[start:]
+
     def handle_comment(self, data: str) -> None:
+        if not self.verbatim:  # a bogus comment (`<!ELEMENT a>`, `<?x>` in HTML) as it was written
+            self.point(f"<!--{data}-->" if self.source.startswith("<!--", self.here()) else self.raw(">"))
+
+    def unknown_decl(self, data: str) -> None:  # a marked section: `<![CDATA[x < y]]>`, `<![if IE]>`
         if not self.verbatim:
-            self.point(f"<!--{data}-->")
+            self.point(self.raw("]]>" if data.startswith("CDATA[") else "]>"))
 
     def handle_decl(self, decl: str) -> None:
         if not self.verbatim:
