@@ -301,19 +301,19 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     if len(translations) != len(doc.pieces):
         raise ValueError(f"{len(translations)} translations for {len(doc.pieces)} pieces")
     units: list[_Unit] = []
-    points = list(markup.points)
-    cursor = k = 0
+    points = sorted(markup.points, key=lambda p: p.position)
+    cursor = k = i = 0  # points[i:] are those at or after the cursor
     for index, sentence in enumerate(doc.sentences):
         for j, (a, b) in enumerate(sentence.pieces):
-            gap = _source_units(markup, cursor, a, [p for p in points if cursor <= p.position <= a])
+            g = _after(points, a, i)
+            gap = _source_units(markup, cursor, a, points[i:g])
             for unit in gap if j else ():  # the space between the pieces of a cut sentence is part of it
                 unit.sentence = index
             units += gap
-            inside = [p for p in points if a < p.position < b]
-            units += _target_units(markup, (a, b), translations[k], inside, index)
-            points = [p for p in points if p.position >= b]
+            i = _before(points, b, g)
+            units += _target_units(markup, (a, b), translations[k], points[g:i], index)
             cursor, k = b, k + 1
-    units += _source_units(markup, cursor, len(markup.text), points)
+    units += _source_units(markup, cursor, len(markup.text), points[i:])
     units = _verbatim_once(units)
     text, spans = _write(units, len(doc.sentences))
     plain: list[list[str]] = [[] for _ in doc.sentences]
@@ -324,6 +324,20 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     sentences = tuple(TranslatedSentence(markup.source_span(s.span), span, "".join(parts).strip())
                       for s, span, parts in zip(doc.sentences, spans, plain))
     return DocumentResult(text, sentences)
+
+
+def _after(points: list[Point], position: int, i: int) -> int:
+    """The index of the first of the sorted `points`, from `i`, after `position`."""
+    while i < len(points) and points[i].position <= position:
+        i += 1
+    return i
+
+
+def _before(points: list[Point], position: int, i: int) -> int:
+    """The index of the first of the sorted `points`, from `i`, at or after `position`."""
+    while i < len(points) and points[i].position < position:
+        i += 1
+    return i
 
 
 def _source_units(markup: Markup, start: int, end: int, points: list[Point]) -> list[_Unit]:
