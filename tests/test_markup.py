@@ -262,6 +262,17 @@ def test_cdata_sections_and_declarations_are_kept_as_written():
     assert out == "Tom <![CDATA[x < y]]><!ELEMENT a>läuft<![if IE]>."
 
 
+def test_the_whitespace_between_tags_of_a_page_stays_inside_the_elements_it_stood_in():
+    page = "<html>\n<body>\n  <ul>\n    <li>A dog.</li>\n  </ul>\n  <p> <span> </span></p>\n</body>\n</html>\n"
+    markup = parse_markup(page)
+    doc = split_document(markup.flowing, words, 50, breaks=markup.breaks)
+    assert doc.sources() == ["A dog."]
+    # A(0) dog(1) .(2)
+    rows = [[float(s == t) for s in range(4)] for t in range(3)]
+    result = restore_markup(markup, doc, [AlignedTranslation(tokens("A dog."), ["▁Ein", "▁Hund", "."], rows)])
+    assert result.text == page.replace("A dog.", "Ein Hund.")
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"

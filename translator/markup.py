@@ -18,7 +18,9 @@ like any other and written as it stands in place of the target words it wraps.
 
 Text is written with `&`, `<` and `>` escaped; start tags are written as they came, attributes and
 their entities kept. An element split by the alignment (or by a sentence boundary) is written as
-two elements with the same start tag. Whitespace stays outside elements that open or close at it.
+two elements with the same start tag. A translation's whitespace stays outside elements that open
+or close at it; the source's whitespace between sentences is written inside the elements it stood
+in, so the layout of a page's source is kept.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ class _Unit:
     stack: Stack
     is_markup: bool = False
     sentence: int | None = None  # the sentence whose translation this is
+    exact: bool = False  # source text kept as it is: its whitespace too is inside its elements
 
 
 def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTranslation]) -> DocumentResult:
@@ -354,7 +357,7 @@ def _source_units(markup: Markup, start: int, end: int, points: list[Point]) -> 
         j = i + 1
         while j < stop and markup.stacks[j] is markup.stacks[i]:
             j += 1
-        units.append(_Unit(markup.text[i:j], markup.stacks[i]))
+        units.append(_Unit(markup.text[i:j], markup.stacks[i], exact=True))
         i = j
     return units
 
@@ -656,14 +659,19 @@ def _write(units: list[_Unit], n_sentences: int) -> tuple[str, list[Span]]:
         common = _common(open_, unit.stack)
         for element in reversed(open_[common:]):
             emit(element.end_tag)
-        emit(lead)
         open_ = open_[:common]
-        if body:  # whitespace alone opens nothing
+        exact = unit.exact and lead and _verbatim(unit) is None
+        if not exact:  # a translation's space goes outside the elements that open at it
+            emit(lead)
+        if body or exact:  # whitespace alone opens nothing, unless it stood inside them
             for element in unit.stack[common:]:
                 if element.verbatim:  # written whole in place of its words
                     begin(unit)
                 emit(element.start_tag)
             open_ = unit.stack
+            if exact:
+                emit(lead)
+        if body:
             if _verbatim(unit) is None:
                 begin(unit)
                 emit(body)
