@@ -25,6 +25,7 @@ in, so the layout of a page's source is kept.
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from dataclasses import dataclass
@@ -304,16 +305,16 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     if len(translations) != len(doc.pieces):
         raise ValueError(f"{len(translations)} translations for {len(doc.pieces)} pieces")
     units: list[_Unit] = []
-    points = sorted(markup.points, key=lambda p: p.position)
+    points = sorted(markup.points, key=position)
     cursor = k = i = 0  # points[i:] are those at or after the cursor
     for index, sentence in enumerate(doc.sentences):
         for j, (a, b) in enumerate(sentence.pieces):
-            g = _after(points, a, i)
+            g = bisect.bisect_right(points, a, lo=i, key=position)
             gap = _source_units(markup, cursor, a, points[i:g])
             for unit in gap if j else ():  # the space between the pieces of a cut sentence is part of it
                 unit.sentence = index
             units += gap
-            i = _before(points, b, g)
+            i = bisect.bisect_left(points, b, lo=g, key=position)
             units += _target_units(markup, (a, b), translations[k], points[g:i], index)
             cursor, k = b, k + 1
     units += _source_units(markup, cursor, len(markup.text), points[i:])
@@ -329,18 +330,8 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     return DocumentResult(text, sentences)
 
 
-def _after(points: list[Point], position: int, i: int) -> int:
-    """The index of the first of the sorted `points`, from `i`, after `position`."""
-    while i < len(points) and points[i].position <= position:
-        i += 1
-    return i
-
-
-def _before(points: list[Point], position: int, i: int) -> int:
-    """The index of the first of the sorted `points`, from `i`, at or after `position`."""
-    while i < len(points) and points[i].position < position:
-        i += 1
-    return i
+def position(point: Point) -> int:
+    return point.position
 
 
 def _source_units(markup: Markup, start: int, end: int, points: list[Point]) -> list[_Unit]:
@@ -367,8 +358,8 @@ def _target_units(
 ) -> list[_Unit]:
     """The target tokens of one piece, each with the stack of its aligned source token, and the
     points inside the piece before the first target token aligned at or after them. A verbatim
-    element that begins in the piece and that no target word holds goes before the target word
-    that attends most to it, or at the end when the translation is empty."""
+    element that no target word holds goes before the target word that attends most to it, or at
+    the end when the translation is empty."""
     a, _ = piece
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
@@ -400,8 +391,9 @@ def _target_units(
 def _with_unheld_verbatim(markup: Markup, piece: Span, source_stacks: list[Stack], tr: AlignedTranslation,
                           units: list[_Unit], at: dict[int, int], sentence: int) -> list[_Unit]:
     """`units` of a piece (`at`: per target token, the index of its text) with each verbatim
-    element that begins in the piece and that no target word holds: before the target word that
-    attends most to it, with the source's spaces around it, or at the end when no word does."""
+    element with text in the piece that no target word of the piece holds: before the target word
+    that attends most to it, with the source's spaces around it, or at the end when no word does
+    (of an element across pieces, `_verbatim_once` keeps the first)."""
     a, b = piece
     held = {id(_verbatim(u)) for u in units if _verbatim(u) is not None and u.text.strip()}
     words = word_ids(tr.target_pieces)
