@@ -27,7 +27,8 @@ from markup_placement import DATA, wrap
 
 from translator.cli import add_decoding_flags, decoding_options
 from translator.documents import split_document
-from translator.markup import parse_markup, restore_markup
+from translator.markup import parse_markup
+from translator.placement import restore_markup
 from translator.translate import Translator, aligned_translation
 
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model_config
+from translator.alignment import hard_alignment
 from translator.documents import split_document
-from translator.markup import AlignedTranslation, hard_alignment, parse_markup, restore_markup
+from translator.markup import parse_markup
 from translator.model import build_model
+from translator.placement import AlignedTranslation, restore_markup
 from translator.translate import Translator
 
 

@@ -1,6 +1,7 @@
 """Document requests of the translation service: documents split into the pieces the model takes,
 checked against the request's limits, and put back together from the pieces' translations, all at
-once or sentence by sentence as they become final (translator.documents, translator.markup).
+once or sentence by sentence as they become final (translator.documents, translator.markup,
+translator.placement).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from translator.documents import (
     reassemble,
     split_document,
 )
-from translator.markup import AlignedTranslation, Markup, parse_markup, restore_markup
+from translator.markup import Markup, parse_markup
+from translator.placement import AlignedTranslation, restore_markup
 
 # A language tag as BCP 47 spells one ("en", "pt-BR", "zh-Hant"): what the splitter is given.
 LANGUAGE = re.compile(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,4}")

@@ -29,8 +29,9 @@ from translator.glossary import (
     terms_in,
 )
 from translator.hooks import RunningSearch
-from translator.markup import AlignedTranslation, parse_markup, restore_markup
+from translator.markup import parse_markup
 from translator.model import EncoderDecoder
+from translator.placement import AlignedTranslation, restore_markup
 from translator.search_setup import Steps, run_to_end
 from translator.tokenizer import UNK, Tokenizer
 
@@ -190,8 +191,9 @@ class Translator:
     ) -> DocumentResult:
         """A document translated sentence by sentence in one `translate` call and put back together
         with its layout (translator.documents); with `markup`, its inline HTML/XML placed through
-        the alignments (translator.markup). `lang` picks the sentence splitter's rules (default:
-        src_lang). Over a limit: DocumentLimitError, before any sentence is translated."""
+        the alignments (translator.markup, translator.placement). `lang` picks the sentence
+        splitter's rules (default: src_lang). Over a limit: DocumentLimitError, before any sentence
+        is translated."""
         check_chars(text, limits)
         parsed = parse_markup(text) if markup else None
         plain, breaks = (parsed.flowing, parsed.breaks) if parsed else (text, ())

@@ -1,0 +1,163 @@
+"""Which elements each target token sits in, read from the cross-attention alignments.
+
+As Bergamot's HTML translation (bergamot-translator's html.cpp) does it: a hard alignment per
+target token (the source token with the most attention, end-of-sentence left out), shared by all
+tokens of a target word; a token whose alignment is not confident keeps only the elements it shares
+with the confident tokens around it.
+"""
+
+from __future__ import annotations
+
+from translator.markup import Stack, common_depth
+
+
+def word_ids(target_pieces: list[str]) -> list[int]:
+    """Per target token, the index of its word (see starts_word)."""
+    ids, word = [], -1
+    for t, piece in enumerate(target_pieces):
+        word += t == 0 or starts_word(target_pieces[t - 1], piece)
+        ids.append(word)
+    return ids
+
+
+def confident(
+    words: list[int], alignment: list[list[float]], links: list[int | None], eligible: list[bool]
+) -> list[bool]:
+    """Per target token, whether its word is also the target word its source token attends to
+    most (the alignment holds both ways), among the `eligible` tokens. An article attends to its
+    noun, but the noun's source word attends most to the noun: the article is not confident."""
+    best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
+    for t, src in enumerate(links):
+        if src is not None and eligible[t] and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
+            best[src] = (alignment[t][src], words[t])
+    return [src is not None and eligible[t] and best[src][1] == words[t] for t, src in enumerate(links)]
+
+
+# A word next to a sure word of the same source token is a further part of its translation when it
+# attends to that token at least this much, and this many times more than to any source token
+# outside the token's elements (chosen on 50 lines of Multi30K val, docs/RESULTS.md).
+FURTHER_PART_ATTENTION = 0.4
+FURTHER_PART_MARGIN = 2.0
+
+
+def further_parts(
+    words: list[int], sure: list[bool], links: list[int | None], alignment: list[list[float]], source_stacks: list[Stack],
+    lettered: list[bool],
+) -> list[bool]:
+    """`sure` with the further words of one source word's translation added ("Bauarbeiter":
+    "construction workers", "Baseballschläger": "baseball bat"): a word of letters or digits right
+    after a sure word aligned to the same source token that attends to that token strongly
+    (FURTHER_PART_ATTENTION) and clearly more than to any token of another stack
+    (FURTHER_PART_MARGIN), so that a preposition that half attends to the noun before it ("a
+    snowmobile in") stays outside. Only to the right: the words before a translation's head that
+    attend to it are, in the languages of Multi30K, its articles, prepositions and auxiliaries."""
+    held = list(sure)
+    grown = True
+    while grown:
+        grown = False
+        for t, s in enumerate(links):
+            if held[t] or s is None or not lettered[t]:
+                continue
+            if not any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links))):
+                continue  # no sure word of the same source token just before it
+            part = [i for i in range(len(links)) if words[i] == words[t]]
+            own = max(alignment[i][s] for i in part)
+            rival = max((alignment[i][j] for i in part for j in range(len(source_stacks))
+                         if source_stacks[j] != source_stacks[s]), default=0.0)
+            if own >= FURTHER_PART_ATTENTION and own >= FURTHER_PART_MARGIN * rival:
+                for i in part:
+                    held[i] = True
+                grown = True
+    return held
+
+
+def target_stacks(
+    source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]],
+    source_punctuation: list[bool],
+) -> list[Stack | None]:
+    """Per target token, its aligned source token's stack when the alignment is confident; else
+    only the elements it shares with the confident tokens on both sides (the piece's outer
+    elements at its ends), so that an element does not spread onto an article or a repetition.
+    A word of punctuation alone holds only the element of source punctuation
+    (`source_punctuation`, per source token): a comma the translation adds where the source has
+    none attends to the word that called for it, but a person leaves it outside that word's
+    element. An element that no token holds then goes onto the target word (of letters or
+    digits, where there is one) that attends most to it through any of its pieces; a verbatim
+    one, which would replace that word, is left to `_target_units`."""
+    words = word_ids(target_pieces)
+    texts: dict[int, str] = {}
+    for w, piece in zip(words, target_pieces):
+        texts[w] = texts.get(w, "") + piece
+    lettered = [any(ch.isalnum() for ch in texts[w]) for w in words]  # per token: its word has letters or digits
+    eligible = [has or (s is not None and source_punctuation[s]) for has, s in zip(lettered, links)]
+    sure = further_parts(words, confident(words, alignment, links, eligible), links, alignment, source_stacks, lettered)
+    own = [source_stacks[s] if s is not None else None for s in links]
+    outer = prefix(source_stacks) if source_stacks else ()
+    out: list[Stack | None] = []
+    for t, stack in enumerate(own):
+        if stack is None or sure[t]:
+            out.append(stack)
+            continue
+        before = next((own[i] for i in range(t - 1, -1, -1) if sure[i]), outer)
+        after = next((own[i] for i in range(t + 1, len(own)) if sure[i]), outer)
+        out.append(prefix([stack, before or (), after or ()]))
+    kept = {id(e) for stack in out if stack for e in stack}
+    for element in {id(e): e for stack in source_stacks for e in stack}.values():
+        if id(element) in kept or not out or element.verbatim:  # a verbatim one replaces no word
+            continue
+        holders = [s for s, stack in enumerate(source_stacks) if any(e is element for e in stack)]
+        wordy = [t for t, has in enumerate(lettered) if has]  # every piece of a word, its bare "▁" too
+        pairs = [(t, s) for t in (wordy or range(len(out))) for s in holders]
+        t, s = max(pairs, key=lambda ts: alignment[ts[0]][ts[1]])
+        for i in (i for i in range(len(out)) if words[i] == words[t]):
+            out[i] = source_stacks[s]
+        kept |= {id(e) for e in source_stacks[s]}
+    return out
+
+
+def prefix(stacks: list[Stack]) -> Stack:
+    """The elements all `stacks` share, outermost first."""
+    n = min(len(s) for s in stacks)
+    for other in stacks[1:]:
+        n = min(n, common_depth(stacks[0], other))
+    return stacks[0][:n]
+
+
+def hard_alignment(target_pieces: list[str], alignment: list[list[float]], source: list[str]) -> list[int | None]:
+    """Per target token, the source token (of the texts `source`) it is aligned to: the likeliest
+    one over all the tokens of its word, so a word keeps its markup whole. A word of punctuation
+    alone goes with the likeliest punctuation of the source when there is some: attention puts a
+    full stop on the word before it, which would pull the stop into that word's element.
+    None when there are no source tokens."""
+    n = len(source)
+    if n == 0:
+        return [None] * len(target_pieces)
+    marks = [i for i, text in enumerate(source) if is_punctuation(text)]
+    links: list[int | None] = [None] * len(target_pieces)
+    word_start = 0
+    for t in range(1, len(target_pieces) + 1):
+        if t < len(target_pieces) and not starts_word(target_pieces[t - 1], target_pieces[t]):
+            continue
+        word = range(word_start, t)
+        punctuation = marks and is_punctuation("".join(target_pieces[i] for i in word))
+        candidates = marks if punctuation else range(n)
+        _, best = max(((i, s) for i in word for s in candidates), key=lambda pair: alignment[pair[0]][pair[1]])
+        for i in word:
+            links[i] = best
+        word_start = t
+    return links
+
+
+def is_punctuation(text: str) -> bool:
+    text = text.replace("\u2581", "").strip()
+    return bool(text) and not any(ch.isalnum() for ch in text)
+
+
+def starts_word(previous: str, piece: str) -> bool:
+    """Whether a target piece begins a word: after a space ('\u2581'), or where a letter or digit
+    meets anything else, so that punctuation is a word of its own (as Bergamot's delimiters do)."""
+    if previous == "\u2581":  # a space piece alone begins the word of the piece after it
+        return False
+    if piece.startswith("\u2581") or not previous or not piece:
+        return True
+    return not (previous[-1].isalnum() and piece[0].isalnum())
