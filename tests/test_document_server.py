@@ -6,6 +6,7 @@ Translator.translate_document on the same checkpoint."""
 from __future__ import annotations
 
 import functools
+import html
 import io
 import logging
 import sys
@@ -132,6 +133,24 @@ def test_markup_comes_back_well_formed_and_equals_offline(client, translator):
     assert got.text.count("<br/>") == 1 and got.text.count("<p>") == 2 and "🙂" in got.text
     assert [(s.source_start, s.source_end, s.target_start, s.target_end, s.text) for s in got.sentences] == [
         (*s.source, *s.target, s.text) for s in want.sentences]
+
+
+def test_attribute_text_is_translated_unary_and_streamed_as_offline(client, translator):
+    page = ('<p title="the red dog. the small cat.">the dog <img alt="a small cat sleeps"> runs.</p>\n'
+            '<p><input type=submit value="the man"> <a href="x.html" title="the woman">eats</a></p>')
+    want = translator.translate_document(page, markup=True)
+    got = client.translate([page], document=MARKED).translations[0].document
+    *sentences, final = client.translate_stream([page], document=MARKED)
+    assert got.text == final.translation.document.text == want.text
+    assert len(sentences) == len(got.sentences) == 2  # an attribute's text is not a sentence of the document
+    for text in ("the red dog. the small cat.", "a small cat sleeps", "the man", "the woman"):
+        assert f'"{html.escape(translator.translate_document(text).text)}"' in got.text
+
+
+def test_attribute_sentences_count_toward_the_sentence_limit(client):
+    page = "<p>" + "the dog runs. " * 20 + '<b title="' + "a cat. " * 5 + '">x</b></p>'
+    error = refusal(lambda: client.translate([page], document=MARKED))
+    assert error.code() == INVALID and "max_document_sentences allows 24 per request" in error.details()
 
 
 def test_code_and_scripts_come_back_as_they_stand_and_equal_offline(client, translator):

@@ -4,6 +4,7 @@ known, and well-formed output from a tiny random model whatever its alignments."
 from __future__ import annotations
 
 import functools
+import html
 import re
 import xml.etree.ElementTree as ET
 
@@ -275,6 +276,32 @@ def test_the_whitespace_between_tags_of_a_page_stays_inside_the_elements_it_stoo
     assert result.text == page.replace("A dog.", "Ein Hund.")
 
 
+def test_the_text_of_attributes_a_reader_sees_is_translated_and_written_back_escaped():
+    source = ('<p title="A red dog">The <img src=x.png alt=\'a dog &amp; cat\'>runs <a href="u" title=go '
+              'TITLE="twice">home</a>.<input type=submit value=Send></p>')
+    markup = parse_markup(source)
+    assert [a.text for a in markup.attributes] == ["A red dog", "a dog & cat", "go", "Send"]
+    texts = ["Ein roter Hund", 'ein Hund & "Katze"', "los", "Senden"]
+    doc = split_document(markup.text, words, 50)
+    target = [("▁Der", 0), ("▁rennt", 1), ("▁heim", 2), (".", 3)]
+    rows = [[1.0 if s == link else 0.0 for s in range(5)] for _, link in target]
+    out = restore_markup(markup.with_attributes(texts), doc,
+                         [AlignedTranslation(tokens(doc.sources()[0]), [p for p, _ in target], rows)]).text
+    assert out == ('<p title="Ein roter Hund">Der <img src=x.png alt="ein Hund &amp; &quot;Katze&quot;">rennt '
+                   '<a href="u" title="los" TITLE="twice">heim</a>.<input type=submit value="Senden"></p>')
+    with pytest.raises(ValueError, match="3 texts for 4 attributes"):
+        markup.with_attributes(texts[:3])
+
+
+def test_attributes_without_text_or_of_text_not_to_translate_are_kept():
+    source = ('<p><img alt=""> <img alt="🙂"> <input type=text value="Name" placeholder="Your name"> '
+              '<a href="Title" lang="en">x</a> <span translate="no" title="keep">y</span> '
+              '<code title="keep">z</code> <img class="notranslate" alt="keep"/></p>')
+    markup = parse_markup(source)
+    assert [a.text for a in markup.attributes] == ["Your name"]
+    assert markup.with_attributes(["Ihr Name"]).points[2].markup == '<input type=text value="Name" placeholder="Ihr Name">'
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"
@@ -345,6 +372,16 @@ def test_elements_copied_as_they_stand_come_back_whole_on_a_random_model(toy_tok
     assert len(kept) == 5 and all(out.count(k) == 1 for k in kept)
     rest = functools.reduce(lambda text, k: text.replace(k, ""), kept, out)
     ET.fromstring(f"<root>{rest}</root>")  # the rest well-formed
+
+
+def test_attribute_text_is_translated_as_the_model_translates_it_alone(toy_tokenizer):
+    torch.manual_seed(0)
+    translator = Translator(build_model(tiny_model_config()), toy_tokenizer)
+    page = '<p title="the red dog">the cat <img alt="a small cat sleeps. the dog runs."> runs.</p>'
+    out = translator.translate_document(page, markup=True).text
+    title = translator.translate_document("the red dog").text
+    alt = translator.translate_document("a small cat sleeps. the dog runs.").text
+    assert out.startswith(f'<p title="{html.escape(title)}">') and f'<img alt="{html.escape(alt)}">' in out
 
 
 def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():

@@ -69,25 +69,36 @@ class DocumentEvent:
 
 @dataclass(frozen=True)
 class SplitDocuments:
-    """A request's documents as the pieces the model takes (in `sources()` order)."""
+    """A request's documents as the pieces the model takes (in `sources()` order): first those of
+    the documents, then those of the attribute texts of their markup (Markup.attributes), each
+    attribute split as a document of its own."""
 
-    docs: list[Document]
+    docs: list[Document]  # the request's documents, then the attribute texts
     markups: list[Markup | None]
     starts: list[int]  # index of each document's first piece among all the request's pieces
+    attributes: list[range]  # per document of the request, the indices in `docs` of its attribute texts
 
     def sources(self) -> list[str]:
         return [source for doc in self.docs for source in doc.sources()]
 
+    def own(self, j: int, pieces: Sequence[PieceTranslation | None]) -> Sequence[PieceTranslation | None]:
+        """The translations of the pieces of docs[j] among those of all the request's pieces."""
+        return pieces[self.starts[j] : self.starts[j] + len(self.docs[j].pieces)]
+
+    def owner(self, j: int) -> int:
+        """The document of the request whose text (or attribute text) docs[j] is."""
+        return j if j < len(self.attributes) else next(i for i, held in enumerate(self.attributes) if j in held)
+
     def results(self, pieces: Sequence[PieceTranslation]) -> list[DocumentResult]:
         """Every document put back together from the translations of all the request's pieces."""
-        return [self.result(i, pieces) for i in range(len(self.docs))]
+        return [self.result(i, pieces) for i in range(len(self.attributes))]
 
     def result(self, i: int, pieces: Sequence[PieceTranslation]) -> DocumentResult:
-        doc, markup = self.docs[i], self.markups[i]
-        own = pieces[self.starts[i] : self.starts[i] + len(doc.pieces)]
+        doc, markup, own = self.docs[i], self.markups[i], self.own(i, pieces)
         if markup is None:
             return reassemble(doc, [p.text for p in own])
-        return restore_markup(markup, doc, [p.aligned for p in own if p.aligned is not None])
+        texts = [reassemble(self.docs[j], [p.text for p in self.own(j, pieces)]).text for j in self.attributes[i]]
+        return restore_markup(markup.with_attributes(texts), doc, [p.aligned for p in own if p.aligned is not None])
 
 
 def check_language(language: str) -> None:
@@ -102,18 +113,19 @@ def split_documents(
     language: str, max_chars: int, max_sentences: int,
 ) -> SplitDocuments:
     """The request's documents split into sentences in `language` and pieces of at most
-    `max_tokens` tokens. Characters (before markup is read), sentences and pieces are summed over
-    the texts and checked against the limits as soon as each is known; over one,
-    DocumentLimitError naming the limit."""
+    `max_tokens` tokens, then the attribute texts of their markup. Characters (before markup is
+    read), sentences (an attribute's among them) and pieces are summed over the texts and checked
+    against the limits as soon as each is known; over one, DocumentLimitError naming the limit."""
     chars = sum(len(t) for t in texts)
     if chars > max_chars:
         raise DocumentLimitError(
             f"the documents have {chars:,} characters; max_document_chars allows {max_chars:,} per request")
-    docs, markups, starts = [], [], []
+    docs: list[Document] = []
+    starts: list[int] = []
     sentences = pieces = 0
-    for text in texts:
-        markup = parse_markup(text) if request.markup else None
-        plain, breaks = (markup.flowing, markup.breaks) if markup else (text, ())
+
+    def add(plain: str, breaks: Sequence[int] = ()) -> None:
+        nonlocal sentences, pieces
         left = DocumentLimits(max_chars=max(len(plain), 1), max_sentences=max(max_sentences - sentences, 1))
         try:
             doc = split_document(plain, count_tokens, max_tokens, language, left, breaks)
@@ -124,15 +136,27 @@ def split_documents(
                 f"the documents have more than {max_sentences} sentences; max_document_sentences allows "
                 f"{max_sentences} per request")
         docs.append(doc)
-        markups.append(markup)
         starts.append(pieces)
         sentences += len(doc.sentences)
         pieces += len(doc.pieces)
+
+    markups = [parse_markup(text) if request.markup else None for text in texts]
+    for text, markup in zip(texts, markups):
+        if markup is None:
+            add(text)
+        else:
+            add(markup.flowing, markup.breaks)
+    attributes = []
+    for markup in markups:
+        first = len(docs)
+        for attribute in markup.attributes if markup else ():
+            add(attribute.text)
+        attributes.append(range(first, len(docs)))
     if pieces > max_sentences:
         raise DocumentLimitError(
             f"the documents' {sentences} sentences are {pieces} pieces once those longer than the model takes are "
             f"cut; max_document_sentences allows {max_sentences} per request")
-    return SplitDocuments(docs, markups, starts)
+    return SplitDocuments(docs, markups + [None] * (len(docs) - len(texts)), starts, attributes)
 
 
 class DocumentStream:
@@ -142,19 +166,20 @@ class DocumentStream:
     def __init__(self, split: SplitDocuments, pieces: list[PieceTranslation | None]) -> None:
         self.split = split
         self.pieces = pieces  # per piece of the request; None until translated
-        self.next = [0] * len(split.docs)  # per document, its first sentence not yet sent
-        self.length = [0] * len(split.docs)  # per document, the length of the text sent
-        self.ended = [False] * len(split.docs)
+        n = len(split.attributes)
+        self.next = [0] * n  # per document, its first sentence not yet sent
+        self.length = [0] * n  # per document, the length of the text sent
+        self.ended = [False] * n
 
     def add(self, k: int, piece: PieceTranslation) -> list[DocumentEvent]:
         self.pieces[k] = piece
-        return self._document(bisect.bisect_right(self.split.starts, k) - 1)
+        return self._document(self.split.owner(bisect.bisect_right(self.split.starts, k) - 1))
 
     def ready(self) -> list[DocumentEvent]:
         """The events of every sentence now final and not yet sent, and the last event of every
         document now complete."""
         events: list[DocumentEvent] = []
-        for i in range(len(self.split.docs)):
+        for i in range(len(self.split.attributes)):
             events += self._document(i)
         return events
 
@@ -177,6 +202,8 @@ class DocumentStream:
             self.length[i] += len(gap) + len(text)
             self.next[i] += 1
             first += len(sentence.pieces)
+        if any(p is None for j in self.split.attributes[i] for p in self.split.own(j, self.pieces)):
+            return events  # its attribute texts are not all translated yet
         if not self.ended[i]:
             self.ended[i] = True
             result = self.split.result(i, self.pieces)  # type: ignore[arg-type]  # all translated now

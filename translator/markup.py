@@ -3,7 +3,9 @@
 `parse_markup` turns marked-up text into plain text in which every character knows the elements
 around it (its stack, outermost first), plus the markup that holds no text (void and self-closing
 elements such as `<br/>`, empty elements, comments) at its position. `translator.placement` puts
-it back into the translation.
+it back into the translation. The text of the attributes a reader sees (ATTRIBUTES: `alt`, `title`,
+`placeholder`, `aria-label`, and `value` of a button) is translated too, each value on its own:
+`Markup.attributes` lists them, `Markup.with_attributes` writes their translations in.
 
 What is not prose stays as it is. Script, style, math and svg elements (NOT_PROSE) are markup
 without text. Code, kbd, samp and var elements (VERBATIM), and any element marked `translate="no"`
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 
 from translator.documents import Span
@@ -37,6 +40,11 @@ VERBATIM = frozenset({"code", "kbd", "samp", "var"})
 PREFORMATTED = frozenset({"listing", "plaintext", "pre", "textarea", "xmp"})
 LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # as str.splitlines breaks
 TAG_NAME = re.compile(r"<\s*([^\s/>]+)")
+# Attributes whose text a reader sees; `value` only of an input that is a button.
+ATTRIBUTES = frozenset({"alt", "aria-label", "placeholder", "title"})
+BUTTONS = frozenset({"button", "reset", "submit"})
+# An attribute of a start tag: its name and, when it has one, its value as written (quotes and all).
+ATTRIBUTE = re.compile(r"""([^\s"'<>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s"'=<>`]+))?""")
 # A character reference as html.unescape reads one.
 CHARREF = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
 
@@ -49,6 +57,7 @@ class Element:
     name: str  # as written, for the end tag
     verbatim: bool = False  # written whole, in place of its words, and holding nothing else
     text: str = ""  # a verbatim element's plain text
+    at: int = -1  # where its start tag begins in the source (-1: not known)
 
     @property
     def end_tag(self) -> str:
@@ -75,6 +84,17 @@ class Point:
     markup: str
     stack: Stack
     spaced: tuple[bool, bool] = (False, False)
+    at: int = -1  # where its markup begins in the source (-1: not known)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """The text of an attribute to translate: in the start tag that begins at `at` of the source,
+    its value as written at `span` of that tag (quotes included), `text` once entities are read."""
+
+    at: int
+    span: Span
+    text: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,7 @@ class Markup:
     points: tuple[Point, ...]  # in order of position
     breaks: tuple[int, ...] = ()  # where a block element begins or ends: split_document's breaks
     origins: tuple[Span, ...] = ()  # per character of text, the characters of the marked-up text it came from
+    attributes: tuple[Attribute, ...] = ()  # in source order
 
     @property
     def flowing(self) -> str:
@@ -97,6 +118,36 @@ class Markup:
                 a, b = breaks[0].span()
                 chars[gap.start() + a : gap.start() + b] = " " * (b - a)
         return "".join(chars)
+
+    def with_attributes(self, texts: Sequence[str]) -> Markup:
+        """This markup with the value of each of `attributes` replaced by the text of `texts` at
+        its index (its translation), written in double quotes with `&`, `<`, `>` and quotes escaped."""
+        if len(texts) != len(self.attributes):
+            raise ValueError(f"{len(texts)} texts for {len(self.attributes)} attributes")
+        if not texts:
+            return self
+        edits: dict[int, list[tuple[Span, str]]] = {}
+        for attribute, text in zip(self.attributes, texts):
+            edits.setdefault(attribute.at, []).append((attribute.span, f'"{html.escape(text)}"'))
+
+        def retag(markup: str, at: int) -> str:
+            for (a, b), value in sorted(edits.get(at, ()), reverse=True):
+                markup = markup[:a] + value + markup[b:]
+            return markup
+
+        elements: dict[int, Element] = {}
+        stacks: dict[int, Stack] = {}  # by the identity of the old stack, which restore_markup compares
+
+        def restack(stack: Stack) -> Stack:
+            if id(stack) not in stacks:
+                stacks[id(stack)] = tuple(
+                    elements.setdefault(id(e), replace(e, start_tag=retag(e.start_tag, e.at))) if e.at in edits else e
+                    for e in stack)
+            return stacks[id(stack)]
+
+        return replace(self, stacks=tuple(restack(s) for s in self.stacks),
+                       points=tuple(replace(p, markup=retag(p.markup, p.at), stack=restack(p.stack))
+                                    for p in self.points))
 
     def source_span(self, span: Span) -> Span:
         """The span of the marked-up text that plain `span` came from (tags inside it included)."""
@@ -118,6 +169,7 @@ class _Parser(HTMLParser):
         self.open: list[tuple[Element, int]] = []  # element, length of the text when it opened
         self.breaks: list[int] = []
         self.verbatim: _Verbatim | None = None  # the element being copied as it stands
+        self.attributes: list[Attribute] = []
 
     def here(self) -> int:
         """Where in the source the construct being handled begins."""
@@ -132,8 +184,8 @@ class _Parser(HTMLParser):
     def stack(self) -> Stack:
         return tuple(e for e, _ in self.open)
 
-    def point(self, markup: str, spaced: tuple[bool, bool] = (False, False)) -> None:
-        self.points.append(Point(len(self.chars), markup, self.stack, spaced))
+    def point(self, markup: str, spaced: tuple[bool, bool] = (False, False), at: int = -1) -> None:
+        self.points.append(Point(len(self.chars), markup, self.stack, spaced, at))
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if self.verbatim:
@@ -141,20 +193,26 @@ class _Parser(HTMLParser):
             return
         raw = self.get_starttag_text() or f"<{tag}>"
         self.block_edge(tag)
-        if tag in VOID:
-            self.point(raw)
+        at = self.here()
+        if tag not in VOID and (tag in NOT_PROSE or tag in VERBATIM or untranslated(attrs)):
+            self.verbatim = _Verbatim(tag, at, len(self.chars), prose=tag not in NOT_PROSE)
             return
-        if tag in NOT_PROSE or tag in VERBATIM or untranslated(attrs):
-            self.verbatim = _Verbatim(tag, self.here(), len(self.chars), prose=tag not in NOT_PROSE)
+        if not untranslated(attrs):
+            self.attributes += translated_attributes(raw, at)
+        if tag in VOID:
+            self.point(raw, at=at)
             return
         match = TAG_NAME.match(raw)
-        self.open.append((Element(raw, match.group(1) if match else tag), len(self.chars)))
+        self.open.append((Element(raw, match.group(1) if match else tag, at=at), len(self.chars)))
 
     def handle_startendtag(self, tag: str, attrs: list) -> None:
         if self.verbatim:
             return
         self.block_edge(tag)
-        self.point(self.get_starttag_text() or f"<{tag}/>")
+        raw, at = self.get_starttag_text() or f"<{tag}/>", self.here()
+        if not untranslated(attrs):
+            self.attributes += translated_attributes(raw, at)
+        self.point(raw, at=at)
 
     def handle_endtag(self, tag: str) -> None:
         if self.verbatim:
@@ -171,7 +229,7 @@ class _Parser(HTMLParser):
         while len(self.open) > depth:  # elements left open inside it end here
             element, opened = self.open.pop()
             if opened == len(self.chars):  # it held no text: keep it whole at its position
-                self.point(element.start_tag + element.end_tag)
+                self.point(element.start_tag + element.end_tag, at=element.at)
 
     def end_verbatim(self, end: int) -> None:
         """The element being copied ends at `end` of the source: its text, when it has some that is
@@ -235,6 +293,26 @@ def untranslated(attrs: list[tuple[str, str | None]]) -> bool:
                or (name == "class" and "notranslate" in (value or "").split()) for name, value in attrs)
 
 
+def translated_attributes(start_tag: str, at: int) -> list[Attribute]:
+    """The attributes of `start_tag` (at `at` of the source) whose text is to be translated: those
+    of ATTRIBUTES, and `value` of an input button, with a value that has letters or digits. An
+    attribute given twice counts once, as HTML reads it."""
+    name = TAG_NAME.match(start_tag)
+    found: dict[str, re.Match] = {}
+    for m in ATTRIBUTE.finditer(start_tag, name.end() if name else 0):
+        found.setdefault(m.group(1).lower(), m)
+    tag = name.group(1).lower() if name else ""
+
+    def value(m: re.Match | None) -> str:
+        written = m.group(2) if m and m.group(2) else ""
+        return html.unescape(written[1:-1] if written[:1] in ("'", '"') else written)
+
+    button = tag == "input" and value(found.get("type")).strip().lower() in BUTTONS
+    return [Attribute(at, m.span(2), value(m)) for key, m in found.items()
+            if m.group(2) and (key in ATTRIBUTES or (key == "value" and button))
+            and any(ch.isalnum() for ch in value(m))]
+
+
 def parse_markup(text: str) -> Markup:
     """Plain text and markup of `text`; an end tag that closes nothing is dropped, and elements
     left open run to the end of the text (one copied as it stands takes the rest)."""
@@ -244,7 +322,7 @@ def parse_markup(text: str) -> Markup:
     if parser.verbatim:
         parser.end_verbatim(len(text))
     return Markup("".join(parser.chars), tuple(parser.stacks), tuple(parser.points), tuple(parser.breaks),
-                  tuple(parser.origins))
+                  tuple(parser.origins), tuple(parser.attributes))
 
 
 def origins(source: str, start: int, data: str) -> list[Span]:

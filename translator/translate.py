@@ -14,6 +14,7 @@ from translator.decode_options import check_budgets
 from translator.decoding import DecodeOptions, Hypotheses, Hypothesis, search_steps
 from translator.documents import (
     DEFAULT_LIMITS,
+    DocumentLimitError,
     DocumentLimits,
     DocumentResult,
     check_chars,
@@ -201,14 +202,25 @@ class Translator:
         opts = options or self.options
         if parsed is None:
             return reassemble(doc, [t.text for t in self.translate(doc.sources(), opts)])
-        results = self.translate(doc.sources(), opts.replace(alignment=True, n_best=1))
+        attributes = [split_document(a.text, self.count_tokens, self.max_source_tokens, lang or self.src_lang, limits)
+                      for a in parsed.attributes]
+        sentences = len(doc.sentences) + sum(len(a.sentences) for a in attributes)
+        if sentences > limits.max_sentences:
+            raise DocumentLimitError(f"the text has {sentences} sentences, its attributes' among them; the limit is "
+                                     f"max_sentences={limits.max_sentences}")
+        sources = doc.sources() + [s for a in attributes for s in a.sources()]
+        results = self.translate(sources, opts.replace(alignment=True, n_best=1))
         aligned = [
             aligned_translation(self.tokenizer, source, t.tokens, t.alignment)
             if self.tokenizer.has_content(self.tokenizer.encode([source])[0])
             else passed_through(self.tokenizer, source)
             for source, t in zip(doc.sources(), results)
         ]
-        return restore_markup(parsed, doc, aligned)
+        texts, k = [], len(doc.pieces)
+        for a in attributes:
+            texts.append(reassemble(a, [t.text for t in results[k : k + len(a.pieces)]]).text)
+            k += len(a.pieces)
+        return restore_markup(parsed.with_attributes(texts), doc, aligned)
 
     def in_order(self, decode: Callable[[list[int]], list[Translation]], batches: list[list[int]]) -> Iterator:
         """decode(batch) for each batch, in order; on `workers` threads when there are several."""
