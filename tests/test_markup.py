@@ -277,7 +277,7 @@ def test_the_whitespace_between_tags_of_a_page_stays_inside_the_elements_it_stoo
 
 
 def test_the_text_of_attributes_a_reader_sees_is_translated_and_written_back_escaped():
-    source = ('<p title="A red dog">The <img src=x.png alt=\'a dog &amp; cat\'>runs <a href="u" title=go '
+    source = ('<p title="A red dog">The <img src=x.png alt=\'a dog &amp; cat\'> runs <a href="u" title=go '
               'TITLE="twice">home</a>.<input type=submit value=Send></p>')
     markup = parse_markup(source)
     assert [a.text for a in markup.attributes] == ["A red dog", "a dog & cat", "go", "Send"]
@@ -287,7 +287,7 @@ def test_the_text_of_attributes_a_reader_sees_is_translated_and_written_back_esc
     rows = [[1.0 if s == link else 0.0 for s in range(5)] for _, link in target]
     out = restore_markup(markup.with_attributes(texts), doc,
                          [AlignedTranslation(tokens(doc.sources()[0]), [p for p, _ in target], rows)]).text
-    assert out == ('<p title="Ein roter Hund">Der <img src=x.png alt="ein Hund &amp; &quot;Katze&quot;">rennt '
+    assert out == ('<p title="Ein roter Hund">Der <img src=x.png alt="ein Hund &amp; &quot;Katze&quot;"> rennt '
                    '<a href="u" title="los" TITLE="twice">heim</a>.<input type=submit value="Senden"></p>')
     with pytest.raises(ValueError, match="3 texts for 4 attributes"):
         markup.with_attributes(texts[:3])

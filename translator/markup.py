@@ -77,8 +77,9 @@ def common_depth(a: Stack, b: Stack) -> int:
 @dataclass(frozen=True)
 class Point:
     """Markup that holds no text, at a position of the plain text, inside the elements of `stack`.
-    An element copied as it stands reads as a word: `spaced` says whether the source has
-    whitespace before and after it, which the translation keeps."""
+    An element copied as it stands, a void element (`<img>`) or an empty one reads as a word:
+    `spaced` says whether the source has whitespace before and after it, which the translation
+    keeps."""
 
     position: int
     markup: str
@@ -184,6 +185,10 @@ class _Parser(HTMLParser):
     def stack(self) -> Stack:
         return tuple(e for e, _ in self.open)
 
+    def spaced(self, start: int, end: int) -> tuple[bool, bool]:
+        """Whether the source has whitespace just before `start` and at `end`."""
+        return self.source[start - 1 : start].isspace(), self.source[end : end + 1].isspace()
+
     def point(self, markup: str, spaced: tuple[bool, bool] = (False, False), at: int = -1) -> None:
         self.points.append(Point(len(self.chars), markup, self.stack, spaced, at))
 
@@ -200,7 +205,7 @@ class _Parser(HTMLParser):
         if not untranslated(attrs):
             self.attributes += translated_attributes(raw, at)
         if tag in VOID:
-            self.point(raw, at=at)
+            self.point(raw, self.spaced(at, at + len(raw)), at)
             return
         match = TAG_NAME.match(raw)
         self.open.append((Element(raw, match.group(1) if match else tag, at=at), len(self.chars)))
@@ -212,7 +217,7 @@ class _Parser(HTMLParser):
         raw, at = self.get_starttag_text() or f"<{tag}/>", self.here()
         if not untranslated(attrs):
             self.attributes += translated_attributes(raw, at)
-        self.point(raw, at=at)
+        self.point(raw, self.spaced(at, at + len(raw)), at)
 
     def handle_endtag(self, tag: str) -> None:
         if self.verbatim:
@@ -226,10 +231,11 @@ class _Parser(HTMLParser):
             return  # an end tag that closes nothing is dropped
         self.block_edge(tag)
         depth = len(names) - 1 - names[::-1].index(tag)
+        end = self.source.find(">", self.here()) + 1 or len(self.source)
         while len(self.open) > depth:  # elements left open inside it end here
             element, opened = self.open.pop()
             if opened == len(self.chars):  # it held no text: keep it whole at its position
-                self.point(element.start_tag + element.end_tag, at=element.at)
+                self.point(element.start_tag + element.end_tag, self.spaced(element.at, end), element.at)
 
     def end_verbatim(self, end: int) -> None:
         """The element being copied ends at `end` of the source: its text, when it has some that is
@@ -241,7 +247,7 @@ class _Parser(HTMLParser):
             self.stacks[v.opened:] = [stack] * len(text)
             return
         del self.chars[v.opened:], self.stacks[v.opened:], self.origins[v.opened:]
-        self.point(raw, (self.source[v.start - 1 : v.start].isspace(), self.source[end : end + 1].isspace()))
+        self.point(raw, self.spaced(v.start, end))
 
     def handle_data(self, data: str) -> None:
         if self.verbatim and not self.verbatim.prose:
