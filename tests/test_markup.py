@@ -302,6 +302,12 @@ def test_attributes_without_text_or_of_text_not_to_translate_are_kept():
     assert markup.with_attributes(["Ihr Name"]).points[2].markup == '<input type=text value="Name" placeholder="Ihr Name">'
 
 
+def test_a_sentence_translated_to_nothing_keeps_its_elements_empty():
+    out = translate('<p>A <b>dog</b> runs. The <i title="x">cat <u>sleeps</u></i>.</p>',
+                    [[("▁Ein", 0), ("▁Hund", 1), ("▁rennt", 2), (".", 3)], []])
+    assert out == '<p>Ein <b>Hund</b> rennt. <i title="x"></i><u></u></p>'
+
+
 def test_text_is_escaped_and_unclosed_elements_are_closed():
     markup = parse_markup("<b>1 &lt; 2 &amp;&amp; x")
     assert markup.text == "1 < 2 && x"
@@ -343,7 +349,8 @@ def test_punctuation_of_the_source_keeps_its_element():
 SAMPLES = [
     "The <b>red</b> dog runs on <i>the <b>green</b> street</i>.",
     '<p>A <a href="/x?a=1&amp;b=2">small cat</a> sleeps.<br/>The man &amp; the woman eat.</p>',
-    "<b>A child jumps. The dog</b> sees a cat.\n\n<i>big</i> <img src='a.png'/> man",
+    "<b>A child jumps. The dog</b> sees a cat.\n\n<i>big</i> <img src='a.png' alt='a dog &amp; the cat'/> man",
+    '<p title="the red dog. a man &lt;sleeps&gt;.">the <b title=\'a "big" cat\'>cat</b> runs.</p>',
     "a <u>blue <b>cat <i>and</i></b> a</u> green dog <br/>",
 ]
 
@@ -358,6 +365,9 @@ def test_output_is_always_well_formed_on_a_random_model(toy_tokenizer, seed):
         names = {e.tag for e in root.iter()} - {"root"}
         assert names <= {"b", "i", "u", "a", "p", "br", "img"}
         assert all(e.get("href") == "/x?a=1&b=2" for e in root.iter("a"))
+        written = {e.get(name) for e in root.iter() for name in ("alt", "title") if e.get(name) is not None}
+        wanted = {translator.translate_document(a.text).text for a in parse_markup(source).attributes}
+        assert written == wanted  # each attribute's text as the model translates it alone
         assert out.count("<br/>") == source.count("<br/>")
         assert out.count("<img") == source.count("<img")
 

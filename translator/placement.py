@@ -59,6 +59,7 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     if len(translations) != len(doc.pieces):
         raise ValueError(f"{len(translations)} translations for {len(doc.pieces)} pieces")
     units: list[_Unit] = []
+    begins: list[int] = []  # per sentence, the index in units of its first unit
     points = sorted(markup.points, key=position)
     cursor = k = i = 0  # points[i:] are those at or after the cursor
     for index, sentence in enumerate(doc.sentences):
@@ -68,11 +69,13 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
             for unit in gap if j else ():  # the space between the pieces of a cut sentence is part of it
                 unit.sentence = index
             units += gap
+            if not j:
+                begins.append(len(units))
             i = bisect.bisect_left(points, b, lo=g, key=position)
             units += _target_units(markup, (a, b), translations[k], points[g:i], index)
             cursor, k = b, k + 1
     units += _source_units(markup, cursor, len(markup.text), points[i:])
-    units = _verbatim_once(units)
+    units = _verbatim_once(_with_lost_elements(markup, doc, units, begins))
     text, spans = _write(units, len(doc.sentences))
     plain: list[list[str]] = [[] for _ in doc.sentences]
     for unit in units:
@@ -82,6 +85,27 @@ def restore_markup(markup: Markup, doc: Document, translations: list[AlignedTran
     sentences = tuple(TranslatedSentence(markup.source_span(s.span), span, "".join(parts).strip())
                       for s, span, parts in zip(doc.sentences, spans, plain))
     return DocumentResult(text, sentences)
+
+
+def _with_lost_elements(markup: Markup, doc: Document, units: list[_Unit], begins: list[int]) -> list[_Unit]:
+    """`units` with each element that no unit holds (its sentence translated to nothing) written
+    empty at the start of the sentence where it began (at index `begins[sentence]` of units),
+    inside those of its outer elements that are written, so that none of the source's elements is
+    lost."""
+    held = {id(e) for unit in units for e in unit.stack}
+    lost: dict[int, tuple[int, Element, Stack]] = {}  # by identity: its sentence, it, its outer elements
+    for sentence, s in enumerate(doc.sentences):
+        previous = None
+        for stack in markup.stacks[s.span[0] : s.span[1]]:
+            if stack is previous:
+                continue
+            previous = stack
+            for depth, e in enumerate(stack):
+                if id(e) not in held and id(e) not in lost:
+                    lost[id(e)] = (sentence, e, tuple(x for x in stack[:depth] if id(x) in held))
+    for sentence, e, outer in reversed(list(lost.values())):  # each goes before those after it
+        units.insert(begins[sentence], _Unit(e.start_tag + e.end_tag, outer, is_markup=True, sentence=sentence))
+    return units
 
 
 def position(point: Point) -> int:
