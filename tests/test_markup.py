@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import tiny_model_config
 from translator.alignment import hard_alignment
-from translator.documents import split_document
+from translator.documents import DocumentLimitError, DocumentLimits, split_document
 from translator.markup import parse_markup
 from translator.model import build_model
 from translator.placement import AlignedTranslation, restore_markup
@@ -392,6 +392,15 @@ def test_attribute_text_is_translated_as_the_model_translates_it_alone(toy_token
     title = translator.translate_document("the red dog").text
     alt = translator.translate_document("a small cat sleeps. the dog runs.").text
     assert out.startswith(f'<p title="{html.escape(title)}">') and f'<img alt="{html.escape(alt)}">' in out
+
+
+def test_attribute_sentences_count_toward_the_sentence_limit_before_any_translation(toy_tokenizer):
+    translator = Translator(build_model(tiny_model_config()), toy_tokenizer)
+    page = '<p title="the red dog. the small cat.">the cat runs.</p>'
+    with pytest.raises(DocumentLimitError, match=r"^the text has 3 sentences, its attributes' among them; the limit "
+                                                 r"is max_sentences=2$"):
+        translator.translate_document(page, limits=DocumentLimits(max_sentences=2), markup=True)
+    assert translator.translate_document(page, limits=DocumentLimits(max_sentences=3), markup=True).text
 
 
 def test_a_cut_sentence_keeps_its_markup_and_the_space_between_its_pieces():

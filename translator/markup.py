@@ -66,6 +66,7 @@ class Element:
 
 Stack = tuple[Element, ...]  # the elements around a character, outermost first
 
+
 def common_depth(a: Stack, b: Stack) -> int:
     """How many elements, from the outermost, two stacks share."""
     n = 0
@@ -136,14 +137,17 @@ class Markup:
                 markup = markup[:a] + value + markup[b:]
             return markup
 
-        elements: dict[int, Element] = {}
+        elements: dict[int, Element] = {}  # each edited element once, by identity
         stacks: dict[int, Stack] = {}  # by the identity of the old stack, which restore_markup compares
+
+        def edited(e: Element) -> Element:
+            if e.at in edits and id(e) not in elements:
+                elements[id(e)] = replace(e, start_tag=retag(e.start_tag, e.at))
+            return elements.get(id(e), e)
 
         def restack(stack: Stack) -> Stack:
             if id(stack) not in stacks:
-                stacks[id(stack)] = tuple(
-                    elements.setdefault(id(e), replace(e, start_tag=retag(e.start_tag, e.at))) if e.at in edits else e
-                    for e in stack)
+                stacks[id(stack)] = tuple(edited(e) for e in stack)
             return stacks[id(stack)]
 
         return replace(self, stacks=tuple(restack(s) for s in self.stacks),

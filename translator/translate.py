@@ -192,9 +192,9 @@ class Translator:
     ) -> DocumentResult:
         """A document translated sentence by sentence in one `translate` call and put back together
         with its layout (translator.documents); with `markup`, its inline HTML/XML placed through
-        the alignments (translator.markup, translator.placement). `lang` picks the sentence
-        splitter's rules (default: src_lang). Over a limit: DocumentLimitError, before any sentence
-        is translated."""
+        the alignments and the text of its attributes translated (translator.markup,
+        translator.placement). `lang` picks the sentence splitter's rules (default: src_lang).
+        Over a limit: DocumentLimitError, before any sentence is translated."""
         check_chars(text, limits)
         parsed = parse_markup(text) if markup else None
         plain, breaks = (parsed.flowing, parsed.breaks) if parsed else (text, ())
