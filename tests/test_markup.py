@@ -173,6 +173,55 @@ def test_a_further_part_must_attend_strongly_to_the_word_it_translates():
     assert restore_markup(markup, doc, [aligned]).text == "a <i>baseball bat</i> towards"
 
 
+def test_common_words_before_a_translation_that_attend_to_its_source_word_stay_outside():
+    # (attention values like the en->de model's on Multi30K test_2016 line 216)
+    # A(0) choir(1) is(2) gathered(3) in(4) a(5) church(6) .(7): "hat" and "sich" attend to
+    # "gathered" as the decoder gets ready for "versammelt", more than "versammelt" does
+    markup = parse_markup("A choir is <i>gathered</i> in a church.")
+    doc = split_document(markup.text, words, 50)
+    target = [  # piece, log-probability, attention over the 8 tokens and EOS
+        ("▁Ein", -4.0, [0.6, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]),
+        ("▁Chor", -9.5, [0.0, 0.8, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1]),
+        ("▁hat", -6.6, [0.0, 0.1, 0.12, 0.36, 0.1, 0.1, 0.1, 0.1, 0.02]),
+        ("▁sich", -5.9, [0.0, 0.0, 0.1, 0.40, 0.18, 0.1, 0.1, 0.1, 0.02]),
+        ("▁in", -3.4, [0.0, 0.0, 0.0, 0.2, 0.6, 0.1, 0.1, 0.0, 0.0]),
+        ("▁einer", -4.9, [0.0, 0.0, 0.0, 0.0, 0.1, 0.6, 0.3, 0.0, 0.0]),
+        ("▁Kirche", -10.0, [0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.8, 0.1, 0.0]),
+        ("▁versammelt", -9.0, [0.0, 0.1, 0.1, 0.25, 0.17, 0.1, 0.1, 0.13, 0.05]),
+        (".", -2.7, [0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.8, 0.1]),
+    ]
+    pieces, log_probs, rows = ([t[i] for t in target] for i in range(3))
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows, log_probs)
+    assert restore_markup(markup, doc, [aligned]).text == "Ein Chor hat sich in einer Kirche <i>versammelt</i>."
+    # without the tokenizer's frequencies (a BPE model), attention alone decides
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows)
+    assert restore_markup(markup, doc, [aligned]).text == "Ein Chor hat <i>sich</i> in einer Kirche versammelt."
+
+
+@pytest.mark.parametrize("source, target, expected", [
+    # a rarer word before the one the source word attends to most is not its translation:
+    # a(0) skateboard(1) trick(2) -> "ein Kunststück mit dem Skateboard"
+    ("a <b>skateboard</b> trick",
+     [("▁ein", -4.0, [0.8, 0.1, 0.1, 0.0]), ("▁Kunststück", -11.0, [0.0, 0.5, 0.45, 0.05]),
+      ("▁mit", -4.0, [0.1, 0.2, 0.6, 0.1]), ("▁dem", -4.5, [0.1, 0.4, 0.3, 0.2]),
+      ("▁Skateboard", -8.1, [0.0, 0.6, 0.3, 0.1])],
+     "ein Kunststück mit dem <b>Skateboard</b>"),
+    # nor a rarer word after it that the source word attends to less than half as much:
+    # the(0) dog(1) runs(2) home(3)
+    ("the <b>dog</b> runs home",
+     [("▁der", -4.0, [0.7, 0.2, 0.0, 0.0, 0.1]), ("▁Hund", -7.0, [0.0, 0.8, 0.1, 0.0, 0.1]),
+      ("▁rennt", -8.0, [0.0, 0.1, 0.8, 0.0, 0.1]), ("▁nach", -5.0, [0.0, 0.1, 0.3, 0.5, 0.1]),
+      ("▁Hause", -10.0, [0.1, 0.35, 0.2, 0.25, 0.1])],
+     "der <b>Hund</b> rennt nach Hause"),
+])
+def test_a_rarer_word_takes_the_element_only_after_the_best_aligned_one_and_close_to_it(source, target, expected):
+    markup = parse_markup(source)
+    doc = split_document(markup.text, words, 50)
+    pieces, log_probs, rows = ([t[i] for t in target] for i in range(3))
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows, log_probs)
+    assert restore_markup(markup, doc, [aligned]).text == expected
+
+
 def test_a_full_stop_the_translation_adds_stays_outside_the_element_before_it():
     # the source has no full stop; the output's attends to the wrapped word, as attention does
     markup = parse_markup("im <b>Regenwald</b>")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from translator.tokenizer import BATCH_CALL_MIN, BOS, EOS, PAD, UNK
+from tests.conftest import toy_pairs
+from translator.tokenizer import BATCH_CALL_MIN, BOS, EOS, PAD, UNK, train_tokenizer
 
 SENTENCES = ["a small dog runs", "two men are talking", "the woman sings on a stage", ""]
 
@@ -40,3 +41,12 @@ def test_spans_cover_each_token_of_the_encoding(toy_tokenizer, text):
     if text.isascii():  # normalized characters (the ligature ﬁ) may give a piece an empty span
         for (a, b), piece in zip(spans, toy_tokenizer.pieces(ids)):
             assert text[a:b].strip() == piece.replace("\u2581", "").strip()
+
+
+def test_piece_log_probabilities_come_from_a_unigram_model_only(toy_tokenizer):
+    ids = toy_tokenizer.encode(["the dog runs"])[0]
+    log_probs = toy_tokenizer.log_probs(ids)
+    assert log_probs == [toy_tokenizer.sp.get_score(i) for i in ids]
+    assert len(log_probs) == len(ids) and all(lp < 0 for lp in log_probs)
+    bpe = train_tokenizer([t for pair in toy_pairs(200) for t in pair], 60, "bpe")
+    assert bpe.log_probs(bpe.encode(["the dog runs"])[0]) == []  # its scores are merge ranks

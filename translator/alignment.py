@@ -20,17 +20,35 @@ def word_ids(target_pieces: list[str]) -> list[int]:
     return ids
 
 
+# A source token's head word is the target word it attends to most, or a rarer word after that one
+# it attends to at least this share as much (chosen on Multi30K val, docs/RESULTS.md).
+LATER_HEAD_SHARE = 0.5
+
+
 def confident(
-    words: list[int], alignment: list[list[float]], links: list[int | None], eligible: list[bool]
+    words: list[int], alignment: list[list[float]], links: list[int | None], eligible: list[bool],
+    rarity: list[float] = (),
 ) -> list[bool]:
-    """Per target token, whether its word is also the target word its source token attends to
-    most (the alignment holds both ways), among the `eligible` tokens. An article attends to its
-    noun, but the noun's source word attends most to the noun: the article is not confident."""
-    best: dict[int, tuple[float, int]] = {}  # source token -> (attention, target word) at its most
+    """Per target token, whether its word is its source token's head word, among the `eligible`
+    tokens: the target word the source token attends to most, so that the alignment holds both
+    ways (an article attends to its noun, but the noun's source word attends most to the noun: the
+    article is not confident). Given each word's `rarity` (the log-probability of its rarest
+    piece), a rarer word after that one that the source token attends to at least
+    LATER_HEAD_SHARE as much is the head instead: as the decoder gets ready to write a word's
+    translation, it attends to the word already for the common words that come first, the
+    auxiliary, pronoun or preposition ("hat sich ... versammelt" for "gathered", "auf
+    Instrumenten" for "instruments")."""
+    attention: dict[int, dict[int, float]] = {}  # source token -> target word -> attention at its most
     for t, src in enumerate(links):
-        if src is not None and eligible[t] and alignment[t][src] > best.get(src, (-1.0, -1))[0]:
-            best[src] = (alignment[t][src], words[t])
-    return [src is not None and eligible[t] and best[src][1] == words[t] for t, src in enumerate(links)]
+        if src is not None and eligible[t]:
+            row = attention.setdefault(src, {})
+            row[words[t]] = max(row.get(words[t], 0.0), alignment[t][src])
+    head: dict[int, int] = {}
+    for src, row in attention.items():
+        top = max(row, key=row.get)
+        later = [w for w, a in row.items() if w >= top and a >= LATER_HEAD_SHARE * row[top]]
+        head[src] = min(later, key=lambda w: rarity[w]) if rarity else top
+    return [src is not None and eligible[t] and head[src] == words[t] for t, src in enumerate(links)]
 
 
 # A word next to a sure word of the same source token is a further part of its translation when it
@@ -73,7 +91,7 @@ def further_parts(
 
 def target_stacks(
     source_stacks: list[Stack], links: list[int | None], target_pieces: list[str], alignment: list[list[float]],
-    source_punctuation: list[bool],
+    source_punctuation: list[bool], log_probs: list[float] = (),
 ) -> list[Stack | None]:
     """Per target token, its aligned source token's stack when the alignment is confident; else
     only the elements it shares with the confident tokens on both sides (the piece's outer
@@ -83,14 +101,19 @@ def target_stacks(
     none attends to the word that called for it, but a person leaves it outside that word's
     element. An element that no token holds then goes onto the target word (of letters or
     digits, where there is one) that attends most to it through any of its pieces; a verbatim
-    one, which would replace that word, is left to `_target_units`."""
+    one, which would replace that word, is left to `_target_units`. `log_probs`: per target
+    token, its piece's log-probability (see `confident`), when known."""
     words = word_ids(target_pieces)
     texts: dict[int, str] = {}
     for w, piece in zip(words, target_pieces):
         texts[w] = texts.get(w, "") + piece
     lettered = [any(ch.isalnum() for ch in texts[w]) for w in words]  # per token: its word has letters or digits
     eligible = [has or (s is not None and source_punctuation[s]) for has, s in zip(lettered, links)]
-    sure = further_parts(words, confident(words, alignment, links, eligible), links, alignment, source_stacks, lettered)
+    rarity = [0.0] * (words[-1] + 1) if words and len(log_probs) == len(words) else []
+    for w, lp in zip(words, log_probs if rarity else ()):
+        rarity[w] = min(rarity[w], lp)
+    sure = further_parts(words, confident(words, alignment, links, eligible, rarity), links, alignment, source_stacks,
+                         lettered)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from translator.alignment import hard_alignment, is_punctuation, target_stacks, word_ids
 from translator.documents import Document, DocumentResult, Span, TranslatedSentence
@@ -32,11 +32,14 @@ class AlignedTranslation:
     target_pieces: the SentencePiece piece of each target token ("" for special tokens).
     alignment: (T, >= S) attention of each target token over the source tokens (extra columns,
     such as EOS, are ignored).
+    target_log_probs: each target piece's log-probability under the tokenizer's unigram model, how
+    common it is; empty where unknown (a BPE tokenizer), and attention alone then decides.
     """
 
     source_spans: list[Span]
     target_pieces: list[str]
     alignment: list[list[float]]
+    target_log_probs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -143,7 +146,8 @@ def _target_units(
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
     texts = [markup.text[a + s : a + e] for s, e in tr.source_spans]
     links = hard_alignment(tr.target_pieces, tr.alignment, texts)
-    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment, [is_punctuation(t) for t in texts])
+    stacks = target_stacks(source_stacks, links, tr.target_pieces, tr.alignment, [is_punctuation(t) for t in texts],
+                           tr.target_log_probs)
     units: list[_Unit] = []
     at: dict[int, int] = {}  # target token -> index of its text in units
     pending = sorted(points, key=lambda p: p.position)

@@ -71,6 +71,17 @@ class Tokenizer:
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.id_to_piece(i) for i in ids]
 
+    def log_probs(self, ids: list[int]) -> list[float]:
+        """Each piece's log-probability under a unigram model: how common the piece is. Empty for
+        a BPE model, whose piece scores are merge ranks (whole numbers) rather than frequencies."""
+        return [self.sp.get_score(i) for i in ids] if self.unigram else []
+
+    @functools.cached_property
+    def unigram(self) -> bool:
+        scores = (self.sp.get_score(i) for i in range(self.vocab_size)
+                  if not (self.sp.is_control(i) or self.sp.is_unknown(i)))
+        return any(score != int(score) for score in scores)
+
     @functools.cached_property
     def word_ids(self) -> frozenset[int]:
         """Ids of the pieces that hold a letter or a digit (a character of Unicode category L* or

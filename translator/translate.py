@@ -69,7 +69,8 @@ def aligned_translation(
 ) -> AlignedTranslation:
     """What restore_markup needs of one translated piece of a document: alignment (T, S + 1)."""
     pieces = [piece if token > UNK else "" for token, piece in zip(tokens, tokenizer.pieces(tokens))]
-    return AlignedTranslation(tokenizer.spans(source), pieces, alignment.tolist() if alignment is not None else [])
+    return AlignedTranslation(tokenizer.spans(source), pieces, alignment.tolist() if alignment is not None else [],
+                              tokenizer.log_probs(tokens))
 
 
 def passed_through(tokenizer: Tokenizer, source: str) -> AlignedTranslation:
