@@ -109,9 +109,7 @@ def target_stacks(
         texts[w] = texts.get(w, "") + piece
     lettered = [any(ch.isalnum() for ch in texts[w]) for w in words]  # per token: its word has letters or digits
     eligible = [has or (s is not None and source_punctuation[s]) for has, s in zip(lettered, links)]
-    rarity = [0.0] * (words[-1] + 1) if words and len(log_probs) == len(words) else []
-    for w, lp in zip(words, log_probs if rarity else ()):
-        rarity[w] = min(rarity[w], lp)
+    rarity = word_rarity(words, log_probs)
     sure = further_parts(words, confident(words, alignment, links, eligible, rarity), links, alignment, source_stacks,
                          lettered)
     own = [source_stacks[s] if s is not None else None for s in links]
@@ -136,6 +134,17 @@ def target_stacks(
             out[i] = source_stacks[s]
         kept |= {id(e) for e in source_stacks[s]}
     return out
+
+
+def word_rarity(words: list[int], log_probs: list[float]) -> list[float]:
+    """Per target word (of `word_ids`), the log-probability of its rarest piece; empty without a
+    log-probability per token."""
+    if not words or len(log_probs) != len(words):
+        return []
+    rarity = [0.0] * (words[-1] + 1)
+    for w, lp in zip(words, log_probs):
+        rarity[w] = min(rarity[w], lp)
+    return rarity
 
 
 def prefix(stacks: list[Stack]) -> Stack:

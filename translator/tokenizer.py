@@ -78,6 +78,7 @@ class Tokenizer:
 
     @functools.cached_property
     def unigram(self) -> bool:
+        """Whether the model is a unigram one: its piece scores are log-probabilities, not whole numbers."""
         scores = (self.sp.get_score(i) for i in range(self.vocab_size)
                   if not (self.sp.is_control(i) or self.sp.is_unknown(i)))
         return any(score != int(score) for score in scores)
