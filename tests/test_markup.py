@@ -213,6 +213,11 @@ def test_common_words_before_a_translation_that_attend_to_its_source_word_stay_o
       ("▁rennt", -8.0, [0.0, 0.1, 0.8, 0.0, 0.1]), ("▁nach", -5.0, [0.0, 0.1, 0.3, 0.5, 0.1]),
       ("▁Hause", -10.0, [0.1, 0.35, 0.2, 0.25, 0.1])],
      "der <b>Hund</b> rennt nach Hause"),
+    # nor when the best-aligned word attends to the source word as strongly as a part of its
+    # translation does (values like the de->en model's on test_2016 line 269): mit(0) Angelruten(1)
+    ("mit <i>Angelruten</i>",
+     [("▁with", -4.9, [0.8, 0.1, 0.1]), ("▁fishing", -9.1, [0.05, 0.85, 0.1]), ("▁poles", -10.5, [0.05, 0.67, 0.28])],
+     "with <i>fishing poles</i>"),
 ])
 def test_a_rarer_word_takes_the_element_only_after_the_best_aligned_one_and_close_to_it(source, target, expected):
     markup = parse_markup(source)
