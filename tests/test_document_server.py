@@ -99,7 +99,7 @@ def test_a_document_keeps_its_layout_and_equals_offline(client, translator, capl
             for s in got.document.sentences] == [(s.source, s.target, s.text) for s in want.sentences]
     pieces = split_document(DOCUMENT, translator.count_tokens, translator.max_source_tokens).sources()
     content = [p for p in pieces if translator.tokenizer.has_content(translator.tokenizer.encode([p])[0])]
-    assert len(content) == len(pieces) - 2  # the zero-width and the emoji lines are passed through
+    assert len(content) == len(pieces) - 1  # the emoji line is passed through (zero-width spaces are layout)
     assert log_line(caplog, "layout")["sentences"] == len(content)  # one job: all of them, batched together
 
 
@@ -112,8 +112,9 @@ def test_spans_map_each_sentence_to_its_translation(client, translator):
     assert f"{LONG}." in sources and "🙂🙂" in sources
     for s in doc.sentences:
         assert doc.text[s.target_start:s.target_end] == s.text
-    content_free = [s for s in doc.sentences if DOCUMENT[s.source_start:s.source_end] == "\u200b\u200b"]
-    assert [s.text for s in content_free] == ["\u200b\u200b"]  # passed through unchanged
+    content_free = [s for s in doc.sentences if DOCUMENT[s.source_start:s.source_end] == "🙂🙂"]
+    assert [s.text for s in content_free] == ["🙂🙂"]  # passed through unchanged
+    assert not any("\u200b" in source for source in sources)  # zero-width spaces are layout, kept around them
 
 
 def test_a_sentence_longer_than_the_model_takes_is_translated_in_pieces(client, translator):

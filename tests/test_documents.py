@@ -56,6 +56,16 @@ def test_whitespace_only_content_is_kept_as_is(text):
     assert reassemble(doc, []).text == text
 
 
+def test_invisible_format_characters_around_sentences_stay_in_the_layout():
+    # A byte-order mark, a line of zero-width spaces, a word joiner: the model would drop them.
+    text = "\ufeffFirst one.\n\u200b\u200b\nSecond one.\u200b Third.\u2060\n"
+    doc = split(text)
+    assert doc.sources() == ["First one.", "Second one.", "Third."]
+    assert reassemble(doc, [s.upper() for s in doc.sources()]).text == (
+        "\ufeffFIRST ONE.\n\u200b\u200b\nSECOND ONE.\u200b THIRD.\u2060\n")
+    assert split("a\u200db c.").sources() == ["a\u200db c."]  # inside a sentence they stay in it
+
+
 def test_a_long_sentence_is_cut_at_clause_punctuation_first():
     text = "one two three, four five six; seven eight nine: ten."
     doc = split(text, max_tokens=3)
@@ -147,6 +157,16 @@ def test_a_document_keeps_its_paragraphs_and_its_sentences_go_in_one_batch(toy_t
         rebuilt += result.text[cursor : s.target[0]] + text[s.source[0] : s.source[1]]
         cursor = s.target[1]
     assert rebuilt + result.text[cursor:] == text
+
+
+def test_a_line_of_zero_width_spaces_in_a_marked_up_document_is_kept(toy_tokenizer):
+    # With markup a line break is only whitespace, so the line would otherwise join the next sentence.
+    torch.manual_seed(0)
+    translator = Translator(build_model(tiny_model_config()), toy_tokenizer)
+    text = "\ufeffthe <b>dog</b> runs.\n\u200b\u200b\na cat sleeps.\n"
+    result = translator.translate_document(text, DecodeOptions(max_len=6), markup=True)
+    assert result.text.startswith("\ufeff") and result.text.split("\n")[1] == "\u200b\u200b"
+    assert [text[a:b] for a, b in (s.source for s in result.sentences)] == ["the <b>dog</b> runs.", "a cat sleeps."]
 
 
 def test_a_sentence_longer_than_the_model_positions_is_translated_in_pieces(toy_tokenizer):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -144,12 +145,19 @@ def sentence_spans(text: str, lang: str, breaks: Sequence[int] = ()) -> list[Spa
 
 
 def strip(text: str, span: Span) -> Span:
-    """`span` without its leading and trailing whitespace (empty when it is all whitespace)."""
+    """`span` without its leading and trailing whitespace and invisible format characters (zero-width
+    spaces and joiners, byte-order marks: Unicode category Cf), which stay in the layout around
+    the sentence rather than go to the model, which drops them; empty when nothing else is left."""
     a, b = span
-    chunk = text[a:b]
-    stripped = chunk.lstrip()
-    a += len(chunk) - len(stripped)
-    return a, a + len(stripped.rstrip())
+    while a < b and _blank(text[a]):
+        a += 1
+    while b > a and _blank(text[b - 1]):
+        b -= 1
+    return a, b
+
+
+def _blank(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) == "Cf"
 
 
 def fit(text: str, span: Span, count_tokens: CountTokens, max_tokens: int) -> list[Span]:
