@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model_config
-from translator.alignment import hard_alignment
+from translator.alignment import hard_alignment, word_ids
 from translator.documents import DocumentLimitError, DocumentLimits, split_document
 from translator.markup import parse_markup
 from translator.model import build_model
@@ -225,6 +225,63 @@ def test_a_rarer_word_takes_the_element_only_after_the_best_aligned_one_and_clos
     pieces, log_probs, rows = ([t[i] for t in target] for i in range(3))
     aligned = AlignedTranslation(tokens(doc.sources()[0]), pieces, rows, log_probs)
     assert restore_markup(markup, doc, [aligned]).text == expected
+
+
+def test_a_hyphen_joins_a_compound_into_one_word():
+    assert word_ids(["\u2581ein", "\u2581T", "-", "Shirt", "\u2581Verkehrs", "-", "\u2581Schilder", "\u2581a", "\u2581-", "\u2581b",
+                     "!"]) == [0, 1, 1, 1, 2, 2, 3, 4, 5, 6, 7]
+    # a(0) yellow(1) and(2) blue(3) ramp(4): the element of "yellow" wraps the whole compound
+    markup = parse_markup("a <b>yellow</b> and blue ramp")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.1, 0.0, 0.0, 0.0, 0.1], [0.0, 0.8, 0.1, 0.0, 0.0, 0.1], [0.0, 0.1, 0.7, 0.1, 0.0, 0.1],
+            [0.0, 0.1, 0.1, 0.7, 0.0, 0.1], [0.0, 0.0, 0.1, 0.6, 0.2, 0.1], [0.0, 0.0, 0.0, 0.1, 0.8, 0.1]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["\u2581eine", "\u2581gelb", "-", "blau", "e", "\u2581Rampe"], rows)
+    assert restore_markup(markup, doc, [aligned]).text == "eine <b>gelb-blaue</b> Rampe"
+
+
+def test_the_pieces_of_a_source_word_are_one_word_with_one_head():
+    # (attention like the de->en model's on Multi30K val line 11) "in" attends to "mobil", the
+    # last piece of "Schneemobil", more than any other word does, as the word after a
+    # translation does; the word as a whole, it attends to less than "snowmobile" does
+    markup = parse_markup("auf einem <a>Schneemobil</a> mitten")
+    doc = split_document(markup.text, words, 50)
+    spans = [(0, 3), (3, 9), (9, 16), (16, 21), (21, 28)]  # auf, einem, Schnee, mobil, mitten
+    target = [  # piece, attention over the 5 tokens and EOS
+        ("\u2581on", [0.8, 0.1, 0.05, 0.0, 0.0, 0.05]),
+        ("\u2581a", [0.1, 0.6, 0.2, 0.05, 0.0, 0.05]),
+        ("\u2581snow", [0.0, 0.1, 0.66, 0.14, 0.05, 0.05]),
+        ("mobil", [0.0, 0.0, 0.18, 0.62, 0.1, 0.1]),
+        ("e", [0.0, 0.0, 0.03, 0.4, 0.2, 0.37]),
+        ("\u2581in", [0.0, 0.0, 0.05, 0.43, 0.3, 0.22]),
+        ("\u2581the", [0.0, 0.0, 0.0, 0.1, 0.6, 0.3]),
+        ("\u2581middle", [0.0, 0.0, 0.0, 0.05, 0.8, 0.15]),
+    ]
+    aligned = AlignedTranslation(spans, [p for p, _ in target], [r for _, r in target])
+    assert restore_markup(markup, doc, [aligned]).text == "on a <a>snowmobile</a> in the middle"
+    # pieces in different elements stay apart: "in" is the head of "mobil" alone
+    markup = parse_markup("auf einem Schnee<a>mobil</a> mitten")
+    assert restore_markup(markup, doc, [aligned]).text == "on a snowmobile <a>in</a> the middle"
+
+
+@pytest.mark.parametrize("log_probs, expected", [
+    ([-4.7, -3.2, -8.5, -8.0], "on a <i>stone floor</i>"),  # a rare word before the head that attends as strongly
+    ([], "on a stone <i>floor</i>"),  # without the tokenizer's frequencies, only words after the head join
+])
+def test_a_word_before_the_head_that_attends_as_strongly_joins_unless_common(log_probs, expected):
+    markup = parse_markup("auf einem <i>Steinboden</i>")
+    doc = split_document(markup.text, words, 50)
+    spans = [(0, 3), (3, 9), (9, 15), (15, 20)]  # auf, einem, Stein, boden
+    rows = [[0.8, 0.1, 0.05, 0.0, 0.05], [0.1, 0.6, 0.2, 0.05, 0.05],
+            [0.0, 0.05, 0.55, 0.3, 0.1], [0.0, 0.0, 0.25, 0.6, 0.15]]
+    aligned = AlignedTranslation(spans, ["\u2581on", "\u2581a", "\u2581stone", "\u2581floor"], rows, log_probs)
+    assert restore_markup(markup, doc, [aligned]).text == expected
+    # a common word before the head stays outside however strongly it attends: zwei Hunde rennen
+    markup = parse_markup("zwei Hunde <b>rennen</b>")
+    doc = split_document(markup.text, words, 50)
+    rows = [[0.8, 0.1, 0.0, 0.1], [0.1, 0.8, 0.0, 0.1], [0.0, 0.1, 0.65, 0.25], [0.0, 0.0, 0.7, 0.3]]
+    aligned = AlignedTranslation(tokens(doc.sources()[0]), ["\u2581two", "\u2581dogs", "\u2581are", "\u2581running"], rows,
+                                 [-7.0, -6.5, -5.4, -8.0])
+    assert restore_markup(markup, doc, [aligned]).text == "two dogs are <b>running</b>"
 
 
 def test_a_full_stop_the_translation_adds_stays_outside_the_element_before_it():

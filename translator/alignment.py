@@ -60,19 +60,25 @@ def confident(
 # outside the token's elements (chosen on 50 lines of Multi30K val, docs/RESULTS.md).
 FURTHER_PART_ATTENTION = 0.4
 FURTHER_PART_MARGIN = 2.0
+# A word at least this likely under the tokenizer's unigram model (log-probability of its rarest
+# piece) is a common one: an article, a preposition, an auxiliary ("the" -4.4, "are" -5.4).
+COMMON_WORD = -6.0
 
 
 def further_parts(
     words: list[int], sure: list[bool], links: list[int | None], alignment: list[list[float]], source_stacks: list[Stack],
-    lettered: list[bool],
+    lettered: list[bool], rarity: list[float] = (),
 ) -> list[bool]:
     """`sure` with the further words of one source word's translation added ("Bauarbeiter":
     "construction workers", "Baseballschläger": "baseball bat"): a word of letters or digits right
     after a sure word aligned to the same source token that attends to that token strongly
     (FURTHER_PART_ATTENTION) and clearly more than to any token of another stack
     (FURTHER_PART_MARGIN), so that a preposition that half attends to the noun before it ("a
-    snowmobile in") stays outside. Only to the right: the words before a translation's head that
-    attend to it are, in the languages of Multi30K, its articles, prepositions and auxiliaries."""
+    snowmobile in") stays outside. To the left, the words before a translation's head that attend
+    to it are mostly its articles, prepositions and auxiliaries: a word there joins only when it
+    attends as strongly as a part of the translation does (PART_ATTENTION), is not common (by its
+    `rarity`, when known) and the source token is in an element ("<b>stone floor</b>" for
+    "Steinboden", where the head is "floor")."""
     held = list(sure)
     grown = True
     while grown:
@@ -80,13 +86,17 @@ def further_parts(
         for t, s in enumerate(links):
             if held[t] or s is None or not lettered[t]:
                 continue
-            if not any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links))):
-                continue  # no sure word of the same source token just before it
+            after = any(held[i] and links[i] == s and words[t] - words[i] == 1 for i in range(len(links)))
+            before = (bool(rarity) and rarity[words[t]] < COMMON_WORD and bool(source_stacks[s])
+                      and any(held[i] and links[i] == s and words[i] - words[t] == 1 for i in range(len(links))))
+            if not (after or before):
+                continue  # no sure word of the same source token beside it
             part = [i for i in range(len(links)) if words[i] == words[t]]
             own = max(alignment[i][s] for i in part)
             rival = max((alignment[i][j] for i in part for j in range(len(source_stacks))
                          if source_stacks[j] != source_stacks[s]), default=0.0)
-            if own >= FURTHER_PART_ATTENTION and own >= FURTHER_PART_MARGIN * rival:
+            strong = own >= FURTHER_PART_ATTENTION if after else own >= PART_ATTENTION
+            if strong and own >= FURTHER_PART_MARGIN * rival:
                 for i in part:
                     held[i] = True
                 grown = True
@@ -115,7 +125,7 @@ def target_stacks(
     eligible = [has or (s is not None and source_punctuation[s]) for has, s in zip(lettered, links)]
     rarity = word_rarity(words, log_probs)
     sure = further_parts(words, confident(words, alignment, links, eligible, rarity), links, alignment, source_stacks,
-                         lettered)
+                         lettered, rarity)
     own = [source_stacks[s] if s is not None else None for s in links]
     outer = prefix(source_stacks) if source_stacks else ()
     out: list[Stack | None] = []
@@ -190,10 +200,16 @@ def is_punctuation(text: str) -> bool:
 
 
 def starts_word(previous: str, piece: str) -> bool:
-    """Whether a target piece begins a word: after a space ('\u2581'), or where a letter or digit
-    meets anything else, so that punctuation is a word of its own (as Bergamot's delimiters do)."""
+    """Whether a piece begins a word: after a space ('\u2581'), or where a letter or digit meets
+    anything else, so that punctuation is a word of its own (as Bergamot's delimiters do); but a
+    hyphen joins what it touches without a space, so that a compound stays one word
+    ("gelb-blaue", "short-haired", "Verkehrs-")."""
     if previous == "\u2581":  # a space piece alone begins the word of the piece after it
         return False
     if piece.startswith("\u2581") or not previous or not piece:
         return True
+    if piece[0] == "-" and previous[-1].isalnum():
+        return False
+    if previous[-1] == "-" and piece[0].isalnum() and not previous.startswith("\u2581"):
+        return False
     return not (previous[-1].isalnum() and piece[0].isalnum())

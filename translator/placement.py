@@ -142,6 +142,7 @@ def _target_units(
     element that no target word holds goes before the target word that attends most to it, or at
     the end when the translation is empty."""
     a, _ = piece
+    tr = _source_words(markup, piece, tr, points)
     source_stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
     starts = [_first_visible(markup.text, a + s, a + e) for s, e in tr.source_spans]
     texts = [markup.text[a + s : a + e] for s, e in tr.source_spans]
@@ -168,6 +169,35 @@ def _target_units(
             units.append(_Unit(text, stack if stack is not None else markup.stacks[a], sentence=sentence))
     units += _point_units(pending, units, False, markup.stacks[a] if markup.stacks else (), sentence)
     return _with_unheld_verbatim(markup, piece, source_stacks, tr, units, at, sentence)
+
+
+def _source_words(markup: Markup, piece: Span, tr: AlignedTranslation, points: list[Point]) -> AlignedTranslation:
+    """`tr` with the source tokens of each word (`word_ids`) in the same elements, and no markup
+    between them, made one source token. The decoder reads a word's pieces in turn and the words
+    after a translation attend to its last pieces ("in" to "mobil" of "Schneemobil" after
+    "snowmobile"); as one token, the word has one head, the target word that attends to it most.
+    A target token's attention to the word is the sum of its attention to the pieces less, for
+    each piece after the first, its mean attention over the source tokens, so that a word cut
+    into many pieces does not gather the spread-out attention of words that look at no word in
+    particular."""
+    a, _ = piece
+    texts = [markup.text[a + s : a + e] for s, e in tr.source_spans]
+    ids = word_ids(["\u2581" + t.lstrip() if t[:1].isspace() else t for t in texts])
+    stacks = [_token_stack(markup, a + s, a + e) for s, e in tr.source_spans]
+    inside = {p.position for p in points}
+    groups: list[list[int]] = []
+    for j, (s, _) in enumerate(tr.source_spans):
+        if groups and ids[j] == ids[j - 1] and stacks[j] is stacks[j - 1] and a + s not in inside:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    if len(groups) == len(texts):
+        return tr
+    n = len(texts)
+    spans = [(tr.source_spans[g[0]][0], tr.source_spans[g[-1]][1]) for g in groups]
+    alignment = [[max(0.0, sum(row[j] for j in g) - (len(g) - 1) * sum(row[:n]) / n) for g in groups] + list(row[n:])
+                 for row in tr.alignment]
+    return AlignedTranslation(spans, tr.target_pieces, alignment, tr.target_log_probs)
 
 
 def _with_unheld_verbatim(markup: Markup, piece: Span, source_stacks: list[Stack], tr: AlignedTranslation,
